@@ -1,0 +1,260 @@
+"""Pure-PyTorch references: the oracle for the tests, the CPU fallback and the benchmark baseline.
+
+Every function computes in fp32 (inputs are upcast) and returns the input dtype, so the same code checks a
+low-precision kernel (2x rule of STYLE.md) and serves as the torch path of ``kalm_fast.ops`` on CPU.
+Inputs are trusted: the public boundary (``kalm_fast.ops``) checks them.
+
+Sections: attention, pooling, focal InfoNCE (naive oracle + chunked O((B+N)*D) path), shared helpers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bidirectional attention over packed variable-length sequences
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    softmax_scale: float | None = None,
+    return_lse: bool = False,
+):
+    """Non-causal attention inside each packed sequence, in fp32.
+
+    q (T, Hq, D), k/v (T, Hkv, D) with Hq % Hkv == 0, cu_seqlens int32 (B+1,). Returns out (T, Hq, D) in q's dtype,
+    and with ``return_lse`` the natural-log logsumexp of the scaled scores, (Hq, T) fp32 (flash-attention's layout).
+    Sequences are padded to (B, H, S, D) and masked with a finite minimum, so zero-length sequences and padded query
+    rows stay finite in forward and backward (their rows are dropped when unpadding).
+    """
+    T, Hq, D = q.shape
+    Hkv = k.shape[1]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
+    B = cu_seqlens.numel() - 1
+    if B == 0 or T == 0:
+        out = q.new_zeros(T, Hq, D) + 0.0 * (q.sum() + k.sum() + v.sum())  # keeps the graph connected
+        lse = torch.full((Hq, T), float("-inf"), device=q.device)
+        return (out, lse) if return_lse else out
+
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    S = max(int(lengths.max()), 1)  # the real longest sequence: a too small max_seqlen cannot truncate the oracle
+    pos = torch.arange(S, device=q.device)
+    valid = pos[None, :] < lengths[:, None]  # (B, S)
+    # index of each padded slot in the packed tensor (0 where invalid; masked out below)
+    idx = (cu_seqlens[:-1].long()[:, None] + pos[None, :]).clamp(max=T - 1)
+    idx = torch.where(valid, idx, torch.zeros_like(idx))
+
+    def to_padded(x):  # (T, H, D) -> (B, H, S, D) fp32
+        return x.float()[idx].permute(0, 2, 1, 3)
+
+    qp, kp, vp = to_padded(q), to_padded(k), to_padded(v)
+    if Hq != Hkv:
+        kp = kp.repeat_interleave(Hq // Hkv, dim=1)
+        vp = vp.repeat_interleave(Hq // Hkv, dim=1)
+    scores = torch.matmul(qp, kp.transpose(-1, -2)) * scale  # (B, H, S, S)
+    scores = scores.masked_fill(~valid[:, None, None, :], torch.finfo(torch.float32).min)
+    lse = torch.logsumexp(scores, dim=-1)  # (B, H, S)
+    probs = torch.exp(scores - lse[..., None])
+    out_p = torch.matmul(probs, vp).permute(0, 2, 1, 3)  # (B, S, H, D)
+    out = out_p[valid].to(q.dtype)  # rows in packed order: sequence by sequence, token by token
+    if not return_lse:
+        return out
+    return out, lse.permute(1, 0, 2)[:, valid].contiguous()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Masked mean pooling with an optional fused final norm and L2 normalize
+# ----------------------------------------------------------------------------------------------------------------
+
+L2_EPS = 1e-12  # as torch.nn.functional.normalize
+
+
+def apply_norm(x, norm, weight, bias, eps):
+    """Per-token final norm of the model, in fp32. x (..., H)."""
+    if norm is None:
+        return x
+    if norm == "rmsnorm":
+        y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        return y * weight.float() if weight is not None else y
+    if norm == "layernorm":
+        y = F.layer_norm(x, x.shape[-1:], None, None, eps)
+        y = y * weight.float() if weight is not None else y
+        return y + bias.float() if bias is not None else y
+    raise ValueError(f"norm must be None, 'rmsnorm' or 'layernorm', got {norm!r}")
+
+
+def mean_pool(
+    hidden: torch.Tensor,
+    mask: torch.Tensor,
+    norm: str | None = None,
+    norm_weight: torch.Tensor | None = None,
+    norm_bias: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    normalize: bool = True,
+) -> torch.Tensor:
+    """hidden (B, S, H), mask (B, S) -> (B, H) in hidden's dtype: norm each token, mean over mask-true tokens,
+    L2 normalize. A row without a valid token gives zeros (and, because the mask multiplies, zero gradient)."""
+    x = apply_norm(hidden.float(), norm, norm_weight, norm_bias, eps)
+    m = mask.to(torch.float32)
+    pooled = (x * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp_min(1.0)
+    if normalize:
+        pooled = F.normalize(pooled, dim=-1, eps=L2_EPS)
+    return pooled.to(hidden.dtype)
+
+
+def varlen_mean_pool(hidden, cu_seqlens, mask=None, norm=None, norm_weight=None, norm_bias=None, eps=1e-6,
+                     normalize=True):
+    """hidden (T, H) packed, cu_seqlens int32 (B+1,), optional token mask (T,) -> (B, H)."""
+    T, H = hidden.shape
+    B = cu_seqlens.numel() - 1
+    x = apply_norm(hidden.float(), norm, norm_weight, norm_bias, eps)
+    m = torch.ones(T, device=hidden.device) if mask is None else mask.to(torch.float32)
+    seg = torch.repeat_interleave(torch.arange(B, device=hidden.device), (cu_seqlens[1:] - cu_seqlens[:-1]).long(),
+                                  output_size=T)
+    sums = torch.zeros(B, H, device=hidden.device).index_add(0, seg, x * m[:, None])
+    counts = torch.zeros(B, device=hidden.device).index_add(0, seg, m)
+    pooled = sums / counts[:, None].clamp_min(1.0)
+    if normalize:
+        pooled = F.normalize(pooled, dim=-1, eps=L2_EPS)
+    return pooled.to(hidden.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Focal InfoNCE with online hard-negative mixing (SPEC 4.3)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def sample_mix_lambda(B: int, M: int, alpha: float, generator: torch.Generator | None, device) -> torch.Tensor:
+    """lambda (B, M) ~ Beta(alpha, alpha), fp32 on ``device``.
+
+    torch's Beta sampler takes no generator, so a seed is drawn from ``generator`` and the draw runs on a forked CPU
+    RNG: the same seeded generator gives the same lambdas on every device and backend.
+    """
+    if generator is None:
+        lam = torch.distributions.Beta(torch.tensor(float(alpha)), torch.tensor(float(alpha))).sample((B, M))
+        return lam.to(device=device, dtype=torch.float32)
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        lam = torch.distributions.Beta(torch.tensor(float(alpha)), torch.tensor(float(alpha))).sample((B, M))
+    return lam.to(device=device, dtype=torch.float32)
+
+
+def default_pos_idx(B: int, N: int, device) -> torch.Tensor:
+    """pos_idx[i] = i * (N // B): the layout [pos_0, neg_0_1 .. neg_0_{G-1}, pos_1, ...]."""
+    return torch.arange(B, device=device, dtype=torch.int64) * (N // B)
+
+
+class _FocalNLL(torch.autograd.Function):
+    """loss_i = -(1 - p_i)^gamma * log p_i as a function of log p_i, with a gradient that stays finite as p_i -> 1.
+
+    Derivation (u = log p, p = e^u, 1 - p = -expm1(u)):
+      1. L(u) = -(1 - p)^g * u.
+      2. d(1 - p)/du = -p, so dL/du = -(1 - p)^g + g * p * (1 - p)^(g - 1) * u.
+      3. Write (1 - p)^(g - 1) * u = (1 - p)^g * r with r = u / (1 - p); r -> -1 as u -> 0 (log p ~ -(1 - p)),
+         and r <= -1 everywhere because -log p >= 1 - p.
+      4. dL/du = (1 - p)^g * (g * p * r - 1): finite for every g >= 0, and -> 0 as p -> 1 when g > 0.
+    """
+
+    @staticmethod
+    def forward(ctx, logp: torch.Tensor, gamma: float):
+        one_minus_p = -torch.expm1(logp)
+        w = one_minus_p.pow(gamma)
+        ctx.save_for_backward(logp)
+        ctx.gamma = gamma
+        return -w * logp
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (logp,) = ctx.saved_tensors
+        return grad_out * focal_dloss_dlogp(logp, ctx.gamma), None
+
+
+def focal_dloss_dlogp(logp: torch.Tensor, gamma: float) -> torch.Tensor:
+    """dL_i/d log p_i of ``_FocalNLL`` (step 4 of its derivation), fp32."""
+    p = torch.exp(logp)
+    one_minus_p = -torch.expm1(logp)
+    r = torch.where(one_minus_p > 0, logp / one_minus_p.clamp_min(torch.finfo(logp.dtype).tiny), -torch.ones_like(logp))
+    return one_minus_p.pow(gamma) * (gamma * p * r - 1.0)
+
+
+def focal_nll(logp: torch.Tensor, gamma: float) -> torch.Tensor:
+    """-(1 - p)^gamma * log p per query, finite value and gradient for every log p <= 0."""
+    return _FocalNLL.apply(logp, float(gamma))
+
+
+def reduce_loss(loss: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
+
+
+def focal_infonce_naive(
+    q: torch.Tensor,
+    d: torch.Tensor,
+    pos_idx: torch.Tensor,
+    group_size: int,
+    in_batch_negatives: bool = True,
+    temperature: float = 0.02,
+    gamma: float = 0.0,
+    num_mix: int = 0,
+    mix_lambda: torch.Tensor | None = None,
+    reduction: str = "mean",
+    return_stats: bool = False,
+):
+    """The oracle: SPEC 4.3 written out with the full (B, N) logit matrix and explicit mixed embeddings.
+
+    q (B, D), d (N, D), pos_idx int64 (B,), group_size G (the own group of query i is rows [pos_idx_i, pos_idx_i + G)
+    when ``in_batch_negatives`` is False), mix_lambda (B, num_mix) fp32 in [0, 1] when num_mix > 0.
+    Returns the loss (and with ``return_stats`` a dict of per-query p_pos, weight, hard_neg_logit, hard_neg_idx).
+    """
+    B, N = q.shape[0], d.shape[0]
+    qf, df = q.float(), d.float()
+    z = qf @ df.t() / temperature  # (B, N)
+    cols = torch.arange(N, device=q.device)
+    if in_batch_negatives:
+        cand = torch.ones(B, N, dtype=torch.bool, device=q.device)
+    else:
+        cand = (cols[None, :] >= pos_idx[:, None]) & (cols[None, :] < pos_idx[:, None] + group_size)
+    neg = cand & (cols[None, :] != pos_idx[:, None])
+    z_neg = z.detach().masked_fill(~neg, float("-inf"))
+    # hardest negatives, ties -> lower index (a stable sort keeps equal logits in index order)
+    order = torch.sort(z_neg, dim=1, descending=True, stable=True).indices
+
+    logits = [z.masked_fill(~cand, float("-inf"))]
+    if num_mix > 0:
+        M = num_mix
+        a = order[:, :1].expand(B, M)  # h_1
+        b = order[:, 1 : M + 1]  # h_2 .. h_{M+1}
+        lam = mix_lambda.float()[..., None]  # (B, M, 1)
+        dd = df.detach()
+        e = lam * dd[a] + (1.0 - lam) * dd[b]  # (B, M, D)
+        e = e / e.norm(dim=-1, keepdim=True)
+        logits.append(torch.einsum("bd,bmd->bm", qf, e) / temperature)
+    lse = torch.logsumexp(torch.cat(logits, dim=1), dim=1)
+    logp = z.gather(1, pos_idx[:, None]).squeeze(1) - lse
+    loss = reduce_loss(focal_nll(logp, gamma), reduction)
+    if not return_stats:
+        return loss
+    has_neg = neg.any(1)
+    stats = {
+        "p_pos": logp.detach().exp(),
+        "weight": (-torch.expm1(logp.detach())).pow(gamma),
+        "hard_neg_logit": torch.where(has_neg, z_neg.gather(1, order[:, :1]).squeeze(1), float("-inf")),
+        "hard_neg_idx": torch.where(has_neg, order[:, 0], -1),
+    }
+    return loss, stats
+
+
+# --- chunked focal InfoNCE (O((B+N)*D) memory, recomputation in backward) ---------------------------------------
+# (filled by the loss work: focal_infonce_chunked(...) with the signature of focal_infonce_naive)

@@ -1,0 +1,39 @@
+"""Shared test set-up. Without CUDA the Triton kernels run in the interpreter: TRITON_INTERPRET must be set before
+any @triton.jit decorator runs, i.e. before kalm_fast.kernels is imported, hence here."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def assert_close(actual, expected, *, atol, rtol, name="tensor"):
+    """allclose that prints the first mismatches (Liger-Kernel style)."""
+    actual, expected = actual.detach().float().cpu(), expected.detach().float().cpu()
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    bad = ~torch.isclose(actual, expected, atol=atol, rtol=rtol, equal_nan=False)
+    if bad.any():
+        idx = bad.nonzero()[:8]
+        rows = [f"  {tuple(i.tolist())}: got {actual[tuple(i)].item():.6g}, expected {expected[tuple(i)].item():.6g}"
+                for i in idx]
+        err = (actual - expected).abs().max().item()
+        raise AssertionError(f"{name}: {int(bad.sum())}/{bad.numel()} mismatches (max abs err {err:.3g}, "
+                             f"atol={atol}, rtol={rtol})\n" + "\n".join(rows))
