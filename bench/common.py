@@ -1,0 +1,201 @@
+"""Shared plumbing of the bench suites: timing, peak memory, provenance and result files (SPEC 7).
+
+A suite module ``bench/bench_<name>.py`` exposes ``run(*, smoke: bool, device: str) -> list[dict]`` (rows made with
+``row(...)``) and a ``main()`` that parses ``--smoke``/``--device`` and calls ``report(...)``; ``python -m bench`` runs
+every suite in one process so all providers are measured side by side on the same device.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import functools
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+COLUMNS = [
+    "suite", "op", "provider", "mode", "shape", "dtype", "median_ms", "p20_ms", "p80_ms", "tflops", "gbps",
+    "peak_mem_mb", "note", "device_name", "torch", "triton", "kalm_fast", "git_sha", "date",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# provenance
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def device_name(device: str) -> str:
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"cpu-{platform.machine()}-{os.cpu_count()}cores"
+
+
+@functools.cache
+def provenance(device: str) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "absent"
+    import kalm_fast
+
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        sha = "unknown"
+    return {
+        "device_name": device_name(device),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "kalm_fast": kalm_fast.__version__,
+        "git_sha": sha,
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# measuring
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def sync(device: str):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def bench_ms(fn: Callable[[], object], device: str, *, warmup: int = 3, rep: int = 10,
+             min_time_s: float = 0.0) -> tuple[float, float, float]:
+    """(median, p20, p80) milliseconds of ``fn()``; CUDA events on GPU, perf_counter on CPU.
+
+    Runs ``warmup`` untimed calls, then ``rep`` timed ones (more while the total is under ``min_time_s``). On CUDA
+    the L2 cache is not flushed: the suites time whole operators whose working sets exceed it.
+    """
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    cuda = str(device).startswith("cuda")
+    t_start = time.perf_counter()
+    while len(times) < rep or (time.perf_counter() - t_start) < min_time_s:
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    q = statistics.quantiles(times, n=10) if len(times) > 1 else [times[0]] * 9
+    return statistics.median(times), q[1], q[7]
+
+
+def peak_memory_mb(fn: Callable[[], object], device: str) -> float:
+    """Peak memory of one call of ``fn``: allocated CUDA memory above the level before the call on GPU; on CPU the
+    growth of the process's peak RSS (0 when the call stays under an earlier peak; run it first to see it)."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fn()
+    return max(0.0, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+
+
+def row(suite: str, op: str, provider: str, mode: str, shape: str, dtype, device: str, times, *, flops=None,
+        nbytes=None, peak_mem_mb=None, note: str = "") -> dict:
+    """One result row. ``times`` = (median, p20, p80) ms; ``flops``/``nbytes`` per call give TFLOP/s / GB/s at the
+    median."""
+    median, p20, p80 = times
+    return {
+        "suite": suite, "op": op, "provider": provider, "mode": mode, "shape": shape,
+        "dtype": str(dtype).replace("torch.", ""),
+        "median_ms": round(median, 4), "p20_ms": round(p20, 4), "p80_ms": round(p80, 4),
+        "tflops": round(flops / (median * 1e-3) / 1e12, 3) if flops else "",
+        "gbps": round(nbytes / (median * 1e-3) / 1e9, 2) if nbytes else "",
+        "peak_mem_mb": round(peak_mem_mb, 1) if peak_mem_mb is not None else "",
+        "note": note, **provenance(device),
+    }
+
+
+def failed_row(suite, op, provider, mode, shape, dtype, device, error: BaseException) -> dict:
+    """A provider that could not run (out of memory, unsupported) is reported, not dropped."""
+    msg = f"{type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else ''}"
+    return {**row(suite, op, provider, mode, shape, dtype, device, (float("nan"),) * 3), "median_ms": "",
+            "p20_ms": "", "p80_ms": "", "note": msg}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# results
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def results_dir(device: str) -> Path:
+    name = "".join(c if c.isalnum() or c in "-_." else "-" for c in device_name(device)).strip("-")
+    return RESULTS / name
+
+
+def write_rows(rows: list[dict], device: str, *, stem: str) -> Path:
+    """Append rows to results/<device>/<stem>.csv and .jsonl (written whole to a temp file, then renamed)."""
+    out = results_dir(device)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / f"{stem}.csv"
+    existing = []
+    if csv_path.exists():
+        with open(csv_path, newline="") as f:
+            existing = list(csv.DictReader(f))
+    tmp = csv_path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(existing + rows)
+    os.replace(tmp, csv_path)
+    with open(out / f"{stem}.jsonl", "a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return csv_path
+
+
+def format_table(rows: list[dict], columns=("op", "provider", "mode", "shape", "dtype", "median_ms", "tflops",
+                                            "gbps", "peak_mem_mb", "note")) -> str:
+    """A markdown table of the rows (only the columns that have a value somewhere)."""
+    cols = [c for c in columns if any(r.get(c) not in ("", None) for r in rows)]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def report(rows: list[dict], device: str, *, stem: str, write: bool = True) -> None:
+    print(format_table(rows))
+    if write and rows:
+        path = write_rows(rows, device, stem=stem)
+        print(f"\nrows appended to {path}")
+
+
+def standard_args(description: str):
+    import argparse
+
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--smoke", action="store_true", help="tiny CPU-sized shapes, seconds (CI)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-write", action="store_true", help="print the table only")
+    return p
