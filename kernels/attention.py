@@ -1,0 +1,555 @@
+"""Bidirectional (non-causal) flash attention over packed variable-length sequences, forward and backward (SPEC 4.1).
+
+Layout (flash-attention's varlen contract): q (T, Hq, D), k/v (T, Hkv, D), cu_seqlens int32 (B+1,); query head h reads
+kv head h // (Hq // Hkv) (GQA/MQA). Every token attends to every token of its own sequence.
+
+Layers (Liger style): Triton kernels -> launchers ``attn_fwd`` / ``attn_bwd`` (plain functions, reusable outside
+autograd) -> ``_FlashAttnVarlenFunction`` -> ``flash_attn_varlen`` (what ``kalm_fast.ops`` dispatches to).
+
+Kernels (notation of Triton tutorial 06: m_i running max, l_i running sum, acc unnormalized output, qk_scale =
+softmax_scale * log2(e) so that every exponential is an exp2):
+  _attn_fwd_kernel            one program = BLOCK_M query rows of one sequence and one query head; loops over the
+                              sequence's key/value blocks with an online softmax; stores out and lse.
+  _attn_bwd_preprocess_kernel delta = rowsum(dO * O) - dlse, per token and query head.
+  _attn_bwd_dkdv_kernel       one program = BLOCK_N key/value rows of one sequence and one kv head; loops over all
+                              query blocks of the sequence and all query heads of the GQA group, so dK/dV are owned by
+                              exactly one program: no atomics, deterministic.
+  _attn_bwd_dq_kernel         one program = BLOCK_M query rows of one query head; loops over the key/value blocks.
+Grids are (blocks of max_seqlen, heads, sequences); a program whose block starts past its sequence's end exits, so
+zero-length sequences cost one early exit per program and have no rows. Row masks are applied only on a sequence's
+last (partial) block; head dims that are not powers of two are padded to BLOCK_D with a column mask.
+
+No recompilation per length: max_seqlen only sizes the grid; the autotune key holds its power-of-two bucket, passed as a
+plain int argument (>= 16, so Triton's divisibility specialization sees one case).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kalm_fast.kernels.utils import interpreting, is_hopper, next_power_of_2
+
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x * log2(e))
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # ln(2): ln(x) = log2(x) * ln(2)
+_MAX_GRID_YZ = 65535  # CUDA limit of grid dims 1 and 2: longer batches are launched in chunks of sequences
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tile helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_tile(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_ROWS: tl.constexpr,
+               UPCAST: tl.constexpr):
+    """[len(rows), BLOCK_D] tile; rows >= n_rows (only when MASK_ROWS) and columns >= HEAD_DIM read as 0."""
+    if MASK_ROWS:
+        if HEAD_DIM == BLOCK_D:
+            x = tl.load(ptrs, mask=(rows < n_rows)[:, None], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=(rows < n_rows)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    else:
+        if HEAD_DIM == BLOCK_D:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
+    if UPCAST:  # the interpreter's bf16 arithmetic is wrong: compute in fp32 there
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _store_tile(ptrs, x, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Store the [len(rows), BLOCK_D] tile x (cast to the pointee dtype) where row < n_rows and column < HEAD_DIM."""
+    x = x.to(ptrs.dtype.element_ty)
+    if HEAD_DIM == BLOCK_D:
+        tl.store(ptrs, x, mask=(rows < n_rows)[:, None])
+    else:
+        tl.store(ptrs, x, mask=(rows < n_rows)[:, None] & (offs_d < HEAD_DIM)[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# forward
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, lo, hi, seqlen, qk_scale,
+                    offs_n, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                    MASK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online softmax over the key blocks starting at lo, lo + BLOCK_N, ... < hi. MASK_N only for the last, partial
+    block (keys >= seqlen get a score of -inf)."""
+    k_ptrs = k_base + (lo + offs_n)[:, None] * stride_kt + offs_d[None, :]
+    v_ptrs = v_base + (lo + offs_n)[:, None] * stride_vt + offs_d[None, :]
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        k = _load_tile(k_ptrs, cols, seqlen, offs_d, HEAD_DIM, BLOCK_D, MASK_N, UPCAST)  # [BLOCK_N, BLOCK_D]
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N], unscaled scores
+        if MASK_N:
+            qk = tl.where((cols < seqlen)[None, :], qk, float("-inf"))
+        m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # [BLOCK_M], log2 domain
+        p = tl.math.exp2(qk * qk_scale - m_ij[:, None])  # [BLOCK_M, BLOCK_N]
+        alpha = tl.math.exp2(m_i - m_ij)  # rescales what was accumulated under the old max
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_tile(v_ptrs, cols, seqlen, offs_d, HEAD_DIM, BLOCK_D, MASK_N, UPCAST)  # [BLOCK_N, BLOCK_D]
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_D]
+        m_i = m_ij
+        k_ptrs += BLOCK_N * stride_kt
+        v_ptrs += BLOCK_N * stride_vt
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, Out, Lse, cu_seqlens, sm_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
+    seqlen_bucket,  # autotune key only (power-of-two bucket of max_seqlen)
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    pid_b = tl.program_id(2)
+    seq_start = tl.load(cu_seqlens + pid_b)
+    seqlen = tl.load(cu_seqlens + pid_b + 1) - seq_start
+    start_m = pid_m * BLOCK_M
+    if start_m >= seqlen:
+        return
+    pid_kv = pid_h // GROUP
+    row0 = seq_start.to(tl.int64)  # T * H * D can exceed 2**31: 64-bit sequence offsets, 32-bit offsets inside
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    q_ptrs = Q + row0 * stride_qt + pid_h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
+    q = _load_tile(q_ptrs, offs_m, seqlen, offs_d, HEAD_DIM, BLOCK_D, True, UPCAST)  # [BLOCK_M, BLOCK_D]
+    k_base = K + row0 * stride_kt + pid_kv * stride_kh
+    v_base = V + row0 * stride_vt + pid_kv * stride_vh
+
+    qk_scale = sm_scale * LOG2E  # log2(e) folded in
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    n_full = (seqlen // BLOCK_N) * BLOCK_N
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, 0, n_full, seqlen,
+                                    qk_scale, offs_n, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, False, UPCAST,
+                                    DOT_PRECISION)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, n_full, seqlen, seqlen,
+                                    qk_scale, offs_n, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, True, UPCAST,
+                                    DOT_PRECISION)
+    # every row saw >= 1 real key (seqlen > 0), so l_i > 0 and m_i is finite, padded query rows included
+    out = acc / l_i[:, None]
+    o_ptrs = Out + row0 * stride_ot + pid_h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
+    _store_tile(o_ptrs, out, offs_m, seqlen, offs_d, HEAD_DIM, BLOCK_D)
+    lse = (m_i + tl.math.log2(l_i)) * LN2  # natural-log logsumexp of sm_scale * q.k
+    tl.store(Lse + pid_h.to(tl.int64) * stride_lh + row0 + offs_m, lse, mask=offs_m < seqlen)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# backward
+#
+# Derivation, per sequence and query head (s = softmax_scale, K and V of the head's kv head):
+#   1. S = s * Q K^T, P = softmax(S) row-wise = exp(S - lse), O = P V; the loss L depends on O and lse.
+#   2. dV = P^T dO                                (O = P V; with GQA, dV of a kv head sums over its query heads)
+#   3. dP = dO V^T
+#   4. Softmax Jacobian: dS_ij = P_ij * (dP_ij - sum_k P_ik dP_ik), and sum_k P_ik dP_ik = sum_k P_ik (dO_i . V_k)
+#      = dO_i . O_i =: delta_i (one dot per row instead of a row over all keys).
+#   5. lse_i = log sum_j exp(S_ij) gives d lse_i / dS_ij = P_ij, so a gradient dlse adds P_ij * dlse_i to dS_ij:
+#      dS = P * (dP - (delta - dlse)). The preprocess kernel stores delta - dlse, so the main kernels are unchanged.
+#   6. dQ = s * dS K, dK = s * dS^T Q (chain rule through S = s * Q K^T).
+# P is recomputed from Q, K and the saved lse (exp2 form: P = exp2(q.k * s * log2(e) - lse * log2(e))).
+# Query rows past a sequence's end are loaded as 0 (q, dO, lse, delta): their P is finite and their dO = 0 and
+# delta = 0 make every term they touch 0. Key rows past the end (k = v = 0) get P = exp(-lse), which overflows when
+# lse < -88: the dQ loop sums over keys, so it masks P on the last key block; in the dK/dV program such a key row only
+# reaches its own row of dK/dV (matmul rows never mix), which is never stored.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["T"])
+def _attn_bwd_preprocess_kernel(Out, DO, DLse, Delta, T, stride_ot, stride_oh, stride_dot, stride_doh, stride_lh,
+                                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+                                HAS_DLSE: tl.constexpr):
+    """delta[h, t] = sum_d O[t, h, d] * dO[t, h, d] - dlse[h, t] (step 5), fp32 (Hq, T)."""
+    pid_t = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (rows < T)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    rows64 = rows.to(tl.int64)
+    o = tl.load(Out + rows64[:, None] * stride_ot + pid_h * stride_oh + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + rows64[:, None] * stride_dot + pid_h * stride_doh + offs_d[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # [BLOCK_T]
+    lse_offs = pid_h.to(tl.int64) * stride_lh + rows
+    if HAS_DLSE:
+        delta -= tl.load(DLse + lse_offs, mask=rows < T, other=0.0)
+    tl.store(Delta + lse_offs, delta, mask=rows < T)
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, lo, hi,
+                         seqlen, qk_scale, offs_m, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                         BLOCK_M: tl.constexpr, MASK_M: tl.constexpr, UPCAST: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr):
+    """Accumulate dK (without the scale s) and dV of one key block over the query blocks lo, lo + BLOCK_M, ... < hi,
+    working on transposes so that the key block stays the row dimension."""
+    q_ptrs = q_base + (lo + offs_m)[:, None] * stride_qt + offs_d[None, :]
+    do_ptrs = do_base + (lo + offs_m)[:, None] * stride_dot + offs_d[None, :]
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + offs_m
+        q = _load_tile(q_ptrs, rows, seqlen, offs_d, HEAD_DIM, BLOCK_D, MASK_M, UPCAST)  # [BLOCK_M, BLOCK_D]
+        do = _load_tile(do_ptrs, rows, seqlen, offs_d, HEAD_DIM, BLOCK_D, MASK_M, UPCAST)  # [BLOCK_M, BLOCK_D]
+        if MASK_M:
+            lse = tl.load(lse_base + rows, mask=rows < seqlen, other=0.0)  # [BLOCK_M]
+            delta = tl.load(delta_base + rows, mask=rows < seqlen, other=0.0)
+        else:
+            lse = tl.load(lse_base + rows)
+            delta = tl.load(delta_base + rows)
+        qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M] = (Q K^T)^T
+        pT = tl.math.exp2(qkT * qk_scale - lse[None, :] * LOG2E)  # P^T (step 1)
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)  # step 2
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M] = dP^T (step 3)
+        dsT = pT * (dpT - delta[None, :])  # steps 4-5
+        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)  # step 6, scaled by s at the end
+        q_ptrs += BLOCK_M * stride_qt
+        do_ptrs += BLOCK_M * stride_dot
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, Lse, Delta, DK, DV, cu_seqlens, sm_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
+    seqlen_bucket,  # autotune key only
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_kv = tl.program_id(1)
+    pid_b = tl.program_id(2)
+    seq_start = tl.load(cu_seqlens + pid_b)
+    seqlen = tl.load(cu_seqlens + pid_b + 1) - seq_start
+    start_n = pid_n * BLOCK_N
+    if start_n >= seqlen:
+        return
+    row0 = seq_start.to(tl.int64)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    k_ptrs = K + row0 * stride_kt + pid_kv * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]
+    v_ptrs = V + row0 * stride_vt + pid_kv * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :]
+    k = _load_tile(k_ptrs, offs_n, seqlen, offs_d, HEAD_DIM, BLOCK_D, True, UPCAST)  # [BLOCK_N, BLOCK_D]
+    v = _load_tile(v_ptrs, offs_n, seqlen, offs_d, HEAD_DIM, BLOCK_D, True, UPCAST)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    qk_scale = sm_scale * LOG2E
+    m_full = (seqlen // BLOCK_M) * BLOCK_M
+    for g in range(GROUP):  # every query head that reads this kv head: the GQA sum stays inside the program
+        pid_h = pid_kv * GROUP + g
+        q_base = Q + row0 * stride_qt + pid_h * stride_qh
+        do_base = DO + row0 * stride_dot + pid_h * stride_doh
+        lse_base = Lse + pid_h.to(tl.int64) * stride_lh + row0
+        delta_base = Delta + pid_h.to(tl.int64) * stride_lh + row0
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                                      0, m_full, seqlen, qk_scale, offs_m, offs_d, HEAD_DIM, BLOCK_D, BLOCK_M,
+                                      False, UPCAST, DOT_PRECISION)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                                      m_full, seqlen, seqlen, qk_scale, offs_m, offs_d, HEAD_DIM, BLOCK_D, BLOCK_M,
+                                      True, UPCAST, DOT_PRECISION)
+    dk *= sm_scale
+    dk_ptrs = DK + row0 * stride_dkt + pid_kv * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :]
+    dv_ptrs = DV + row0 * stride_dvt + pid_kv * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :]
+    _store_tile(dk_ptrs, dk, offs_n, seqlen, offs_d, HEAD_DIM, BLOCK_D)
+    _store_tile(dv_ptrs, dv, offs_n, seqlen, offs_d, HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, lo, hi, seqlen, qk_scale,
+                       offs_n, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                       MASK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Accumulate dQ (without the scale s) of one query block over the key blocks lo, lo + BLOCK_N, ... < hi."""
+    k_ptrs = k_base + (lo + offs_n)[:, None] * stride_kt + offs_d[None, :]
+    v_ptrs = v_base + (lo + offs_n)[:, None] * stride_vt + offs_d[None, :]
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        k = _load_tile(k_ptrs, cols, seqlen, offs_d, HEAD_DIM, BLOCK_D, MASK_N, UPCAST)  # [BLOCK_N, BLOCK_D]
+        v = _load_tile(v_ptrs, cols, seqlen, offs_d, HEAD_DIM, BLOCK_D, MASK_N, UPCAST)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+        p = tl.math.exp2(qk * qk_scale - lse2[:, None])  # step 1
+        if MASK_N:  # padded keys (k = 0) would get P = exp(-lse), which may overflow: zero them
+            p = tl.where((cols < seqlen)[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # step 3
+        ds = p * (dp - delta[:, None])  # steps 4-5
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)  # step 6, scaled by s at the end
+        k_ptrs += BLOCK_N * stride_kt
+        v_ptrs += BLOCK_N * stride_vt
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, Lse, Delta, DQ, cu_seqlens, sm_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dqt, stride_dqh, stride_lh,
+    seqlen_bucket,  # autotune key only
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    pid_b = tl.program_id(2)
+    seq_start = tl.load(cu_seqlens + pid_b)
+    seqlen = tl.load(cu_seqlens + pid_b + 1) - seq_start
+    start_m = pid_m * BLOCK_M
+    if start_m >= seqlen:
+        return
+    pid_kv = pid_h // GROUP
+    row0 = seq_start.to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    q_ptrs = Q + row0 * stride_qt + pid_h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
+    do_ptrs = DO + row0 * stride_dot + pid_h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :]
+    q = _load_tile(q_ptrs, offs_m, seqlen, offs_d, HEAD_DIM, BLOCK_D, True, UPCAST)  # [BLOCK_M, BLOCK_D]
+    do = _load_tile(do_ptrs, offs_m, seqlen, offs_d, HEAD_DIM, BLOCK_D, True, UPCAST)
+    lse_offs = pid_h.to(tl.int64) * stride_lh + row0 + offs_m
+    lse2 = tl.load(Lse + lse_offs, mask=offs_m < seqlen, other=0.0) * LOG2E  # [BLOCK_M], log2 domain
+    delta = tl.load(Delta + lse_offs, mask=offs_m < seqlen, other=0.0)
+    k_base = K + row0 * stride_kt + pid_kv * stride_kh
+    v_base = V + row0 * stride_vt + pid_kv * stride_vh
+
+    qk_scale = sm_scale * LOG2E
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    n_full = (seqlen // BLOCK_N) * BLOCK_N
+    dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, 0, n_full, seqlen,
+                            qk_scale, offs_n, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, False, UPCAST, DOT_PRECISION)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, n_full, seqlen, seqlen,
+                            qk_scale, offs_n, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, True, UPCAST, DOT_PRECISION)
+    dq *= sm_scale
+    dq_ptrs = DQ + row0 * stride_dqt + pid_h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :]
+    _store_tile(dq_ptrs, dq, offs_m, seqlen, offs_d, HEAD_DIM, BLOCK_D)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# autotuning: configs per architecture, pruned by shared memory and register estimates
+# ----------------------------------------------------------------------------------------------------------------
+
+_AUTOTUNE_KEY = ["HEAD_DIM", "GROUP", "seqlen_bucket"]  # + the tensor dtypes, which triton's autotuner appends
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). Forward and dQ own BLOCK_M query rows and loop over BLOCK_N keys; dK/dV
+# owns BLOCK_N keys and loops over BLOCK_M queries (small BLOCK_M keeps its two [BLOCK_N, BLOCK_D] accumulators
+# in registers). "ampere" also serves other non-Hopper GPUs: the pruner drops what their shared memory cannot hold.
+_CONFIGS = {
+    "hopper": {
+        "fwd": [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 64, 4, 4), (64, 64, 4, 3), (64, 32, 4, 4)],
+        "dkdv": [(32, 128, 4, 4), (32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4), (16, 64, 4, 3),
+                 (32, 64, 8, 2)],
+        "dq": [(128, 32, 4, 4), (128, 32, 8, 4), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)],
+    },
+    "ampere": {
+        "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 3),
+                (64, 32, 4, 2)],
+        "dkdv": [(32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2), (16, 64, 4, 3), (32, 64, 8, 2),
+                 (16, 32, 4, 2)],
+        "dq": [(128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (32, 32, 4, 2)],
+    },
+    # one big tile: the interpreter's cost grows with programs x loop iterations, not with tile size
+    "interpreter": {"fwd": [(128, 128, 4, 1)], "dkdv": [(128, 128, 4, 1)], "dq": [(128, 128, 4, 1)]},
+}
+
+
+def _resource_estimate(kind: str, bm: int, bn: int, bd: int, stages: int, elt: int) -> tuple[int, int]:
+    """Rough (shared memory bytes, fp32 values in registers) of one program: the tiles that are pipelined
+    (x stages) or resident in shared memory, and the fp32 accumulators and score tiles held in registers."""
+    if kind == "fwd":  # q resident; k, v pipelined; acc [bm, bd] and scores [bm, bn] in registers
+        return (bm * bd + stages * 2 * bn * bd) * elt, bm * bd + bm * bn
+    if kind == "dkdv":  # k, v resident; q, dO pipelined; dk, dv [bn, bd] and P^T, dP^T [bn, bm] in registers
+        return (2 * bn * bd + stages * 2 * bm * bd) * elt, 2 * bn * bd + 2 * bn * bm
+    # dq: q, dO resident; k, v pipelined; dq [bm, bd] and P, dP [bm, bn] in registers
+    return (2 * bm * bd + stages * 2 * bn * bd) * elt, bm * bd + 2 * bm * bn
+
+
+def _make_pruner(kind: str):
+    # per-thread fp32 register budget for the estimate above (255 hardware registers minus addresses and operands)
+    reg_budget = 192 if kind == "fwd" else 256
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        q = args["Q"]
+        bd = args["BLOCK_D"]
+        props = torch.cuda.get_device_properties(q.device)
+        smem_cap = getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_block)
+        fits, cost = [], {}
+        for c in configs:
+            smem, regs = _resource_estimate(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], bd, c.num_stages,
+                                            q.element_size())
+            cost[c] = (smem, regs)
+            if smem <= smem_cap and regs <= reg_budget * 32 * c.num_warps:
+                fits.append(c)
+        # nothing fits (fp32 inputs, D = 256): the config with the least shared memory
+        return fits or [min(configs, key=lambda c: cost[c])]
+
+    return prune
+
+
+def _arch(device: torch.device) -> str:
+    if interpreting():
+        return "interpreter"
+    return "hopper" if is_hopper(device) else "ampere"
+
+
+@functools.cache
+def _tuned(kind: str, arch: str):
+    """The autotuned kernel of ``kind`` for ``arch`` (one Autotuner per arch, so each keeps its own cache)."""
+    kernel = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}[kind]
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+               for bm, bn, w, s in _CONFIGS[arch][kind]]
+    prune = None if arch == "interpreter" else {"early_config_prune": _make_pruner(kind)}
+    return triton.autotune(configs=configs, key=_AUTOTUNE_KEY, prune_configs_by=prune)(kernel)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _seqlen_bucket(max_seqlen: int) -> int:
+    """Power-of-two bucket of max_seqlen, >= 16 (autotune key; one Triton specialization)."""
+    return max(16, next_power_of_2(max_seqlen))
+
+
+def _meta(q: torch.Tensor) -> dict:
+    """Compile-time arguments shared by the kernels."""
+    return dict(
+        HEAD_DIM=q.shape[-1],
+        BLOCK_D=max(16, next_power_of_2(q.shape[-1])),  # tl.dot needs >= 16
+        UPCAST=interpreting(),
+        # fp32 inputs get true fp32 products (tl.dot defaults to tf32 for fp32); fp16/bf16 ignore the setting
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+
+
+def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """The kernels need unit stride along the head dim only (any token/head strides)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _device_guard(x: torch.Tensor):
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def _batch_chunks(cu_seqlens: torch.Tensor):
+    """Slices of cu_seqlens with at most _MAX_GRID_YZ sequences each (offsets stay absolute)."""
+    B = cu_seqlens.numel() - 1
+    for b0 in range(0, B, _MAX_GRID_YZ):
+        yield cu_seqlens[b0:min(B, b0 + _MAX_GRID_YZ) + 1]
+
+
+def attn_fwd(q, k, v, cu_seqlens, max_seqlen: int, softmax_scale: float):
+    """Forward launcher. q (T, Hq, D), k/v (T, Hkv, D), cu_seqlens int32 (B+1,) -> out (T, Hq, D) in q's dtype,
+    lse (Hq, T) fp32 (natural log of the scaled scores' sum of exponentials)."""
+    q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
+    cu_seqlens = cu_seqlens.contiguous()
+    T, Hq, _ = q.shape
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((Hq, T), dtype=torch.float32, device=q.device)
+    if T == 0:
+        return out, lse
+    kernel = _tuned("fwd", _arch(q.device))
+    with _device_guard(q):
+        for cu in _batch_chunks(cu_seqlens):
+            grid = lambda meta, cu=cu: (triton.cdiv(max_seqlen, meta["BLOCK_M"]), Hq, cu.numel() - 1)
+            kernel[grid](
+                q, k, v, out, lse, cu, softmax_scale,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                out.stride(0), out.stride(1), lse.stride(0),
+                _seqlen_bucket(max_seqlen), GROUP=Hq // k.shape[1], **_meta(q),
+            )
+    return out, lse
+
+
+def attn_bwd(do, q, k, v, out, lse, cu_seqlens, max_seqlen: int, softmax_scale: float, dlse=None):
+    """Backward launcher: dO (T, Hq, D) and optionally dlse (Hq, T) -> dq, dk, dv in the dtypes of q, k, v.
+    Deterministic: every gradient element is written by exactly one program."""
+    do, q, k, v, out = (_rows_contiguous(x) for x in (do, q, k, v, out))
+    cu_seqlens = cu_seqlens.contiguous()
+    T, Hq, D = q.shape
+    Hkv = k.shape[1]
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if T == 0:
+        return dq, dk, dv
+    meta = _meta(q)
+    bucket = _seqlen_bucket(max_seqlen)
+    delta = torch.empty_like(lse)  # (Hq, T) fp32
+    if dlse is not None:
+        dlse = dlse.float().contiguous()
+    arch = _arch(q.device)
+    with _device_guard(q):
+        block_t = 8192 // meta["BLOCK_D"]  # 8192-element tiles of O and dO: 64 fp32 values per thread each
+        _attn_bwd_preprocess_kernel[(triton.cdiv(T, block_t), Hq)](
+            out, do, dlse if dlse is not None else delta, delta, T,  # DLse is not read without HAS_DLSE
+            out.stride(0), out.stride(1), do.stride(0), do.stride(1), lse.stride(0),
+            HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_T=block_t, HAS_DLSE=dlse is not None,
+        )
+        dkdv_kernel, dq_kernel = _tuned("dkdv", arch), _tuned("dq", arch)
+        for cu in _batch_chunks(cu_seqlens):
+            nb = cu.numel() - 1
+            dkdv_kernel[lambda m, nb=nb: (triton.cdiv(max_seqlen, m["BLOCK_N"]), Hkv, nb)](
+                q, k, v, do, lse, delta, dk, dv, cu, softmax_scale,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0),
+                bucket, GROUP=Hq // Hkv, **meta,
+            )
+            dq_kernel[lambda m, nb=nb: (triton.cdiv(max_seqlen, m["BLOCK_M"]), Hq, nb)](
+                q, k, v, do, lse, delta, dq, cu, softmax_scale,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), lse.stride(0),
+                bucket, GROUP=Hq // Hkv, **meta,
+            )
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# autograd
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _FlashAttnVarlenFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, softmax_scale):
+        out, lse = attn_fwd(q, k, v, cu_seqlens, max_seqlen, softmax_scale)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+        ctx.max_seqlen = max_seqlen
+        ctx.softmax_scale = softmax_scale
+        ctx.set_materialize_grads(False)  # an unused lse gets no zero-filled gradient
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+        if dout is None:  # only lse was used downstream
+            dout = torch.zeros_like(out)
+        dq, dk, dv = attn_bwd(dout, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.softmax_scale, dlse)
+        return dq, dk, dv, None, None, None
+
+
+def flash_attn_varlen(q, k, v, cu_seqlens, max_seqlen, softmax_scale=None, return_lse=False):
+    """Bidirectional varlen attention (inputs checked by ``kalm_fast.ops.flash_attn_varlen_func``).
+
+    q (T, Hq, D), k/v (T, Hkv, D), cu_seqlens int32 (B+1,), max_seqlen >= the longest sequence. Returns out
+    (T, Hq, D) in q's dtype, and with ``return_lse`` also lse (Hq, T) fp32; both are differentiable (a gradient
+    reaching lse is folded into the backward's delta, step 5 above).
+    """
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    out, lse = _FlashAttnVarlenFunction.apply(q, k, v, cu_seqlens, int(max_seqlen), scale)
+    return (out, lse) if return_lse else out

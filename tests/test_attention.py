@@ -1,0 +1,433 @@
+"""Bidirectional varlen flash attention (kernels/attention.py) against the fp32 oracle
+``kalm_fast.reference.attention_varlen``: forward out and lse, backward dq/dk/dv.
+
+Tolerances:
+- fp16/bf16, the 2x rule (STYLE.md): the kernel's max abs error vs the fp32 reference is at most twice the error of
+  PyTorch computing the same attention in the same low precision (``_torch_attention``: matmuls, softmax and
+  logsumexp in fp16/bf16, backward by autograd in that dtype), plus a 1e-5 floor for the case where that error is 0.
+- fp32: both sides compute in fp32 and differ only in summation order (blocked dot products, online softmax vs a
+  direct softmax). Rounding error then grows like sqrt(n) * eps * |x| with n <= 1025 terms and eps = 1.2e-7, i.e.
+  ~4e-6 for |x| ~ 1; atol = rtol = 1e-5 sits above that and ~100x below the fp16 error, so any real bug fails.
+  Scores of magnitude ~130 (test_extreme_scores_stay_finite) break that premise; there the 2x rule applies to fp32
+  with an fp64 truth and the fp32 reference as the baseline.
+On CPU the Triton kernels run under TRITON_INTERPRET=1 (conftest) with one 128x128 tile config and fp32 arithmetic
+inside (the interpreter's low-precision arithmetic is unreliable), so CPU covers fp32 and fp16; bf16 and the
+autotuned configs are covered by the GPU tests.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICE, assert_close
+
+import kalm_fast
+from kalm_fast import reference
+
+FP32_TOL = 1e-5
+FLOOR = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _triton_backend(monkeypatch):
+    """Force the Triton kernels (interpreted on CPU) behind kalm_fast.flash_attn_varlen_func."""
+    monkeypatch.setenv("KALM_FAST_BACKEND", "triton")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _cu_seqlens(lengths, device=DEVICE):
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
+    return cu.to(device)
+
+
+def _inputs(lengths, Hq, Hkv, D, dtype, device=DEVICE):
+    T = sum(lengths)
+    q, k, v = (torch.randn(T, h, D, device=device, dtype=dtype).requires_grad_() for h in (Hq, Hkv, Hkv))
+    return q, k, v, _cu_seqlens(lengths, device), max(lengths, default=0)
+
+
+def _grads(out, lse, dout, dlse, inputs):
+    loss = (out.float() * dout).sum()
+    if dlse is not None:
+        loss = loss + (lse.float() * dlse).sum()
+    return torch.autograd.grad(loss, inputs)
+
+
+def _kalm(q, k, v, cu, max_seqlen, dout, dlse=None, scale=None):
+    """out, lse, (dq, dk, dv) through the public API, asserting that the Triton path ran."""
+    out, lse = kalm_fast.flash_attn_varlen_func(q, k, v, cu, max_seqlen, softmax_scale=scale, return_lse=True)
+    assert type(out.grad_fn).__name__ == "_FlashAttnVarlenFunctionBackward", "the Triton kernel did not run"
+    return out, lse, _grads(out, lse, dout, dlse, (q, k, v))
+
+
+def _oracle(q, k, v, cu, max_seqlen, dout, dlse=None, scale=None):
+    """The fp32 reference on fp32 copies of the same inputs."""
+    q, k, v = (x.detach().float().requires_grad_() for x in (q, k, v))
+    out, lse = reference.attention_varlen(q, k, v, cu, max_seqlen, scale, True)
+    return out, lse, _grads(out, lse, dout, dlse, (q, k, v))
+
+
+def _torch_attention(q, k, v, cu, dout, dlse=None, scale=None):
+    """PyTorch's own attention in the inputs' dtype (no upcast), one sequence at a time: in fp16/bf16 the error
+    baseline of the 2x rule, in fp64 an exact-enough truth."""
+    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    group = q.shape[1] // k.shape[1]
+    scale = scale if scale is not None else q.shape[-1] ** -0.5
+    outs, lses = [], []
+    bounds = cu.tolist()
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        qs = q[s:e].transpose(0, 1)  # (Hq, L, D)
+        ks = k[s:e].transpose(0, 1).repeat_interleave(group, 0)
+        vs = v[s:e].transpose(0, 1).repeat_interleave(group, 0)
+        scores = (qs @ ks.transpose(1, 2)) * scale  # (Hq, L, L) in the inputs' dtype
+        outs.append((scores.softmax(-1) @ vs).transpose(0, 1))
+        lses.append(scores.logsumexp(-1))
+    out, lse = torch.cat(outs), torch.cat(lses, 1)
+    return out, lse, _grads(out, lse, dout, dlse, (q, k, v))
+
+
+NAMES = ("out", "lse", "dq", "dk", "dv")
+
+
+def _flat(result):
+    out, lse, grads = result
+    return (out, lse, *grads)
+
+
+def _check(kalm, oracle, lowp, dtype):
+    """Compare (out, lse, (dq, dk, dv)) triples with the fp32 oracle: fixed tight tolerance in fp32, the 2x rule
+    against PyTorch's own low-precision result ``lowp`` otherwise."""
+    for name, got in zip(NAMES, _flat(kalm)):
+        assert got.dtype == (torch.float32 if name == "lse" else dtype), f"{name}: dtype {got.dtype}"
+    if dtype == torch.float32:
+        for name, got, ref in zip(NAMES, _flat(kalm), _flat(oracle)):
+            assert_close(got, ref, atol=FP32_TOL, rtol=FP32_TOL, name=name)
+    else:
+        _check_2x(kalm, oracle, lowp)
+
+
+def _check_2x(kalm, truth, baseline):
+    """Every tensor of ``kalm`` is within 2x the max abs error of ``baseline`` (PyTorch in the same precision) from
+    ``truth``, plus FLOOR."""
+    for name, got, ref, low in zip(NAMES, _flat(kalm), _flat(truth), _flat(baseline)):
+        ref = ref.double()
+        torch_err = (low.double() - ref).abs().max().item()
+        assert_close(got.double(), ref, atol=2 * torch_err + FLOOR, rtol=0, name=f"{name} (2x torch's error)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# forward + backward vs the reference (CPU: interpreter)
+# ----------------------------------------------------------------------------------------------------------------
+
+CASES = [
+    pytest.param((1, 97, 200), 2, 2, 64, id="irregular-d64"),
+    pytest.param((0, 37, 0, 130, 0), 2, 2, 64, id="zero-length-start-middle-end"),
+    pytest.param((97, 128), 4, 2, 80, id="gqa-d80"),
+    pytest.param((200, 33), 4, 1, 128, id="mqa-d128"),
+    pytest.param((256, 3), 2, 2, 32, id="block-multiple"),  # a sequence that is exactly 2 tiles: no tail block
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("lengths,Hq,Hkv,D", CASES)
+def test_forward_backward_matches_reference(lengths, Hq, Hkv, D, dtype):
+    q, k, v, cu, max_seqlen = _inputs(lengths, Hq, Hkv, D, dtype)
+    dout = torch.randn(q.shape, device=DEVICE)
+    kalm = _kalm(q, k, v, cu, max_seqlen, dout)
+    oracle = _oracle(q, k, v, cu, max_seqlen, dout)
+    lowp = _torch_attention(q, k, v, cu, dout) if dtype != torch.float32 else None
+    _check(kalm, oracle, lowp, dtype)
+
+
+def test_long_sequence():
+    """1025 tokens = 8 full tiles + 1 row: the longest online softmax of the CPU tests (fp32 only, the interpreter's
+    cost grows with tiles^2; fp16 rounding is covered by the cases above)."""
+    q, k, v, cu, max_seqlen = _inputs((1, 1025, 97), 1, 1, 32, torch.float32)
+    dout = torch.randn(q.shape, device=DEVICE)
+    _check(_kalm(q, k, v, cu, max_seqlen, dout), _oracle(q, k, v, cu, max_seqlen, dout), None, torch.float32)
+
+
+@pytest.mark.parametrize("use_out", [True, False], ids=["out-and-lse", "lse-only"])
+def test_lse_gradient(use_out):
+    """A gradient reaching lse is supported (dS gets + P * dlse), also when out itself is unused."""
+    q, k, v, cu, max_seqlen = _inputs((0, 150, 41), 4, 2, 64, torch.float32)
+    dout = torch.randn(q.shape, device=DEVICE) if use_out else torch.zeros(q.shape, device=DEVICE)
+    dlse = torch.randn(q.shape[1], q.shape[0], device=DEVICE)
+    oracle = _oracle(q, k, v, cu, max_seqlen, dout, dlse)
+    out, lse = kalm_fast.flash_attn_varlen_func(q, k, v, cu, max_seqlen, return_lse=True)
+    loss = (lse * dlse).sum() + ((out * dout).sum() if use_out else 0.0)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    for name, got, ref in zip(("dq", "dk", "dv"), grads, oracle[2]):
+        assert_close(got, ref, atol=FP32_TOL, rtol=FP32_TOL, name=name)
+    assert grads[0].abs().max() > 0.1  # the lse term really contributes
+
+
+@pytest.mark.parametrize("lengths", [(0, 0), ()], ids=["all-empty", "no-sequence"])
+def test_empty_batch(lengths):
+    q, k, v, cu, _ = _inputs(lengths, 2, 1, 64, torch.float16)
+    out, lse = kalm_fast.flash_attn_varlen_func(q, k, v, cu, 0, return_lse=True)
+    assert out.shape == (0, 2, 64) and out.dtype == torch.float16 and lse.shape == (2, 0)
+    dq, dk, dv = torch.autograd.grad(out.float().sum(), (q, k, v))
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+
+
+def test_softmax_scale_and_strided_inputs():
+    """A custom softmax_scale, and q/k/v that are views into one fused qkv projection (token stride != H * D)."""
+    lengths, Hq, Hkv, D = (70, 130), 2, 1, 64
+    T = sum(lengths)
+    qkv = torch.randn(T, Hq + 2 * Hkv, D, device=DEVICE, requires_grad=True)
+    q, k, v = qkv.split([Hq, Hkv, Hkv], dim=1)
+    cu = _cu_seqlens(lengths)
+    out = kalm_fast.flash_attn_varlen_func(q, k, v, cu, max(lengths), softmax_scale=0.3)
+    ref = reference.attention_varlen(q, k, v, cu, max(lengths), 0.3)
+    assert_close(out, ref, atol=FP32_TOL, rtol=FP32_TOL, name="out")
+    dout = torch.randn_like(out)
+    (g,) = torch.autograd.grad((out * dout).sum(), qkv)
+    (g_ref,) = torch.autograd.grad((ref * dout).sum(), qkv)
+    assert_close(g, g_ref, atol=FP32_TOL, rtol=FP32_TOL, name="dqkv")
+
+
+# the dK/dV program's padded key rows (k = 0) overflow to inf/NaN there; they are never stored and, matmul rows being
+# independent, never reach real rows (asserted by the comparison)
+@pytest.mark.filterwarnings("ignore:overflow encountered", "ignore:invalid value encountered")
+def test_extreme_scores_stay_finite():
+    """Scores around -130 (lse < -88): a padded key (k = 0, score 0) would get P = exp(0 - lse) = inf if the dQ loop
+    did not mask it. Such scores also amplify rounding (|score| * eps ~ 2e-5, and dQ sums P * (dP - delta) terms that
+    cancel), so this fp32 test uses the 2x rule with an fp64 truth and the fp32 reference as the baseline."""
+    lengths, H, D = (97, 130), 2, 32
+    T = sum(lengths)
+    q = (1.0 + 0.3 * torch.randn(T, H, D, device=DEVICE)).requires_grad_()
+    k = (-1.0 + 0.3 * torch.randn(T, H, D, device=DEVICE)).requires_grad_()
+    v = torch.randn(T, H, D, device=DEVICE, requires_grad=True)
+    cu, max_seqlen = _cu_seqlens(lengths), max(lengths)
+    dout = torch.randn(T, H, D, device=DEVICE)
+    kalm = _kalm(q, k, v, cu, max_seqlen, dout, scale=4.0)
+    fp32 = _oracle(q, k, v, cu, max_seqlen, dout, scale=4.0)
+    truth = _torch_attention(q.double(), k.double(), v.double(), cu, dout.double(), scale=4.0)
+    assert fp32[1].max() < -88  # exp(-lse) overflows fp32
+    _check_2x(kalm, truth, fp32)
+
+
+def test_many_sequences_launch_in_chunks(monkeypatch):
+    """Batches with more sequences than a CUDA grid dimension holds (65535) are launched in chunks of cu_seqlens;
+    exercised here with a chunk of 2 sequences."""
+    from kalm_fast.kernels import attention
+
+    monkeypatch.setattr(attention, "_MAX_GRID_YZ", 2)
+    q, k, v, cu, max_seqlen = _inputs((3, 0, 40, 17, 5), 2, 1, 32, torch.float32)
+    dout = torch.randn(q.shape, device=DEVICE)
+    _check(_kalm(q, k, v, cu, max_seqlen, dout), _oracle(q, k, v, cu, max_seqlen, dout), None, torch.float32)
+
+
+def test_unequal_tiles(monkeypatch):
+    """BLOCK_M != BLOCK_N in every kernel (the GPU autotune configs mostly are), with a non-power-of-two head dim."""
+    from kalm_fast.kernels import attention
+
+    tiles = {"fwd": [(64, 32, 4, 1)], "dkdv": [(32, 64, 4, 1)], "dq": [(64, 32, 4, 1)]}
+    monkeypatch.setitem(attention._CONFIGS, "interpreter", tiles)
+    attention._tuned.cache_clear()
+    try:
+        q, k, v, cu, max_seqlen = _inputs((1, 97, 0, 64), 4, 2, 40, torch.float32)
+        dout = torch.randn(q.shape, device=DEVICE)
+        _check(_kalm(q, k, v, cu, max_seqlen, dout), _oracle(q, k, v, cu, max_seqlen, dout), None, torch.float32)
+    finally:
+        attention._tuned.cache_clear()  # the next test gets the default tiles again
+
+
+@pytest.mark.parametrize("arch,smem", [("hopper", 232448), ("ampere", 166912), ("ampere", 101376)],
+                         ids=["h100", "a100", "sm86"])
+def test_autotune_pruning(monkeypatch, arch, smem):
+    """The GPU autotuners build, and their pruning (shared memory of the device, register estimate) leaves at least
+    one config that fits for every head dim and dtype, and a real choice for the tuned head dims 64 and 128 in bf16.
+    Checked here because a pruning error would only show on the first GPU call."""
+    from types import SimpleNamespace
+
+    from kalm_fast.kernels import attention
+
+    props = SimpleNamespace(shared_memory_per_block_optin=smem, shared_memory_per_block=49152)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+    for kind in ("fwd", "dkdv", "dq"):
+        tuner = attention._tuned(kind, arch)
+        prune = tuner.early_config_prune
+        for D in (32, 40, 64, 80, 96, 128, 256):
+            for dtype in (torch.bfloat16, torch.float32):
+                block_d = max(16, 1 << (D - 1).bit_length())
+                kept = prune(tuner.configs, {"Q": torch.empty(0, dtype=dtype)}, BLOCK_D=block_d, HEAD_DIM=D)
+                assert kept and all(c in tuner.configs for c in kept), (kind, D, dtype)
+                if dtype == torch.bfloat16:  # 16-bit: a config that really fits, not the fallback
+                    c = kept[0]
+                    need, _ = attention._resource_estimate(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], block_d,
+                                                           c.num_stages, 2)
+                    assert need <= smem, f"{kind} D={D}: no config fits {smem} bytes of shared memory"
+                if D in (64, 128) and dtype == torch.bfloat16:
+                    assert len(kept) >= 2, f"{kind} D={D}: no choice left to the autotuner"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# padded API, determinism
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_padded_equals_varlen():
+    """flash_attn_func with a key padding mask gives the varlen results at real tokens and exact zeros (output and
+    gradients) at padded ones; rows: right padding, left padding, no token at all, no padding."""
+    B, S, Hq, Hkv, D = 4, 150, 2, 1, 64
+    mask = torch.zeros(B, S, dtype=torch.bool, device=DEVICE)
+    mask[0, :97] = True
+    mask[1, 60:] = True
+    mask[3, :] = True
+    q = torch.randn(B, S, Hq, D, device=DEVICE, requires_grad=True)
+    k, v = (torch.randn(B, S, Hkv, D, device=DEVICE, requires_grad=True) for _ in range(2))
+    dout = torch.randn(B, S, Hq, D, device=DEVICE)
+
+    out = kalm_fast.flash_attn_func(q, k, v, mask)
+    grads = torch.autograd.grad((out * dout).sum(), (q, k, v))
+
+    lengths = mask.sum(1).tolist()
+    packed = [x.detach()[mask].requires_grad_() for x in (q, k, v)]
+    out_u = kalm_fast.flash_attn_varlen_func(*packed, _cu_seqlens(lengths), max(lengths))
+    grads_u = torch.autograd.grad((out_u * dout[mask]).sum(), packed)
+
+    assert torch.equal(out[mask], out_u)
+    assert torch.equal(out[~mask], torch.zeros_like(out[~mask]))
+    for name, g, g_u in zip(("dq", "dk", "dv"), grads, grads_u):
+        assert torch.equal(g[mask], g_u), name
+        assert torch.equal(g[~mask], torch.zeros_like(g[~mask])), name
+
+
+def test_padded_without_mask_equals_varlen():
+    B, S, H, D = 2, 45, 2, 32
+    q, k, v = (torch.randn(B, S, H, D, device=DEVICE) for _ in range(3))
+    out = kalm_fast.flash_attn_func(q, k, v)
+    flat = [x.reshape(B * S, H, D) for x in (q, k, v)]
+    out_u = kalm_fast.flash_attn_varlen_func(*flat, _cu_seqlens([S] * B), S)
+    assert torch.equal(out.reshape(B * S, H, D), out_u)
+    assert_close(out_u, reference.attention_varlen(*flat, _cu_seqlens([S] * B), S), atol=FP32_TOL, rtol=FP32_TOL)
+
+
+def test_backward_is_deterministic():
+    q, k, v, cu, max_seqlen = _inputs((300, 0, 129), 4, 2, 64, torch.float16)
+    dout = torch.randn(q.shape, device=DEVICE)
+    first = _kalm(q, k, v, cu, max_seqlen, dout)
+    second = _kalm(q, k, v, cu, max_seqlen, dout)
+    for name, a, b in zip(("dq", "dk", "dv"), first[2], second[2]):
+        assert torch.equal(a, b), f"{name} differs between two identical backward runs"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# input checks of the public boundary
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _bad_inputs(case):
+    q, k, v, cu, max_seqlen = _inputs((5, 7), 4, 2, 32, torch.float16)
+    if case == "int-dtype":
+        q = q.detach().to(torch.int32)
+    elif case == "mixed-dtype":
+        k = k.detach().float()
+    elif case == "heads":
+        q = torch.randn(12, 3, 32, dtype=torch.float16, device=DEVICE)
+    elif case == "cu-dtype":
+        cu = cu.long()
+    elif case == "cu-total":
+        cu = _cu_seqlens([5, 6])
+    elif case == "cu-decreasing":
+        cu = torch.tensor([0, 8, 5, 12], dtype=torch.int32, device=DEVICE)
+    elif case == "max-seqlen":
+        max_seqlen = 6
+    elif case == "head-dim":
+        q, k, v = (torch.randn(12, h, 320, dtype=torch.float16, device=DEVICE) for h in (4, 2, 2))
+    return q, k, v, cu, max_seqlen
+
+
+@pytest.mark.parametrize(
+    "case,error,match",
+    [
+        ("int-dtype", TypeError, "q must have dtype"),
+        ("mixed-dtype", TypeError, "q, k, v must share a dtype"),
+        ("heads", ValueError, r"query heads \(3\) must be a multiple of the key/value heads \(2\)"),
+        ("cu-dtype", TypeError, "cu_seqlens must have dtype"),
+        ("cu-total", ValueError, "cu_seqlens must start at 0 and end at the number of tokens 12"),
+        ("cu-decreasing", ValueError, "cu_seqlens must be non-decreasing"),
+        ("max-seqlen", ValueError, r"max_seqlen=6 is smaller than the longest sequence \(7\)"),
+        ("head-dim", ValueError, "head dim must be in 1..256"),
+    ],
+)
+def test_input_checks(case, error, match):
+    q, k, v, cu, max_seqlen = _bad_inputs(case)
+    with pytest.raises(error, match=match):
+        kalm_fast.flash_attn_varlen_func(q, k, v, cu, max_seqlen)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU: compiled kernels with the autotuned configs, bf16, large shapes, long sequences
+# ----------------------------------------------------------------------------------------------------------------
+
+GPU_LENGTHS = (2048, 1, 513, 1000, 77, 1999, 256, 1500)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("Hq,Hkv,D", [(16, 16, 64), (16, 16, 128), (16, 4, 128)],
+                         ids=["mha-d64", "mha-d128", "gqa-d128"])
+def test_gpu_large_shapes(Hq, Hkv, D, dtype):
+    q, k, v, cu, max_seqlen = _inputs(GPU_LENGTHS, Hq, Hkv, D, dtype)
+    dout = torch.randn(q.shape, device=DEVICE)
+    dlse = torch.randn(Hq, q.shape[0], device=DEVICE)
+    kalm = _kalm(q, k, v, cu, max_seqlen, dout, dlse)
+    oracle = _oracle(q, k, v, cu, max_seqlen, dout, dlse)
+    lowp = _torch_attention(q, k, v, cu, dout, dlse)
+    _check(kalm, oracle, lowp, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [40, 96, 256])
+def test_gpu_other_head_dims(D):
+    q, k, v, cu, max_seqlen = _inputs((700, 0, 129, 1), 8, 2, D, torch.bfloat16)
+    dout = torch.randn(q.shape, device=DEVICE)
+    _check(_kalm(q, k, v, cu, max_seqlen, dout), _oracle(q, k, v, cu, max_seqlen, dout),
+           _torch_attention(q, k, v, cu, dout), torch.bfloat16)
+
+
+def _oracle_per_sequence(q, k, v, cu, dout):
+    """Memory-lean fp32 oracle for long sequences: the reference on one sequence at a time (no (B, S, S) padding)."""
+    outs, lses, grads = [], [], [[], [], []]
+    bounds = cu.tolist()
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        one = _cu_seqlens([e - s])
+        out, lse, g = _oracle(q[s:e], k[s:e], v[s:e], one, e - s, dout[s:e])
+        outs.append(out.detach())
+        lses.append(lse.detach())
+        for acc, x in zip(grads, g):
+            acc.append(x)
+    return torch.cat(outs), torch.cat(lses, 1), tuple(torch.cat(g) for g in grads)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lengths,Hq,Hkv,D", [((8192, 1000), 4, 2, 128), ((32768,), 1, 1, 64)], ids=["8k", "32k"])
+def test_gpu_long_sequences(lengths, Hq, Hkv, D):
+    q, k, v, cu, max_seqlen = _inputs(lengths, Hq, Hkv, D, torch.bfloat16)
+    dout = torch.randn(q.shape, device=DEVICE)
+    kalm = _kalm(q, k, v, cu, max_seqlen, dout)
+    torch.cuda.empty_cache()
+    oracle = _oracle_per_sequence(q, k, v, cu, dout)
+    torch.cuda.empty_cache()
+    lowp = _torch_attention(q, k, v, cu, dout)
+    _check(kalm, oracle, lowp, torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_gpu_backward_is_deterministic():
+    q, k, v, cu, max_seqlen = _inputs(GPU_LENGTHS, 16, 4, 128, torch.bfloat16)
+    dout = torch.randn(q.shape, device=DEVICE)
+    first = _kalm(q, k, v, cu, max_seqlen, dout)
+    for _ in range(3):
+        again = _kalm(q, k, v, cu, max_seqlen, dout)
+        for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), (first[0], first[1], *first[2]),
+                              (again[0], again[1], *again[2])):
+            assert torch.equal(a, b), f"{name} differs between identical runs"
