@@ -32,39 +32,46 @@ def attention_varlen(
 
     q (T, Hq, D), k/v (T, Hkv, D) with Hq % Hkv == 0, cu_seqlens int32 (B+1,). Returns out (T, Hq, D) in q's dtype,
     and with ``return_lse`` the natural-log logsumexp of the scaled scores, (Hq, T) fp32 (flash-attention's layout).
-    Sequences are padded to (B, H, S, D) and masked with a finite minimum, so zero-length sequences and padded query
-    rows stay finite in forward and backward (their rows are dropped when unpadding).
+
+    The non-empty sequences are padded to (B', H, S, D) with a key mask; padded query rows still see their sequence's
+    keys, so every softmax row is finite in forward and backward, and those rows are dropped when unpadding. The
+    output is softmax(Q K^T * scale) V by torch SDPA in fp32 (the fast CPU fallback); with ``return_lse`` the scores
+    are written out explicitly to get their logsumexp. Autocast is off inside: the reference always computes in fp32.
     """
     T, Hq, D = q.shape
     Hkv = k.shape[1]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
-    B = cu_seqlens.numel() - 1
-    if B == 0 or T == 0:
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    nonempty = torch.nonzero(lengths > 0).flatten()
+    if T == 0 or nonempty.numel() == 0:
         out = q.new_zeros(T, Hq, D) + 0.0 * (q.sum() + k.sum() + v.sum())  # keeps the graph connected
         lse = torch.full((Hq, T), float("-inf"), device=q.device)
         return (out, lse) if return_lse else out
 
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    S = max(int(lengths.max()), 1)  # the real longest sequence: a too small max_seqlen cannot truncate the oracle
+    lengths = lengths[nonempty]
+    S = int(lengths.max())  # the real longest sequence: a too small max_seqlen cannot truncate the oracle
     pos = torch.arange(S, device=q.device)
-    valid = pos[None, :] < lengths[:, None]  # (B, S)
-    # index of each padded slot in the packed tensor (0 where invalid; masked out below)
-    idx = (cu_seqlens[:-1].long()[:, None] + pos[None, :]).clamp(max=T - 1)
-    idx = torch.where(valid, idx, torch.zeros_like(idx))
+    valid = pos[None, :] < lengths[:, None]  # (B', S)
+    # index of each padded slot in the packed tensor (0 where invalid; those slots are masked and dropped)
+    idx = torch.where(valid, cu_seqlens[:-1].long()[nonempty][:, None] + pos[None, :], 0)
 
-    def to_padded(x):  # (T, H, D) -> (B, H, S, D) fp32
+    def to_padded(x):  # (T, H, D) -> (B', H, S, D) fp32
         return x.float()[idx].permute(0, 2, 1, 3)
 
-    qp, kp, vp = to_padded(q), to_padded(k), to_padded(v)
-    if Hq != Hkv:
-        kp = kp.repeat_interleave(Hq // Hkv, dim=1)
-        vp = vp.repeat_interleave(Hq // Hkv, dim=1)
-    scores = torch.matmul(qp, kp.transpose(-1, -2)) * scale  # (B, H, S, S)
-    scores = scores.masked_fill(~valid[:, None, None, :], torch.finfo(torch.float32).min)
-    lse = torch.logsumexp(scores, dim=-1)  # (B, H, S)
-    probs = torch.exp(scores - lse[..., None])
-    out_p = torch.matmul(probs, vp).permute(0, 2, 1, 3)  # (B, S, H, D)
-    out = out_p[valid].to(q.dtype)  # rows in packed order: sequence by sequence, token by token
+    with torch.autocast(q.device.type, enabled=False):
+        qp, kp, vp = to_padded(q), to_padded(k), to_padded(v)
+        if Hq != Hkv:
+            kp = kp.repeat_interleave(Hq // Hkv, dim=1)
+            vp = vp.repeat_interleave(Hq // Hkv, dim=1)
+        key_valid = valid[:, None, None, :]  # (B', 1, 1, S)
+        if return_lse:
+            scores = torch.matmul(qp, kp.transpose(-1, -2)) * scale  # (B', H, S, S)
+            scores = scores.masked_fill(~key_valid, float("-inf"))
+            lse = torch.logsumexp(scores, dim=-1)  # (B', H, S)
+            out_p = torch.matmul(torch.exp(scores - lse[..., None]), vp)
+        else:
+            out_p = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=key_valid, scale=scale)
+    out = out_p.permute(0, 2, 1, 3)[valid].to(q.dtype)  # rows in packed order: sequence by sequence, token by token
     if not return_lse:
         return out
     return out, lse.permute(1, 0, 2)[:, valid].contiguous()
@@ -103,7 +110,7 @@ def mean_pool(
     """hidden (B, S, H), mask (B, S) -> (B, H) in hidden's dtype: norm each token, mean over mask-true tokens,
     L2 normalize. A row without a valid token gives zeros (and, because the mask multiplies, zero gradient)."""
     x = apply_norm(hidden.float(), norm, norm_weight, norm_bias, eps)
-    m = mask.to(torch.float32)
+    m = (mask != 0).to(torch.float32)  # any non-zero value marks a pooled token, as in the kernel
     pooled = (x * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp_min(1.0)
     if normalize:
         pooled = F.normalize(pooled, dim=-1, eps=L2_EPS)
@@ -116,7 +123,7 @@ def varlen_mean_pool(hidden, cu_seqlens, mask=None, norm=None, norm_weight=None,
     T, H = hidden.shape
     B = cu_seqlens.numel() - 1
     x = apply_norm(hidden.float(), norm, norm_weight, norm_bias, eps)
-    m = torch.ones(T, device=hidden.device) if mask is None else mask.to(torch.float32)
+    m = torch.ones(T, device=hidden.device) if mask is None else (mask != 0).to(torch.float32)
     seg = torch.repeat_interleave(torch.arange(B, device=hidden.device), (cu_seqlens[1:] - cu_seqlens[:-1]).long(),
                                   output_size=T)
     sums = torch.zeros(B, H, device=hidden.device).index_add(0, seg, x * m[:, None])
