@@ -264,4 +264,217 @@ def focal_infonce_naive(
 
 
 # --- chunked focal InfoNCE (O((B+N)*D) memory, recomputation in backward) ---------------------------------------
-# (filled by the loss work: focal_infonce_chunked(...) with the signature of focal_infonce_naive)
+# The torch path of kalm_fast.ops on CPU. infonce_head / infonce_grad_coeffs / infonce_stats are the O(B * M) pieces
+# shared with the Triton path (kalm_fast.kernels.infonce), so both agree by construction outside the tiled parts;
+# infonce_mix_logits is the torch twin of its _infonce_mix_kernel.
+
+INFONCE_CHUNK_ELEMS = 2**22  # elements of one chunk's logit block (16 MiB in fp32): the transient memory bound
+INFONCE_STATS = ("p_pos", "weight", "hard_neg_logit", "hard_neg_idx")
+
+
+def infonce_mix_logits(s_a, aa, s_b, ab, bb, lam, temperature):
+    """Synthetic-negative logits from five dot products, without forming e = lam d_a + (1 - lam) d_b.
+
+    s_a, aa (B,) = q.d_a, |d_a|^2; s_b, ab, bb (B, M) = q.d_b, d_a.d_b, |d_b|^2; lam (B, M). Uses
+    |e|^2 = lam^2 |d_a|^2 + 2 lam (1 - lam) d_a.d_b + (1 - lam)^2 |d_b|^2 and zh = q.e / (tau |e|), with |e| floored at
+    L2_EPS as F.normalize does (the oracle divides by |e| unguarded; they differ only for a zero mixture).
+    Returns zh (B, M) and |e| (B, M), fp32.
+    """
+    s_a, aa = s_a[:, None], aa[:, None]
+    n2 = lam * lam * aa + 2.0 * lam * (1.0 - lam) * ab + (1.0 - lam) * (1.0 - lam) * bb
+    nrm = n2.clamp_min(L2_EPS * L2_EPS).sqrt()
+    return (lam * s_a + (1.0 - lam) * s_b) / nrm / temperature, nrm
+
+
+def infonce_head(lse_real, logp_real, zh, gamma):
+    """The O(B * M) end of the forward, natural logs, fp32.
+
+    lse_real (B,) = log sum_{C_i} e^z_ij over the real candidates, logp_real (B,) = z_i,pos - lse_real (formed by the
+    caller from the same logits, so it is exact, 0, when the positive dominates), zh (B, M) or None. Returns
+    shift (B,) = lse - lse_real = log(1 + sum_m e^(zh_im - lse_real)) >= 0 (the synthetic negatives' share),
+    log p (B,) = logp_real - shift and the per-query focal loss -(1 - p)^gamma log p (B,).
+    """
+    if zh is None:
+        shift = torch.zeros_like(lse_real)
+    else:
+        shift = F.softplus(torch.logsumexp(zh - lse_real[:, None], 1))
+    # p <= 1 exactly; rounding could give log p = +1 ulp, and (1 - p)^gamma needs 1 - p >= 0
+    logp = (logp_real - shift).clamp(max=0.0)
+    return shift, logp, -(-torch.expm1(logp)).pow(gamma) * logp
+
+
+def infonce_grad_coeffs(grad_loss, logp, lse, zh, lam, nrm, gamma, reduction):
+    """Per-query backward coefficients (steps 1, 3 and 5 of the derivation in kalm_fast.kernels.infonce).
+
+    1. g_i = dL/dlog p_i = r_i * f'(log p_i), r_i = upstream gradient (/ B for "mean"), f' = focal_dloss_dlogp.
+    3. dL/dzh_im = -g_i * Ph_im with Ph_im = exp(zh_im - lse_i).
+    5. dq_i gets (1/tau) (c_a,i d_a + sum_m c_b,im d_b,m): c_a,i = sum_m dzh_im lam_im / |e_im|,
+       c_b,im = dzh_im (1 - lam_im) / |e_im| (e detached: nothing reaches d).
+    Returns g (B,), c_a (B,) and c_b (B, M) (None, None without mixing).
+    """
+    r = grad_loss.float() / logp.shape[0] if reduction == "mean" else grad_loss.float()
+    g = focal_dloss_dlogp(logp, gamma) * r
+    if zh is None:
+        return g, None, None
+    w = -g[:, None] * torch.exp(zh - lse[:, None]) / nrm
+    return g, (w * lam).sum(1), w * (1.0 - lam)
+
+
+def infonce_stats(logp, gamma, hard_neg_logit, hard_neg_idx) -> dict:
+    """The ``return_stats`` dict (keys INFONCE_STATS), per query, detached."""
+    logp = logp.detach()
+    return {"p_pos": logp.exp(), "weight": (-torch.expm1(logp)).pow(gamma), "hard_neg_logit": hard_neg_logit,
+            "hard_neg_idx": hard_neg_idx}
+
+
+def _chunk_rows(N: int, group_size: int, D: int, in_batch_negatives: bool) -> int:
+    """Queries per chunk so that a chunk's largest transient, (Bc, N) logits in-batch or (Bc, G, D) gathered group
+    rows otherwise, holds at most INFONCE_CHUNK_ELEMS elements (at least one query)."""
+    per_query = N if in_batch_negatives else group_size * D
+    return max(1, INFONCE_CHUNK_ELEMS // per_query)
+
+
+def _chunk_logits(qc, df, pos_c, group_size, in_batch_negatives, temperature):
+    """Logits of a chunk of queries qc (Bc, D) fp32 against their candidates.
+
+    Returns z (Bc, C) fp32, the candidates' rows of d (Bc, C) int64 (None in-batch: C = N, all rows in order), their
+    embeddings (Bc, G, D) (None in-batch) and the positive's column of z (Bc,).
+    """
+    if in_batch_negatives:
+        return torch.mm(qc, df.t()).div_(temperature), None, None, pos_c
+    cols = pos_c[:, None] + torch.arange(group_size, device=qc.device)
+    dg = df[cols]
+    z = torch.bmm(dg, qc[:, :, None]).squeeze(2).div_(temperature)
+    return z, cols, dg, torch.zeros_like(pos_c)
+
+
+def _top_negatives(z, pos_col, k):
+    """The k highest logits of each row of z without its positive, descending, ties -> lower column (torch.argmax
+    returns the first maximum): values (Bc, k), columns (Bc, k) int64, -inf / -1 past the last negative."""
+    zn = z.scatter(1, pos_col[:, None], float("-inf"))
+    vals, cols = [], []
+    for _ in range(k):
+        c = zn.argmax(1, keepdim=True)
+        v = zn.gather(1, c)
+        zn.scatter_(1, c, float("-inf"))
+        vals.append(v)
+        cols.append(torch.where(v > float("-inf"), c, -1))
+    return torch.cat(vals, 1), torch.cat(cols, 1)
+
+
+def _mix_dots(qf, df, a, b):
+    """q.d_a, |d_a|^2 (B,) and q.d_b, d_a.d_b, |d_b|^2 (B, M) by row gathers, one (B, D) row set at a time."""
+    da = df[a]
+    s_b, ab, bb = [], [], []
+    for m in range(b.shape[1]):
+        db = df[b[:, m]]
+        s_b.append((qf * db).sum(1))
+        ab.append((da * db).sum(1))
+        bb.append((db * db).sum(1))
+    return (qf * da).sum(1), (da * da).sum(1), torch.stack(s_b, 1), torch.stack(ab, 1), torch.stack(bb, 1)
+
+
+def _index_add_rows(out, index, src):
+    """out[index[k]] += src[k] with repeated indices summed in the order of k, on every device: a stable sort groups
+    equal indices and each index_add_ call then gets at most one row per target (no two CUDA atomics meet)."""
+    order = torch.argsort(index, stable=True)
+    sorted_idx = index[order]
+    ar = torch.arange(index.numel(), device=index.device)
+    run_start = torch.ones_like(sorted_idx, dtype=torch.bool)
+    run_start[1:] = sorted_idx[1:] != sorted_idx[:-1]
+    rank = ar - torch.cummax(torch.where(run_start, ar, 0), 0).values  # position inside a run of equal indices
+    for r in range(int(rank.max()) + 1):
+        sel = order[rank == r]
+        out.index_add_(0, index[sel], src[sel])
+
+
+class _FocalInfoNCEChunked(torch.autograd.Function):
+    """SPEC 4.3 over chunks of queries: each chunk's logits exist only while it is processed; saved are O(B * M)
+    per-query values (lse, log p, top indices, synthetic logits and norms). The backward recomputes each chunk's logits,
+    P = exp(z - lse) and dz = g (1[pos] - P), then dq_chunk = dz d / tau and dd += dz^T q_chunk / tau, chunk after
+    chunk in a fixed order (deterministic). Outputs: (loss, p_pos, weight, hard_neg_logit, hard_neg_idx)."""
+
+    @staticmethod
+    def forward(ctx, q, d, pos_idx, group_size, in_batch_negatives, temperature, gamma, num_mix, mix_lambda,
+                reduction):
+        qf, df = q.float(), d.float()
+        B, N, D = q.shape[0], d.shape[0], q.shape[1]
+        K = num_mix + 1
+        lse_real = torch.empty(B, device=q.device)
+        logp_real = torch.empty(B, device=q.device)
+        top_v = torch.empty(B, K, device=q.device)
+        top_i = torch.empty(B, K, device=q.device, dtype=torch.int64)
+        step = _chunk_rows(N, group_size, D, in_batch_negatives)
+        for c0 in range(0, B, step):
+            sl = slice(c0, c0 + step)
+            z, cols, _, pos_col = _chunk_logits(qf[sl], df, pos_idx[sl], group_size, in_batch_negatives, temperature)
+            lse_real[sl] = torch.logsumexp(z, 1)
+            logp_real[sl] = z.gather(1, pos_col[:, None]).squeeze(1) - lse_real[sl]
+            v, c = _top_negatives(z, pos_col, K)
+            top_v[sl] = v
+            top_i[sl] = c if cols is None else torch.where(c >= 0, cols.gather(1, c.clamp_min(0)), -1)
+        lam = zh = nrm = None
+        if num_mix > 0:
+            lam = mix_lambda.float()
+            zh, nrm = infonce_mix_logits(*_mix_dots(qf, df, top_i[:, 0], top_i[:, 1:]), lam, temperature)
+        shift, logp, loss = infonce_head(lse_real, logp_real, zh, gamma)
+        lse = lse_real + shift
+        ctx.save_for_backward(q, d, pos_idx, lse, logp, top_i, lam, nrm, zh)
+        ctx.args = (group_size, in_batch_negatives, temperature, gamma, reduction)
+        stats = infonce_stats(logp, gamma, top_v[:, 0], top_i[:, 0])
+        ctx.mark_non_differentiable(*stats.values())
+        return (reduce_loss(loss, reduction), *stats.values())
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_stats_grads):
+        q, d, pos_idx, lse, logp, top_i, lam, nrm, zh = ctx.saved_tensors
+        group_size, in_batch_negatives, temperature, gamma, reduction = ctx.args
+        need_dq, need_dd = ctx.needs_input_grad[:2]
+        g, c_a, c_b = infonce_grad_coeffs(grad_loss, logp, lse, zh, lam, nrm, gamma, reduction)
+        qf, df = q.float(), d.float()
+        B, N, D = q.shape[0], d.shape[0], q.shape[1]
+        dq = torch.empty(B, D, device=q.device) if need_dq else None
+        dd = torch.zeros(N, D, device=d.device) if need_dd else None
+        step = _chunk_rows(N, group_size, D, in_batch_negatives)
+        for c0 in range(0, B, step):
+            sl = slice(c0, c0 + step)
+            qc = qf[sl]
+            z, cols, dg, pos_col = _chunk_logits(qc, df, pos_idx[sl], group_size, in_batch_negatives, temperature)
+            dz = z.sub_(lse[sl, None]).exp_().mul_(-g[sl, None])  # -g P, in place of the logits
+            dz.scatter_add_(1, pos_col[:, None], g[sl, None])  # + g at the positive
+            if need_dq:
+                dq[sl] = dz @ df if cols is None else torch.bmm(dz[:, None, :], dg).squeeze(1)
+            if need_dd:
+                if cols is None:
+                    dd.addmm_(dz.t(), qc)
+                else:
+                    _index_add_rows(dd, cols.reshape(-1), (dz[:, :, None] * qc[:, None, :]).reshape(-1, D))
+        if need_dq and zh is not None:
+            dq += c_a[:, None] * df[top_i[:, 0]]
+            for m in range(zh.shape[1]):
+                dq += c_b[:, m, None] * df[top_i[:, m + 1]]
+        dq = dq.div_(temperature).to(q.dtype) if need_dq else None
+        dd = dd.div_(temperature).to(d.dtype) if need_dd else None
+        return dq, dd, None, None, None, None, None, None, None, None
+
+
+def focal_infonce_chunked(
+    q: torch.Tensor,
+    d: torch.Tensor,
+    pos_idx: torch.Tensor,
+    group_size: int,
+    in_batch_negatives: bool = True,
+    temperature: float = 0.02,
+    gamma: float = 0.0,
+    num_mix: int = 0,
+    mix_lambda: torch.Tensor | None = None,
+    reduction: str = "mean",
+    return_stats: bool = False,
+):
+    """``focal_infonce_naive`` (same arguments and results) in O((B + N) * D) memory: queries are processed in chunks
+    whose logit block holds at most INFONCE_CHUNK_ELEMS elements, in fp32, and the backward recomputes them."""
+    loss, *stats = _FocalInfoNCEChunked.apply(q, d, pos_idx, group_size, in_batch_negatives, temperature, gamma,
+                                              num_mix, mix_lambda, reduction)
+    if not return_stats:
+        return loss
+    return loss, dict(zip(INFONCE_STATS, stats))

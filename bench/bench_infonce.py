@@ -1,0 +1,207 @@
+"""Focal InfoNCE bench (SPEC 7): fwd and fwd+bwd time, TFLOP/s and peak memory of the tiled loss vs naive torch.
+
+    python -m bench.bench_infonce [--smoke] [--device cuda] [--no-write]
+
+Providers, measured side by side in one run on one device:
+  kalm_fast      ``ops.focal_infonce``: the Triton kernels on CUDA (off CUDA it is the chunked torch path of SPEC 3,
+                 listed there once, as torch_chunked).
+  torch_chunked  ``reference.focal_infonce_chunked``: O((B + N) * D) memory, fp32 math (on CUDA up to B = 16k: at 64k
+                 its chunks are 8 queries and one call takes many seconds).
+  torch_naive    ``reference.focal_infonce_naive``, the oracle, eager: the full B x N logit matrix in fp32.
+  torch.compile  the oracle compiled (CUDA, D = 1024, M = 2, B <= 16k: each shape compiles for about a minute).
+  matmul         ``torch.matmul`` of two n x n matrices (bf16 on CUDA, fp32 on CPU): the peak of this run.
+Shapes (in-batch negatives, G = 8 so N = 8B, gamma = 0.5, tau = 0.02, explicit lambdas): CUDA bf16 with
+B in {1k, 4k, 16k, 64k}, D in {768, 1024}, M in {0, 2}; CPU fp32 with B = 2048, D = 256, M in {0, 2}. A provider that
+fails (out of memory) gets a row whose note is the error.
+
+FLOP convention (nominal and the same for every provider, so TFLOP/s compares times): fwd = 2BND (the logits),
+bwd = 4BND (dq = dZ d and dd = dZ^T q) + 2BND (the logits recomputed), fwd+bwd = 8BND; the O(B M D) mixing is not
+counted. kalm_fast recomputes the logits in both backward kernels and so executes 10BND per fwd+bwd. Notes give
+TFLOP/s as a share of the matmul row (target for kalm_fast on H100: >= 60%) and the speed-up over torch_naive
+(target at B = 16k, D = 1024: >= 1.5x for fwd+bwd).
+
+Peak memory: CUDA: memory allocated above the level before one call (inputs excluded). CPU (Linux): the RSS
+high-water mark of one call above the RSS before it (the mark reset through /proc/self/clear_refs), each row in a
+fresh process after a small warm-up call: in a long-lived process freed memory that malloc keeps is reused without
+raising RSS, and getrusage's peak only ever grows (a child even inherits its parent's), so rows would hide behind
+earlier ones. --smoke measures in-process (approximate, and fast).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from bench import common
+from kalm_fast import ops, reference
+
+SUITE = "infonce"
+OP = "focal_infonce"
+G, TEMPERATURE, GAMMA = 8, 0.02, 0.5
+
+GPU_SHAPES = [(B, D, M) for B in (1024, 4096, 16384, 65536) for D in (768, 1024) for M in (0, 2)]
+CPU_SHAPES = [(2048, 256, 0), (2048, 256, 2)]
+SMOKE_SHAPES = [(64, 32, 0), (64, 32, 2)]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cuda(device) -> bool:
+    return str(device).startswith("cuda")
+
+
+def _inputs(B, D, M, dtype, device):
+    gen = torch.Generator().manual_seed(0)
+    q = F.normalize(torch.randn(B, D, generator=gen), dim=-1).to(device=device, dtype=dtype).requires_grad_()
+    d = F.normalize(torch.randn(B * G, D, generator=gen), dim=-1).to(device=device, dtype=dtype).requires_grad_()
+    lam = torch.rand(B, M, generator=gen).to(device) if M else None
+    return q, d, lam
+
+
+def _loss_fn(provider, B, M, lam, device):
+    """loss(q, d) of a provider; every provider computes the same SPEC 4.3 loss."""
+    args = (torch.arange(B, device=device) * G, G, True, TEMPERATURE, GAMMA, M, lam, "mean")
+    if provider == "kalm_fast":
+        return lambda q, d: ops.focal_infonce(q, d, group_size=G, temperature=TEMPERATURE, gamma=GAMMA, num_mix=M,
+                                              mix_lambda=lam)
+    if provider == "torch_chunked":
+        return lambda q, d: reference.focal_infonce_chunked(q, d, *args)
+    if provider == "torch_naive":
+        return lambda q, d: reference.focal_infonce_naive(q, d, *args)
+    if provider == "torch.compile":
+        compiled = torch.compile(reference.focal_infonce_naive, dynamic=False)
+        return lambda q, d: compiled(q, d, *args)
+    raise ValueError(f"unknown provider {provider!r}")
+
+
+def _step(loss_fn, q, d, mode):
+    """One call: the forward on inputs that require grad (so it saves what its backward needs), or fwd + bwd."""
+    if mode == "fwd":
+        return lambda: loss_fn(q, d)
+    return lambda: torch.autograd.grad(loss_fn(q, d), (q, d))
+
+
+def _time(step, device):
+    """Median/p20/p80 ms; the repetitions fit about three seconds (at least 5), after a compile/autotune call."""
+    step()
+    common.sync(device)
+    t0 = time.perf_counter()
+    step()
+    common.sync(device)
+    rep = int(min(20, max(5, 3.0 / max(time.perf_counter() - t0, 1e-6))))
+    return common.bench_ms(step, device, warmup=0, rep=rep)
+
+
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _rss_peak_mb(step):
+    """RSS high-water mark of one call above the RSS before it (Linux)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    base = _status_mb("VmRSS")
+    step()
+    return _status_mb("VmHWM") - base
+
+
+def _cpu_peak_in_this_process(provider, mode, B, D, M):
+    """The child side of the CPU memory figure: a small warm-up call (thread pools and other one-time buffers are
+    not the loss's memory), then one measured call."""
+    q, d, lam = _inputs(64, D, M, torch.float32, "cpu")
+    _step(_loss_fn(provider, 64, M, lam, "cpu"), q, d, mode)()
+    q, d, lam = _inputs(B, D, M, torch.float32, "cpu")
+    return _rss_peak_mb(_step(_loss_fn(provider, B, M, lam, "cpu"), q, d, mode))
+
+
+def _peak_mb(provider, mode, B, D, M, step, device, smoke):
+    """Peak memory growth of one call (see the module docstring)."""
+    if _cuda(device):
+        return common.peak_memory_mb(step, device)
+    if smoke:
+        return _rss_peak_mb(step)
+    call = f"_cpu_peak_in_this_process({provider!r}, {mode!r}, {B}, {D}, {M})"
+    code = f"from bench.bench_infonce import _cpu_peak_in_this_process; print({call})"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    return float(out.stdout.split()[-1])
+
+
+def _matmul_row(device, smoke):
+    n = 256 if smoke else (8192 if _cuda(device) else 2048)
+    dtype = torch.bfloat16 if _cuda(device) else torch.float32
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    times = _time(lambda: torch.matmul(a, b), device)
+    return common.row(SUITE, "matmul", "torch.matmul", "fwd", f"{n}x{n}x{n}", dtype, device, times,
+                      flops=2 * n**3, note="the measured peak of this run")
+
+
+def _providers(device, smoke, B, D, M):
+    if not _cuda(device):
+        return ["torch_chunked", "torch_naive"]
+    providers = ["kalm_fast", "torch_naive"]
+    if B <= 16384:
+        providers.append("torch_chunked")
+    if not smoke and D == 1024 and M == 2 and B <= 16384:
+        providers.append("torch.compile")
+    return providers
+
+
+def _shape_rows(B, D, M, device, smoke, peak_tflops):
+    dtype = torch.bfloat16 if _cuda(device) else torch.float32
+    N = B * G
+    shape = f"B={B} N={N} D={D} M={M}"
+    rows = []
+    for provider in _providers(device, smoke, B, D, M):
+        for mode, flops in (("fwd", 2 * B * N * D), ("fwd+bwd", 8 * B * N * D)):
+            try:
+                q, d, lam = _inputs(B, D, M, dtype, device)
+                step = _step(_loss_fn(provider, B, M, lam, device), q, d, mode)
+                peak = _peak_mb(provider, mode, B, D, M, step, device, smoke)
+                times = _time(step, device)
+            except Exception as error:  # out of memory, compile failure: reported, not dropped
+                rows.append(common.failed_row(SUITE, OP, provider, mode, shape, dtype, device, error))
+                continue
+            finally:
+                if _cuda(device):
+                    torch.cuda.empty_cache()
+            rows.append(common.row(SUITE, OP, provider, mode, shape, dtype, device, times, flops=flops,
+                                   peak_mem_mb=peak))
+    naive = {r["mode"]: r["median_ms"] for r in rows if r["provider"] == "torch_naive" and r["median_ms"] != ""}
+    for r in rows:
+        if r["median_ms"] == "":
+            continue
+        notes = [f"{r['tflops'] / peak_tflops:.0%} of matmul"]
+        if r["provider"] != "torch_naive" and r["mode"] in naive:
+            notes.append(f"{naive[r['mode']] / r['median_ms']:.2f}x vs torch_naive")
+        if r["provider"] == "kalm_fast":
+            notes.append("triton" if ops.use_triton(torch.empty(0, device=device)) else "torch path")
+        r["note"] = "; ".join(notes)
+    return rows
+
+
+def run(*, smoke: bool, device: str) -> list[dict]:
+    torch.manual_seed(0)
+    matmul = _matmul_row(device, smoke)
+    rows = [matmul]
+    shapes = SMOKE_SHAPES if smoke else (GPU_SHAPES if _cuda(device) else CPU_SHAPES)
+    for B, D, M in shapes:
+        rows += _shape_rows(B, D, M, device, smoke, matmul["tflops"])
+    return rows
+
+
+def main(argv=None) -> None:
+    args = common.standard_args(__doc__.splitlines()[0]).parse_args(argv)
+    common.report(run(smoke=args.smoke, device=args.device), args.device, stem=SUITE, write=not args.no_write)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Cross-device negatives for the contrastive loss (SPEC 4.3): gather every rank's documents with autograd.
+
+Each rank scores its local queries against the documents of all ranks::
+
+    d_all = gather_with_grad(d_local)                          # (world * N_local, D)
+    pos_idx = local_pos_idx + pos_idx_offset(d_local.shape[0])  # rows of this rank's positives in d_all
+    loss = focal_infonce(q_local, d_all, pos_idx=pos_idx, group_size=G)
+
+and DDP then averages the parameter gradients; the result equals one process on the concatenated batch (see
+``gather_with_grad`` for why). Everything here is a no-op without an initialized process group or with one rank.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def _active(group) -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def pos_idx_offset(num_local_docs: int, group=None) -> int:
+    """Row of this rank's first document in ``gather_with_grad``'s output: rank * num_local_docs (0 when not
+    distributed). Add it to the local ``pos_idx`` (e.g. ``arange(B_local) * G``)."""
+    return dist.get_rank(group) * num_local_docs if _active(group) else 0
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        ctx.rank = dist.get_rank(group)
+        ctx.n = x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, 0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone(memory_format=torch.contiguous_format)  # all_reduce works in place: use a private copy
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n], None
+
+
+def gather_with_grad(x: torch.Tensor, group=None) -> torch.Tensor:
+    """all_gather along dim 0 with autograd: (n, ...) on each of W ranks -> (W * n, ...), rank r's rows at
+    [r * n, (r + 1) * n). Every rank must pass the same shape. Returns ``x`` itself when not distributed.
+
+    Backward: the gathered gradients are all-reduced with SUM and each rank keeps its own slice. Why SUM: rank r's
+    loss L_r depends on every rank's x, so rank s must backpropagate sum_r dL_r/dx_s through its own encoder, and
+    the pieces dL_r/dx_s sit on the other ranks -- summing the gathered gradients collects them. DDP then *averages*
+    the parameter gradients over the W ranks, which gives d/dtheta (1/W) sum_r L_r: the gradient of the mean of the
+    per-rank mean losses, i.e. of the single-process mean loss over the concatenated batch (equal local batch sizes).
+    Averaging here as well would divide the document gradients by W twice.
+    """
+    if not _active(group):
+        return x
+    return _GatherWithGrad.apply(x, group)

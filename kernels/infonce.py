@@ -1,0 +1,536 @@
+"""Fused focal InfoNCE with online hard-negative mixing (SPEC 4.3) in Triton; the B x N logits are never stored.
+
+Layers (Liger-Kernel style): kernels -> plain launchers ``_infonce_fwd`` / ``_infonce_bwd`` (usable outside
+autograd) -> ``FocalInfoNCEFunction`` -> ``focal_infonce`` (the launcher contract of ``kalm_fast.ops``).
+
+Notation: q (B, D), d (N, D), s_ij = q_i . d_j (fp32 accumulation), z_ij = s_ij / tau, candidates C_i (all N rows, or
+[pos_i, pos_i + G) without in-batch negatives), M synthetic logits zh_im per query, lse_i = log(sum_{C_i} e^z +
+sum_m e^zh), log p_i = z_i,pos - lse_i, loss_i = -(1 - p_i)^gamma log p_i. Inside the kernels the logits are in base
+2: s * qk_scale with qk_scale = log2(e) / tau, so exp2 replaces exp (the log2(e) is folded into the scale).
+
+Forward (``_infonce_fwd_kernel``, one program per block of BLOCK_M queries): one pass over tiles of BLOCK_N rows of d,
+each tile's scores by tl.dot over D in BLOCK_K chunks; per query an online logsumexp (m_i, l_i), the positive's score,
+and a running top-(M+1) of negative scores with their indices (ties -> lower index), inserted only when a tile holds
+a score above a row's current (M+1)-th, so after the first tiles most tiles insert nothing. Then ``_infonce_mix_kernel``
+loads the two rows of each pair (h_1, h_{m+1}) and forms the synthetic logits from q.d_a, q.d_b (the top scores),
+d_a.d_b, |d_a|^2, |d_b|^2 -- no mixed embedding exists. The O(B * M) head (lse, log p, focal weight, loss) is torch.
+Saved for the backward: the base-2 lse (B,) (synthetic negatives included), log p (B,), the top indices (B, M+1),
+the synthetic logits and norms (B, M).
+
+Backward, derived (the same steps as ``reference.infonce_grad_coeffs``):
+  1. L = sum_i r_i * loss_i with r_i the reduction weight (1/B for "mean", 1 for "sum"/"none") times the upstream
+     gradient; g_i = dL/dlog p_i = r_i * f'(log p_i), f' from ``reference.focal_dloss_dlogp`` (finite as p -> 1).
+  2. log p_i = z_i,pos - lse_i, and d lse_i / d z_ij = P_ij = exp(z_ij - lse_i) for j in C_i (0 elsewhere),
+     d lse_i / d zh_im = Ph_im = exp(zh_im - lse_i).
+  3. So dz_ij = dL/dz_ij = g_i * (1[j = pos_i] - P_ij) and dzh_im = -g_i * Ph_im.
+  4. z_ij = q_i . d_j / tau: dq_i += (1/tau) sum_j dz_ij d_j and dd_j = (1/tau) sum_i dz_ij q_i.
+  5. zh_im = q_i . e_im / tau with e_im = (lam d_a + (1 - lam) d_b) / n_im detached (SPEC: no gradient reaches d through
+     it): dq_i += (1/tau) sum_m dzh_im e_im = (1/tau) (c_a,i d_a + sum_m c_b,im d_b,m) with
+     c_a,i = sum_m dzh_im lam_im / n_im and c_b,im = dzh_im (1 - lam_im) / n_im.
+The tiles of s are recomputed (flash attention style) by two kernels, no atomics, each output row written by one
+program in a fixed order (deterministic): ``_infonce_dq_kernel`` (a program per query block, looping over tiles of d)
+and ``_infonce_dd_kernel`` (a program per block of d rows, looping over query blocks). D is too large to keep a
+(BLOCK, D) fp32 accumulator in registers (D = 1024: 512 KiB for 128 rows), so each program accumulates its own rows in
+an fp32 scratch (B, D) / (N, D) chunk by chunk of BLOCK_K columns (read-modify-write by the owning program only,
+L2-resident) and writes the scaled, cast result in an epilogue. That traffic is 8 * BLOCK * D bytes per tile against
+4 * BLOCK_M * BLOCK_N * D flops (recomputed scores + update), i.e. BLOCK_N / 2 flop per byte in the dq kernel
+(BLOCK_M / 2 in the dd kernel): tiles long in the looped dimension keep it compute-bound.
+
+Without in-batch negatives the queries are visited in the order of their positives (a stable argsort), so a query
+block only scans the rows [min pos, max pos + G) and a d block only the queries whose group can reach it (found by
+binary search in the sorted positives): O(B * G * D) work rather than O(B * N * D).
+
+Memory: O((B + N) * D) for the fp32 scratch and the gradients, O(B * M) saved; no tensor of B * N elements.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kalm_fast import reference
+from kalm_fast.kernels.utils import interpreting, is_hopper, next_power_of_2
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+_INT32_MAX = tl.constexpr(2**31 - 1)  # module constants used inside @triton.jit must be constexpr
+_NORM_EPS = tl.constexpr(reference.L2_EPS)
+
+
+def _configs():
+    """Tile configs: one big-tile config under the interpreter (cost ~ programs x loop iterations), a small search
+    space on GPU. Chosen from sm_90 compiles (Triton 3.9, ptxas resource usage): 32 fp32 scores per thread (e.g.
+    128 x 64 tiles on 8 warps) stay near 180-230 registers without spills, 64 per thread (128 x 128 on 8 warps) hit
+    255 and spill a little; a long looped dimension (BLOCK_N for the forward and dq, BLOCK_M for dd) amortizes the
+    scratch read-modify-write. Hopper has 228 KiB of shared memory per SM: one more pipeline stage than Ampere."""
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=1)]
+    s = 4 if is_hopper() else 3
+    return [
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=s),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=s),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=8, num_stages=s),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 128}, num_warps=8, num_stages=s - 1),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 64}, num_warps=8, num_stages=s - 1),
+        triton.Config({"BLOCK_M": 256, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=8, num_stages=s - 1),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=s),
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dot_rows(A, a_rows, a_mask, stride_a, Bt, b_rows, b_mask, stride_b, D,
+              BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+              INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """A[a_rows] @ Bt[b_rows]^T over the whole embedding dim, fp32: [BLOCK_A, BLOCK_B]. Rows are int64."""
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = A + a_rows[:, None] * stride_a + offs_k[None, :]  # [BLOCK_A, BLOCK_K]
+    b_ptrs = Bt + b_rows[:, None] * stride_b + offs_k[None, :]  # [BLOCK_B, BLOCK_K]
+    acc = tl.zeros([BLOCK_A, BLOCK_B], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        k_mask = (k0 + offs_k) < D
+        a = tl.load(a_ptrs + k0, mask=a_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_ptrs + k0, mask=b_mask[:, None] & k_mask[None, :], other=0.0)
+        if INTERPRET:  # the interpreter computes 16-bit arithmetic wrongly
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _mm_operand(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """An fp32 tile rounded to the input dtype for the tensor-core dot (as flash attention rounds dS); under the
+    interpreter the rounding is kept but the dot runs in fp32."""
+    if INTERPRET:
+        return x.to(DTYPE).to(tl.float32)
+    return x.to(DTYPE)
+
+
+@triton.jit
+def _shift_right(v, i, slots, TOP_PAD: tl.constexpr):
+    """[BM, TOP_PAD] lists moved one slot right (slot s gets slot s - 1; slot 0 gets (-inf, -1))."""
+    out_v = tl.full(v.shape, float("-inf"), tl.float32)
+    out_i = tl.full(i.shape, -1, tl.int32)
+    for s in tl.static_range(1, TOP_PAD):
+        col_v = tl.sum(tl.where(slots[None, :] == s - 1, v, 0.0), 1)
+        col_i = tl.sum(tl.where(slots[None, :] == s - 1, i, 0), 1)
+        out_v = tl.where(slots[None, :] == s, col_v[:, None], out_v)
+        out_i = tl.where(slots[None, :] == s, col_i[:, None], out_i)
+    return out_v, out_i
+
+
+@triton.jit
+def _insert_top(top_v, top_i, x, cols, slots, NUM_TOP: tl.constexpr, TOP_PAD: tl.constexpr):
+    """Running top-NUM_TOP per row (top_v/top_i [BM, TOP_PAD], descending, (-inf, -1) when empty) updated with the
+    tile's candidates x [BM, BN] (-inf where none) at columns cols.
+
+    x's entries are inserted best first (ties -> lower column), each after the held entries >= it: held entries come
+    from earlier tiles or earlier insertions, so an equal held score always has the lower index. One pass per entry
+    the busiest row inserts (capped at NUM_TOP): after the first tiles that is usually one pass, or none.
+    """
+    n_pass = tl.minimum(tl.max(tl.sum((x > float("-inf")).to(tl.int32), 1), 0), NUM_TOP)
+    for _ in range(n_pass):
+        v = tl.max(x, 1)  # [BM]
+        i = tl.min(tl.where(x == v[:, None], cols[None, :], _INT32_MAX), 1)
+        x = tl.where(cols[None, :] == i[:, None], float("-inf"), x)
+        p = tl.sum((top_v >= v[:, None]).to(tl.int32), 1)  # insertion slot
+        sv, si = _shift_right(top_v, top_i, slots, TOP_PAD)
+        new_v = tl.where(slots[None, :] < p[:, None], top_v, tl.where(slots[None, :] == p[:, None], v[:, None], sv))
+        new_i = tl.where(slots[None, :] < p[:, None], top_i, tl.where(slots[None, :] == p[:, None], i[:, None], si))
+        keep = (v > float("-inf"))[:, None] & (slots[None, :] < NUM_TOP)  # rows with an entry; padding slots stay empty
+        top_v = tl.where(keep, new_v, top_v)
+        top_i = tl.where(keep, new_i, top_i)
+    return top_v, top_i
+
+
+@triton.autotune(configs=_configs(), key=["D", "NUM_TOP", "GROUPED"])
+@triton.jit
+def _infonce_fwd_kernel(
+    Q, Dm, POS, QORD, LSE2, LOGP2, TOPV, TOPI,
+    B, N, D, stride_q, stride_d, G, qk_scale,
+    NUM_TOP: tl.constexpr, TOP_PAD: tl.constexpr, GROUPED: tl.constexpr,
+    INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Per query, in base 2: LSE2 = log2 sum_{C_i} 2^{s_ij qk_scale} and LOGP2 = s_i,pos qk_scale - LSE2, formed as
+    (s_pos - m) - log2(l) so that it is exact when the positive dominates (m is then the positive's own logit);
+    TOPV/TOPI (B, NUM_TOP) = the highest negative scores (raw dots) and their rows, -inf / -1 past the last one."""
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = offs_m < B
+    pos = tl.load(POS + offs_m, mask=row_mask, other=0)  # POS is in the visiting order (sorted when GROUPED)
+    if GROUPED:
+        rows = tl.load(QORD + offs_m, mask=row_mask, other=0)
+        lo = tl.min(tl.where(row_mask, pos, N), 0).to(tl.int32)
+        hi = (tl.max(tl.where(row_mask, pos, 0), 0) + G).to(tl.int32)
+    else:
+        rows = offs_m.to(tl.int64)
+        lo = 0
+        hi = N
+    slots = tl.arange(0, TOP_PAD)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of the base-2 logits
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(logit - m_i)
+    s_pos = tl.zeros([BLOCK_M], dtype=tl.float32)  # the positive's base-2 logit, the same value that enters m_i
+    top_v = tl.full([BLOCK_M, TOP_PAD], float("-inf"), tl.float32)
+    top_i = tl.full([BLOCK_M, TOP_PAD], -1, tl.int32)
+    for n0 in range(lo, hi, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_mask = cols < N
+        s = _dot_rows(Q, rows, row_mask, stride_q, Dm, cols.to(tl.int64), col_mask, stride_d, D,
+                      BLOCK_M, BLOCK_N, BLOCK_K, INTERPRET, DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+        cand = row_mask[:, None] & col_mask[None, :]
+        if GROUPED:
+            cand = cand & (cols[None, :] >= pos[:, None]) & (cols[None, :] < pos[:, None] + G)
+        is_pos = cols[None, :] == pos[:, None]
+        # online logsumexp; m_safe keeps rows without a candidate so far (m = -inf) free of inf - inf
+        s2 = tl.where(cand, s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s2, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s2 - m_safe[:, None]), 1)
+        m_i = m_new
+        s_pos += tl.sum(tl.where(cand & is_pos, s2, 0.0), 1)
+        # running top-NUM_TOP of the negatives: only scores above the current NUM_TOP-th can enter (strictly: an
+        # equal score here has a higher index than the one held), so most tiles insert nothing
+        kth = tl.min(tl.where(slots[None, :] < NUM_TOP, top_v, float("inf")), 1)
+        x = tl.where(cand & (cols[None, :] != pos[:, None]) & (s > kth[:, None]), s, float("-inf"))
+        top_v, top_i = _insert_top(top_v, top_i, x, cols, slots, NUM_TOP, TOP_PAD)
+    l_i = tl.where(row_mask, l_i, 1.0)  # padded rows have no candidate: keep log2 finite
+    tl.store(LSE2 + rows, m_i + tl.log2(l_i), mask=row_mask)
+    tl.store(LOGP2 + rows, (s_pos - m_i) - tl.log2(l_i), mask=row_mask)
+    top_ptrs = rows[:, None] * NUM_TOP + slots[None, :]
+    top_mask = row_mask[:, None] & (slots[None, :] < NUM_TOP)
+    tl.store(TOPV + top_ptrs, top_v, mask=top_mask)
+    tl.store(TOPI + top_ptrs, top_i, mask=top_mask)
+
+
+@triton.jit
+def _infonce_mix_kernel(
+    Dm, TOPV, TOPI, LAM, ZH, NRM,
+    B, D, stride_d, inv_tau,
+    NUM_MIX: tl.constexpr, NUM_TOP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Synthetic logits of SPEC 4.3 from five dot products: with a = h_1, b = h_{m+1} (TOPI), s_a, s_b = q.d_a, q.d_b
+    (TOPV, the same fp32 scores that entered the logsumexp), |e|^2 = lam^2 |d_a|^2 + 2 lam (1 - lam) d_a.d_b +
+    (1 - lam)^2 |d_b|^2 and zh = (lam s_a + (1 - lam) s_b) / (tau max(|e|, eps)). ZH, NRM (B, NUM_MIX) fp32."""
+    pid = tl.program_id(0)
+    offs_b = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    b_mask = offs_b < B
+    offs_k = tl.arange(0, BLOCK_K)
+    ia = tl.load(TOPI + offs_b * NUM_TOP, mask=b_mask, other=0).to(tl.int64)
+    s_a = tl.load(TOPV + offs_b * NUM_TOP, mask=b_mask, other=0.0)
+    a_ptrs = Dm + ia[:, None] * stride_d + offs_k[None, :]  # [BLOCK_B, BLOCK_K]
+    aa = tl.zeros([BLOCK_B], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        mask = b_mask[:, None] & ((k0 + offs_k) < D)[None, :]
+        da = tl.load(a_ptrs + k0, mask=mask, other=0.0).to(tl.float32)
+        aa += tl.sum(da * da, 1)
+    for m in tl.static_range(NUM_MIX):
+        ib = tl.load(TOPI + offs_b * NUM_TOP + m + 1, mask=b_mask, other=0).to(tl.int64)
+        s_b = tl.load(TOPV + offs_b * NUM_TOP + m + 1, mask=b_mask, other=0.0)
+        b_ptrs = Dm + ib[:, None] * stride_d + offs_k[None, :]
+        ab = tl.zeros([BLOCK_B], dtype=tl.float32)
+        bb = tl.zeros([BLOCK_B], dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            mask = b_mask[:, None] & ((k0 + offs_k) < D)[None, :]
+            da = tl.load(a_ptrs + k0, mask=mask, other=0.0).to(tl.float32)
+            db = tl.load(b_ptrs + k0, mask=mask, other=0.0).to(tl.float32)
+            ab += tl.sum(da * db, 1)
+            bb += tl.sum(db * db, 1)
+        lam = tl.load(LAM + offs_b * NUM_MIX + m, mask=b_mask, other=0.0)
+        n2 = lam * lam * aa + 2.0 * lam * (1.0 - lam) * ab + (1.0 - lam) * (1.0 - lam) * bb
+        nrm = tl.sqrt(tl.maximum(n2, _NORM_EPS * _NORM_EPS))
+        zh = (lam * s_a + (1.0 - lam) * s_b) / nrm * inv_tau
+        tl.store(ZH + offs_b * NUM_MIX + m, zh, mask=b_mask)
+        tl.store(NRM + offs_b * NUM_MIX + m, nrm, mask=b_mask)
+
+
+@triton.autotune(configs=_configs(), key=["D", "NUM_TOP", "NUM_MIX", "GROUPED"])
+@triton.jit
+def _infonce_dq_kernel(
+    Q, Dm, POS, QORD, LSE2, GRAD, TOPI, CA, CB, DQACC, DQ,
+    B, N, D, stride_q, stride_d, G, qk_scale, inv_tau,
+    NUM_MIX: tl.constexpr, NUM_TOP: tl.constexpr, GROUPED: tl.constexpr,
+    INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dq_i = (1/tau) (sum_j dz_ij d_j + c_a,i d_a + sum_m c_b,im d_b,m) (steps 3-5 of the module docstring); a program
+    owns BLOCK_M queries, recomputes their score tiles against d and accumulates in its rows of DQACC (B, D) fp32."""
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = offs_m < B
+    pos = tl.load(POS + offs_m, mask=row_mask, other=0)
+    if GROUPED:
+        rows = tl.load(QORD + offs_m, mask=row_mask, other=0)
+        lo = tl.min(tl.where(row_mask, pos, N), 0).to(tl.int32)
+        hi = (tl.max(tl.where(row_mask, pos, 0), 0) + G).to(tl.int32)
+    else:
+        rows = offs_m.to(tl.int64)
+        lo = 0
+        hi = N
+    lse2 = tl.load(LSE2 + rows, mask=row_mask, other=0.0)  # base-2 lse: P = exp2(s * qk_scale - lse2)
+    g = tl.load(GRAD + rows, mask=row_mask, other=0.0)  # dL/dlog p (step 1)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc_ptrs = DQACC + rows[:, None] * D + offs_k[None, :]  # [BLOCK_M, BLOCK_K], scratch contiguous (B, D)
+    for k0 in range(0, D, BLOCK_K):  # the kernel owns the zeroing, so an autotuning re-run starts clean
+        tl.store(acc_ptrs + k0, tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32),
+                 mask=row_mask[:, None] & ((k0 + offs_k) < D)[None, :])
+    for n0 in range(lo, hi, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_mask = cols < N
+        s = _dot_rows(Q, rows, row_mask, stride_q, Dm, cols.to(tl.int64), col_mask, stride_d, D,
+                      BLOCK_M, BLOCK_N, BLOCK_K, INTERPRET, DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+        cand = row_mask[:, None] & col_mask[None, :]
+        if GROUPED:
+            cand = cand & (cols[None, :] >= pos[:, None]) & (cols[None, :] < pos[:, None] + G)
+        p = tl.where(cand, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)  # step 2, 0 off the candidates
+        dz = g[:, None] * (tl.where(cand & (cols[None, :] == pos[:, None]), 1.0, 0.0) - p)  # step 3
+        dz = _mm_operand(dz, Dm.dtype.element_ty, INTERPRET)
+        d_ptrs = Dm + cols.to(tl.int64)[:, None] * stride_d + offs_k[None, :]  # [BLOCK_N, BLOCK_K]
+        for k0 in range(0, D, BLOCK_K):  # step 4, one BLOCK_K slice of the program's dq rows at a time
+            k_mask = (k0 + offs_k) < D
+            dk = tl.load(d_ptrs + k0, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+            if INTERPRET:
+                dk = dk.to(tl.float32)
+            acc_mask = row_mask[:, None] & k_mask[None, :]
+            acc = tl.load(acc_ptrs + k0, mask=acc_mask, other=0.0)
+            acc = tl.dot(dz, dk, acc, input_precision=DOT_PRECISION)
+            tl.store(acc_ptrs + k0, acc, mask=acc_mask)
+    tl.debug_barrier()  # the epilogue may read slices other threads of the program wrote
+    for k0 in range(0, D, BLOCK_K):
+        k_mask = (k0 + offs_k) < D
+        acc_mask = row_mask[:, None] & k_mask[None, :]
+        acc = tl.load(acc_ptrs + k0, mask=acc_mask, other=0.0)
+        if NUM_MIX > 0:  # step 5: the synthetic negatives' directions, from the rows a = h_1 and b = h_{m+1}
+            ia = tl.load(TOPI + rows * NUM_TOP, mask=row_mask, other=0).to(tl.int64)
+            c_a = tl.load(CA + rows, mask=row_mask, other=0.0)
+            da = tl.load(Dm + ia[:, None] * stride_d + k0 + offs_k[None, :], mask=acc_mask, other=0.0)
+            acc += c_a[:, None] * da.to(tl.float32)
+            for m in tl.static_range(NUM_MIX):
+                ib = tl.load(TOPI + rows * NUM_TOP + m + 1, mask=row_mask, other=0).to(tl.int64)
+                c_b = tl.load(CB + rows * NUM_MIX + m, mask=row_mask, other=0.0)
+                db = tl.load(Dm + ib[:, None] * stride_d + k0 + offs_k[None, :], mask=acc_mask, other=0.0)
+                acc += c_b[:, None] * db.to(tl.float32)
+        tl.store(DQ + rows[:, None] * D + k0 + offs_k[None, :], (acc * inv_tau).to(DQ.dtype.element_ty),
+                 mask=acc_mask)
+
+
+@triton.jit
+def _lower_bound(SORTED, n, value):
+    """First index i in [0, n) with SORTED[i] >= value (n if none); SORTED is non-decreasing."""
+    lo = 0
+    hi = n
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tl.load(SORTED + mid) < value:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+@triton.autotune(configs=_configs(), key=["D", "GROUPED"])
+@triton.jit
+def _infonce_dd_kernel(
+    Q, Dm, POS, QORD, LSE2, GRAD, DDACC, DD,
+    B, N, D, stride_q, stride_d, G, qk_scale, inv_tau,
+    GROUPED: tl.constexpr, INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dd_j = (1/tau) sum_i dz_ij q_i (step 4); a program owns BLOCK_N rows of d, recomputes the transposed score
+    tiles against every query block that can reach them, in a fixed order, and accumulates in DDACC (N, D) fp32."""
+    pid = tl.program_id(0)
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # rows of d owned by this program
+    col_mask = cols < N
+    cols64 = cols.to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc_ptrs = DDACC + cols64[:, None] * D + offs_k[None, :]  # [BLOCK_N, BLOCK_K]
+    for k0 in range(0, D, BLOCK_K):
+        tl.store(acc_ptrs + k0, tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32),
+                 mask=col_mask[:, None] & ((k0 + offs_k) < D)[None, :])
+    if GROUPED:
+        # queries in positive order whose group [pos, pos + G) meets these rows: pos in [n0 - G + 1, n0 + BLOCK_N)
+        q_lo = _lower_bound(POS, B, pid * BLOCK_N - G + 1)
+        q_hi = _lower_bound(POS, B, pid * BLOCK_N + BLOCK_N)
+    else:
+        q_lo = 0
+        q_hi = B
+    for m0 in range(q_lo, q_hi, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        row_mask = offs_m < q_hi
+        pos = tl.load(POS + offs_m, mask=row_mask, other=0)
+        if GROUPED:
+            rows = tl.load(QORD + offs_m, mask=row_mask, other=0)
+        else:
+            rows = offs_m.to(tl.int64)
+        lse2 = tl.load(LSE2 + rows, mask=row_mask, other=0.0)
+        g = tl.load(GRAD + rows, mask=row_mask, other=0.0)
+        s_t = _dot_rows(Dm, cols64, col_mask, stride_d, Q, rows, row_mask, stride_q, D,
+                        BLOCK_N, BLOCK_M, BLOCK_K, INTERPRET, DOT_PRECISION)  # [BLOCK_N, BLOCK_M] = s^T
+        cand = col_mask[:, None] & row_mask[None, :]
+        if GROUPED:
+            cand = cand & (cols[:, None] >= pos[None, :]) & (cols[:, None] < pos[None, :] + G)
+        p_t = tl.where(cand, tl.exp2(s_t * qk_scale - lse2[None, :]), 0.0)
+        dz_t = g[None, :] * (tl.where(cand & (cols[:, None] == pos[None, :]), 1.0, 0.0) - p_t)  # step 3, transposed
+        dz_t = _mm_operand(dz_t, Q.dtype.element_ty, INTERPRET)
+        q_ptrs = Q + rows[:, None] * stride_q + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
+        for k0 in range(0, D, BLOCK_K):
+            k_mask = (k0 + offs_k) < D
+            qk = tl.load(q_ptrs + k0, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            if INTERPRET:
+                qk = qk.to(tl.float32)
+            acc_mask = col_mask[:, None] & k_mask[None, :]
+            acc = tl.load(acc_ptrs + k0, mask=acc_mask, other=0.0)
+            acc = tl.dot(dz_t, qk, acc, input_precision=DOT_PRECISION)
+            tl.store(acc_ptrs + k0, acc, mask=acc_mask)
+    tl.debug_barrier()
+    for k0 in range(0, D, BLOCK_K):
+        acc_mask = col_mask[:, None] & ((k0 + offs_k) < D)[None, :]
+        acc = tl.load(acc_ptrs + k0, mask=acc_mask, other=0.0)
+        tl.store(DD + cols64[:, None] * D + k0 + offs_k[None, :], (acc * inv_tau).to(DD.dtype.element_ty),
+                 mask=acc_mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# launchers (inputs checked by kalm_fast.ops; usable outside autograd)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """The kernels take a row stride and need unit stride along D."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _visit_order(pos_idx: torch.Tensor, in_batch_negatives: bool):
+    """(positives in visiting order, query order) -- sorted by positive without in-batch negatives (stable argsort:
+    a query block then spans few rows of d), the natural order otherwise (the order array is then unused)."""
+    pos_idx = pos_idx.contiguous()
+    if in_batch_negatives:
+        return pos_idx, pos_idx
+    order = torch.argsort(pos_idx, stable=True)
+    return pos_idx[order].contiguous(), order
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get a full-precision dot (tf32 would add ~1e-3 relative error to logits scaled by 1/tau)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _infonce_fwd(q, d, pos_idx, group_size, in_batch_negatives, temperature, num_mix, mix_lambda):
+    """Forward kernels. q (B, D), d (N, D), pos_idx int64 (B,), mix_lambda (B, M) fp32 when num_mix > 0.
+
+    Returns lse2 (B,) = log2 sum_{C_i} 2^{z_ij log2(e)}, logp2 (B,) = the positive's base-2 log share among the real
+    candidates (z_i,pos log2(e) - lse2), top_v (B, M+1) fp32 and top_i (B, M+1) int32 (the highest negative scores
+    q.d_j and their rows, descending, ties -> lower row; -inf / -1 past the last negative), and with num_mix > 0 the
+    synthetic logits zh (B, M) and norms |e| (B, M) (else None, None).
+    """
+    q, d = _rows_contiguous(q), _rows_contiguous(d)
+    B, D = q.shape
+    N = d.shape[0]
+    K = num_mix + 1
+    pos_visit, order = _visit_order(pos_idx, in_batch_negatives)
+    lse2 = torch.empty(B, device=q.device, dtype=torch.float32)
+    logp2 = torch.empty(B, device=q.device, dtype=torch.float32)
+    top_v = torch.empty(B, K, device=q.device, dtype=torch.float32)
+    top_i = torch.empty(B, K, device=q.device, dtype=torch.int32)
+    interp = interpreting()
+    _infonce_fwd_kernel[lambda meta: (triton.cdiv(B, meta["BLOCK_M"]),)](
+        q, d, pos_visit, order, lse2, logp2, top_v, top_i,
+        B, N, D, q.stride(0), d.stride(0), group_size, LOG2E / temperature,
+        NUM_TOP=K, TOP_PAD=max(2, next_power_of_2(K)), GROUPED=not in_batch_negatives,
+        INTERPRET=interp, DOT_PRECISION=_dot_precision(q.dtype),
+    )
+    if num_mix == 0:
+        return lse2, logp2, top_v, top_i, None, None
+    zh = torch.empty(B, num_mix, device=q.device, dtype=torch.float32)
+    nrm = torch.empty(B, num_mix, device=q.device, dtype=torch.float32)
+    block_b = 64 if interp else 16
+    _infonce_mix_kernel[(triton.cdiv(B, block_b),)](
+        d, top_v, top_i, mix_lambda.contiguous(), zh, nrm, B, D, d.stride(0), 1.0 / temperature,
+        NUM_MIX=num_mix, NUM_TOP=K, BLOCK_B=block_b, BLOCK_K=min(256, max(16, next_power_of_2(D))),
+    )
+    return lse2, logp2, top_v, top_i, zh, nrm
+
+
+def _infonce_bwd(q, d, pos_idx, group_size, in_batch_negatives, temperature, lse2, g, top_i, c_a, c_b,
+                 need_dq=True, need_dd=True):
+    """Backward kernels: dq (B, D) and dd (N, D) in the input dtype (None where not needed) from lse2 (B,) (base-2
+    lse, synthetic negatives included), g (B,) = dL/dlog p and, with mixing, top_i (B, M+1) int32 and the
+    coefficients c_a (B,), c_b (B, M) of step 5 (``reference.infonce_grad_coeffs``)."""
+    q, d = _rows_contiguous(q), _rows_contiguous(d)
+    B, D = q.shape
+    N = d.shape[0]
+    num_mix = 0 if c_b is None else c_b.shape[1]
+    pos_visit, order = _visit_order(pos_idx, in_batch_negatives)
+    lse2 = lse2.contiguous()
+    g = g.float().contiguous()
+    common = dict(GROUPED=not in_batch_negatives, INTERPRET=interpreting(), DOT_PRECISION=_dot_precision(q.dtype))
+    dq = dd = None
+    if need_dq:
+        dq_acc = torch.empty(B, D, device=q.device, dtype=torch.float32)
+        dq = dq_acc if q.dtype == torch.float32 else torch.empty(B, D, device=q.device, dtype=q.dtype)
+        mix_args = (c_a.contiguous(), c_b.contiguous()) if num_mix else (g, g)  # unread when NUM_MIX == 0
+        _infonce_dq_kernel[lambda meta: (triton.cdiv(B, meta["BLOCK_M"]),)](
+            q, d, pos_visit, order, lse2, g, top_i, *mix_args, dq_acc, dq,
+            B, N, D, q.stride(0), d.stride(0), group_size, LOG2E / temperature, 1.0 / temperature,
+            NUM_MIX=num_mix, NUM_TOP=num_mix + 1, **common,
+        )
+        del dq_acc  # unless it is dq itself: freed before the dd scratch exists (4 * B * D bytes off the peak)
+    if need_dd:
+        dd_acc = torch.empty(N, D, device=d.device, dtype=torch.float32)
+        dd = dd_acc if d.dtype == torch.float32 else torch.empty(N, D, device=d.device, dtype=d.dtype)
+        _infonce_dd_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](
+            q, d, pos_visit, order, lse2, g, dd_acc, dd,
+            B, N, D, q.stride(0), d.stride(0), group_size, LOG2E / temperature, 1.0 / temperature,
+            **common,
+        )
+    return dq, dd
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# autograd + public launcher
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class FocalInfoNCEFunction(torch.autograd.Function):
+    """(loss, p_pos, weight, hard_neg_logit, hard_neg_idx); only the loss is differentiable (w.r.t. q and d)."""
+
+    @staticmethod
+    def forward(ctx, q, d, pos_idx, group_size, in_batch_negatives, temperature, gamma, num_mix, mix_lambda,
+                reduction):
+        lam = mix_lambda if num_mix > 0 else None
+        lse2, logp2, top_v, top_i, zh, nrm = _infonce_fwd(q, d, pos_idx, group_size, in_batch_negatives,
+                                                         temperature, num_mix, lam)
+        shift, logp, loss = reference.infonce_head(lse2 * LN2, logp2 * LN2, zh, gamma)
+        lse2 = lse2 + shift * LOG2E  # the synthetic negatives' share, for P = exp2(s qk_scale - lse2) in the backward
+        ctx.save_for_backward(q, d, pos_idx, lse2, logp, top_i, lam, nrm, zh)
+        ctx.args = (group_size, in_batch_negatives, temperature, gamma, reduction)
+        stats = reference.infonce_stats(logp, gamma, top_v[:, 0] / temperature, top_i[:, 0].long())
+        ctx.mark_non_differentiable(*stats.values())
+        return (reference.reduce_loss(loss, reduction), *stats.values())
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_stats_grads):
+        q, d, pos_idx, lse2, logp, top_i, lam, nrm, zh = ctx.saved_tensors
+        group_size, in_batch_negatives, temperature, gamma, reduction = ctx.args
+        g, c_a, c_b = reference.infonce_grad_coeffs(grad_loss, logp, lse2 * LN2, zh, lam, nrm, gamma, reduction)
+        dq, dd = _infonce_bwd(q, d, pos_idx, group_size, in_batch_negatives, temperature, lse2, g, top_i, c_a, c_b,
+                              need_dq=ctx.needs_input_grad[0], need_dd=ctx.needs_input_grad[1])
+        return dq, dd, None, None, None, None, None, None, None, None
+
+
+def focal_infonce(q, d, pos_idx, group_size, in_batch_negatives, temperature, gamma, num_mix, mix_lambda, reduction,
+                  return_stats):
+    """Launcher contract of ``kalm_fast.ops.focal_infonce`` (arguments already checked; mix_lambda (B, M) fp32)."""
+    loss, *stats = FocalInfoNCEFunction.apply(q, d, pos_idx, group_size, in_batch_negatives, temperature, gamma,
+                                              num_mix, mix_lambda, reduction)
+    if not return_stats:
+        return loss
+    return loss, dict(zip(reference.INFONCE_STATS, stats))
