@@ -32,7 +32,9 @@ def __getattr__(name: str):
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'kalm_fast' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    value = importlib.import_module(module)
+    if module != f"kalm_fast.{name}":  # kalm_fast.soup stays the (callable) module whatever the import order
+        value = getattr(value, name)
     globals()[name] = value
     return value
 

@@ -1,0 +1,57 @@
+"""The build and the package layout (SPEC 2, issue 2): the CUDA path compiled wherever nvcc is, no top-level
+``kernels`` package, a light ``import kalm_fast``, and an extension that links neither libtorch nor a CUDA runtime
+library nor OpenMP (raw pointers, static cudart, std::thread)."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kalm_fast import _C
+
+
+def _nvcc() -> str | None:
+    found = shutil.which("nvcc")
+    if found is None and Path("/usr/local/cuda/bin/nvcc").exists():
+        found = "/usr/local/cuda/bin/nvcc"
+    return found
+
+
+@pytest.mark.skipif(_nvcc() is None, reason="no nvcc: the CPU-only build is expected")
+def test_extension_has_the_cuda_path_when_nvcc_exists():
+    """CI builds with nvcc installed, so this proves the CUDA sources compile and link."""
+    assert _C.compiled_with_cuda, f"nvcc at {_nvcc()} but kalm_fast._C was built without CUDA: rebuild it"
+    assert callable(_C.cuda_accumulate) and callable(_C.cuda_cast)
+
+
+def test_extension_interface():
+    assert (_C.DTYPE_F32, _C.DTYPE_F16, _C.DTYPE_BF16) == (0, 1, 2)
+    with pytest.raises(ValueError, match="dtype code"):
+        _C.cpu_accumulate([(8, 0, 8, 1, 7)], 1.0, True)
+    with pytest.raises(ValueError, match="weight must be finite"):
+        _C.cpu_accumulate([], float("nan"), True)
+
+
+def test_no_top_level_kernels_package():
+    """transformers treats an importable `kernels` as the Hugging Face kernel hub; ours is kalm_fast.kernels."""
+    assert importlib.util.find_spec("kernels") is None
+    assert importlib.util.find_spec("kalm_fast.kernels") is not None
+
+
+def test_import_kalm_fast_does_not_import_torch():
+    code = "import sys, kalm_fast, kalm_fast.cli; assert 'torch' not in sys.modules, 'torch imported'"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.skipif(shutil.which("readelf") is None, reason="needs binutils' readelf")
+def test_extension_links_no_libtorch_cudart_or_openmp():
+    needed = subprocess.run(["readelf", "-d", _C.__file__], capture_output=True, text=True, check=True).stdout
+    libs = [line.split("[")[1].split("]")[0] for line in needed.splitlines() if "(NEEDED)" in line]
+    forbidden = ("libtorch", "libc10", "libcudart", "libgomp", "libomp", "libiomp")
+    assert libs and not [lib for lib in libs if lib.startswith(forbidden)], libs
