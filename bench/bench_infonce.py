@@ -96,30 +96,13 @@ def _time(step, device):
     return common.bench_ms(step, device, warmup=0, rep=rep)
 
 
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _rss_peak_mb(step):
-    """RSS high-water mark of one call above the RSS before it (Linux)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS
-    base = _status_mb("VmRSS")
-    step()
-    return _status_mb("VmHWM") - base
-
-
 def _cpu_peak_in_this_process(provider, mode, B, D, M):
     """The child side of the CPU memory figure: a small warm-up call (thread pools and other one-time buffers are
     not the loss's memory), then one measured call."""
     q, d, lam = _inputs(64, D, M, torch.float32, "cpu")
     _step(_loss_fn(provider, 64, M, lam, "cpu"), q, d, mode)()
     q, d, lam = _inputs(B, D, M, torch.float32, "cpu")
-    return _rss_peak_mb(_step(_loss_fn(provider, B, M, lam, "cpu"), q, d, mode))
+    return common.rss_peak_mb(_step(_loss_fn(provider, B, M, lam, "cpu"), q, d, mode))
 
 
 def _peak_mb(provider, mode, B, D, M, step, device, smoke):
@@ -127,7 +110,7 @@ def _peak_mb(provider, mode, B, D, M, step, device, smoke):
     if _cuda(device):
         return common.peak_memory_mb(step, device)
     if smoke:
-        return _rss_peak_mb(step)
+        return common.rss_peak_mb(step)
     call = f"_cpu_peak_in_this_process({provider!r}, {mode!r}, {B}, {D}, {M})"
     code = f"from bench.bench_infonce import _cpu_peak_in_this_process; print({call})"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)

@@ -13,7 +13,6 @@ import functools
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import time
@@ -105,9 +104,29 @@ def bench_ms(fn: Callable[[], object], device: str, *, warmup: int = 3, rep: int
     return statistics.median(times), q[1], q[7]
 
 
+def proc_status_mb(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS, VmHWM, ...) in MiB (Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def rss_peak_mb(fn: Callable[[], object]) -> float:
+    """Growth of this process's RSS high-water mark during one call of ``fn`` (Linux): the mark is reset to the
+    current RSS first (/proc/self/clear_refs), so earlier peaks do not hide it. Memory that the allocator reuses from
+    pages already resident does not show; for a clean figure run the call in a fresh process after a warm-up."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    base = proc_status_mb("VmRSS")
+    fn()
+    return proc_status_mb("VmHWM") - base
+
+
 def peak_memory_mb(fn: Callable[[], object], device: str) -> float:
     """Peak memory of one call of ``fn``: allocated CUDA memory above the level before the call on GPU; on CPU the
-    growth of the process's peak RSS (0 when the call stays under an earlier peak; run it first to see it)."""
+    growth of the RSS high-water mark (``rss_peak_mb``)."""
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -115,9 +134,7 @@ def peak_memory_mb(fn: Callable[[], object], device: str) -> float:
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    fn()
-    return max(0.0, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+    return rss_peak_mb(fn)
 
 
 def row(suite: str, op: str, provider: str, mode: str, shape: str, dtype, device: str, times, *, flops=None,
