@@ -48,12 +48,15 @@ def length_mixes(smoke: bool) -> list[tuple[str, list[int]]]:
     randint = lambda lo, hi, n: torch.randint(lo, hi + 1, (n,), generator=g).tolist()
     if smoke:
         return [
+            ("equal-32", [32] * 4),
             ("equal-64", [64] * 2),
             ("uniform-16-64", randint(16, 64, 3)),
             ("long-tail", randint(8, 24, 3) + [128]),
         ]
+    # equal lengths from 128 to 4096 at 16k tokens a batch: the TFLOP/s-vs-sequence-length curve
+    equal = [(f"equal-{s}", [s] * (16384 // s)) for s in (128, 256, 512, 1024, 2048, 4096)]
     return [
-        ("equal-512", [512] * 32),
+        *equal,
         ("uniform-16-512", randint(16, 512, 64)),
         # embedding corpora: most texts short, a few long documents
         ("long-tail", randint(16, 128, 56) + randint(512, 1024, 5) + [2048, 3000, 4096]),

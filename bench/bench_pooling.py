@@ -33,7 +33,9 @@ DTYPE = torch.bfloat16
 INNER_CUDA = 5
 
 # (B, shortest, longest, H): equal lengths when shortest == longest, else lengths uniform in [shortest, longest]
-SHAPES = [(256, 512, 512, 896), (128, 512, 512, 1024), (256, 16, 512, 896)]
+# (B, min length, max length, H): a size sweep at H=896 (GB/s vs size), H=1024, and a varlen mix
+SHAPES = [(16, 512, 512, 896), (64, 512, 512, 896), (256, 512, 512, 896), (1024, 512, 512, 896),
+          (128, 512, 512, 1024), (256, 16, 512, 896)]
 SMOKE_SHAPES = [(4, 64, 64, 128), (2, 64, 64, 256), (4, 8, 64, 128)]
 
 

@@ -1,0 +1,92 @@
+"""PNG plots of one bench run (matplotlib, headless): one figure per (suite, metric), a line per provider."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+
+def _regex(pattern):
+    """x from the first group of ``pattern`` in the shape string."""
+    return lambda shape: float(m.group(1)) if (m := re.search(pattern, shape)) else None
+
+
+def _pool_mb(shape):
+    """MB of hidden states read by the pooling forward: T x H x 2 bytes (bf16), T from "(T=...)" or B x S."""
+    h = re.search(r"\bH=(\d+)", shape)
+    t = re.search(r"\(T=(\d+)", shape)
+    b, s = re.search(r"\bB=(\d+)", shape), re.search(r"\bS=(\d+)\b", shape)
+    if not h or not (t or (b and s)):
+        return None
+    tokens = int(t.group(1)) if t else int(b.group(1)) * int(s.group(1))
+    return tokens * int(h.group(1)) * 2 / 1e6
+
+
+# suite -> (file stem, row filter, x from the shape string, y column, x label, y label, log x)
+PLOTS = {
+    "attention": [
+        ("attention_tflops_vs_seqlen", lambda r: r["mode"] == "fwd+bwd" and r["shape"].startswith("equal-")
+         and " D=128" in r["shape"], _regex(r"^equal-(\d+)"), "tflops", "sequence length (equal lengths, D=128)",
+         "fwd+bwd TFLOP/s", True),
+        ("attention_tflops_vs_seqlen_d64", lambda r: r["mode"] == "fwd+bwd" and r["shape"].startswith("equal-")
+         and " D=64" in r["shape"], _regex(r"^equal-(\d+)"), "tflops", "sequence length (equal lengths, D=64)",
+         "fwd+bwd TFLOP/s", True),
+    ],
+    "infonce": [
+        ("infonce_memory_vs_batch", lambda r: r["mode"] == "fwd+bwd" and "D=1024" in r["shape"]
+         and "M=2" in r["shape"], _regex(r"\bB=(\d+)"), "peak_mem_mb", "batch size B (G=8, D=1024, M=2)",
+         "fwd+bwd peak memory (MB)", True),
+        ("infonce_time_vs_batch", lambda r: r["mode"] == "fwd+bwd" and "D=1024" in r["shape"]
+         and "M=2" in r["shape"], _regex(r"\bB=(\d+)"), "median_ms", "batch size B (G=8, D=1024, M=2)",
+         "fwd+bwd time (ms)", True),
+    ],
+    "pooling": [
+        ("pooling_gbps_vs_size", lambda r: r["mode"] == "fwd" and r["op"] != "copy", _pool_mb, "gbps",
+         "hidden states read (MB, bf16)", "fwd GB/s", True),
+    ],
+}
+
+
+def _xy(rows, x_of, ycol):
+    pts = []
+    for r in rows:
+        x = x_of(r["shape"])
+        if x is not None and r.get(ycol) not in ("", None):
+            pts.append((x, float(r[ycol])))
+    return sorted(pts)
+
+
+def write_plots(all_rows: dict[str, list[dict]], out_dir: Path) -> list[Path]:
+    """Write the plots whose rows exist; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for suite, specs in PLOTS.items():
+        rows = all_rows.get(suite, [])
+        for stem, keep, x_of, ycol, xlabel, ylabel, logx in specs:
+            chosen = [r for r in rows if keep(r)]
+            providers = sorted({r["provider"] for r in chosen})
+            series = {p: _xy([r for r in chosen if r["provider"] == p], x_of, ycol) for p in providers}
+            series = {p: pts for p, pts in series.items() if len(pts) >= 2}
+            if not series:
+                continue
+            fig, ax = plt.subplots(figsize=(7, 4.5))
+            for provider, pts in series.items():
+                ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=provider)
+            if logx:
+                ax.set_xscale("log", base=2)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+            device = chosen[0]["device_name"]
+            ax.set_title(f"{suite} — {device} — {chosen[0]['dtype']}")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=8)
+            fig.tight_layout()
+            path = out_dir / f"{stem}.png"
+            fig.savefig(path, dpi=120)
+            plt.close(fig)
+            written.append(path)
+    return written
