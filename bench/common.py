@@ -25,7 +25,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 COLUMNS = [
     "suite", "op", "provider", "mode", "shape", "dtype", "median_ms", "p20_ms", "p80_ms", "tflops", "gbps",
-    "peak_mem_mb", "note", "device_name", "torch", "triton", "kalm_fast", "git_sha", "date",
+    "peak_mem_mb", "tokens_per_s", "max_batch", "note", "device_name", "torch", "triton", "kalm_fast", "git_sha",
+    "date",
 ]
 
 
@@ -138,9 +139,9 @@ def peak_memory_mb(fn: Callable[[], object], device: str) -> float:
 
 
 def row(suite: str, op: str, provider: str, mode: str, shape: str, dtype, device: str, times, *, flops=None,
-        nbytes=None, peak_mem_mb=None, note: str = "") -> dict:
+        nbytes=None, peak_mem_mb=None, tokens_per_s=None, max_batch=None, note: str = "") -> dict:
     """One result row. ``times`` = (median, p20, p80) ms; ``flops``/``nbytes`` per call give TFLOP/s / GB/s at the
-    median."""
+    median; ``tokens_per_s`` and ``max_batch`` are the train-step suite's throughput and largest batch."""
     median, p20, p80 = times
     return {
         "suite": suite, "op": op, "provider": provider, "mode": mode, "shape": shape,
@@ -149,6 +150,8 @@ def row(suite: str, op: str, provider: str, mode: str, shape: str, dtype, device
         "tflops": round(flops / (median * 1e-3) / 1e12, 3) if flops else "",
         "gbps": round(nbytes / (median * 1e-3) / 1e9, 2) if nbytes else "",
         "peak_mem_mb": round(peak_mem_mb, 1) if peak_mem_mb is not None else "",
+        "tokens_per_s": round(tokens_per_s, 1) if tokens_per_s is not None else "",
+        "max_batch": max_batch if max_batch is not None else "",
         "note": note, **provenance(device),
     }
 
@@ -192,7 +195,7 @@ def write_rows(rows: list[dict], device: str, *, stem: str) -> Path:
 
 
 def format_table(rows: list[dict], columns=("op", "provider", "mode", "shape", "dtype", "median_ms", "tflops",
-                                            "gbps", "peak_mem_mb", "note")) -> str:
+                                            "gbps", "peak_mem_mb", "tokens_per_s", "max_batch", "note")) -> str:
     """A markdown table of the rows (only the columns that have a value somewhere)."""
     cols = [c for c in columns if any(r.get(c) not in ("", None) for r in rows)]
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]

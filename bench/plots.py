@@ -1,4 +1,5 @@
-"""PNG plots of one bench run (matplotlib, headless): one figure per (suite, metric), a line per provider."""
+"""PNG plots of one bench run (matplotlib, headless): one figure per (suite, metric), a line per provider; the
+train step suite gets one bar chart (tokens/s and max batch per provider)."""
 
 from __future__ import annotations
 
@@ -89,4 +90,27 @@ def write_plots(all_rows: dict[str, list[dict]], out_dir: Path) -> list[Path]:
             fig.savefig(path, dpi=120)
             plt.close(fig)
             written.append(path)
+    written += _train_step_bars(all_rows.get("train_step", []), out_dir, plt)
     return written
+
+
+def _train_step_bars(rows, out_dir: Path, plt) -> list[Path]:
+    """tokens/s of the "step" rows and the "max_batch" rows' largest batch, a bar per provider that ran."""
+    panels = [(mode, col, label) for mode, col, label in
+              (("step", "tokens_per_s", "tokens/s (same batch)"), ("max_batch", "max_batch", "largest batch B"))
+              if any(r["mode"] == mode and r.get(col) not in ("", None) for r in rows)]
+    if not panels:
+        return []
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
+    for ax, (mode, col, label) in zip(axes[0], panels):
+        bars = [(r["provider"], float(r[col])) for r in rows if r["mode"] == mode and r.get(col) not in ("", None)]
+        ax.bar([p for p, _ in bars], [v for _, v in bars], color=["C0", "C1", "C2", "C3"][: len(bars)])
+        ax.set_ylabel(label)
+        ax.grid(True, axis="y", alpha=0.3)
+    first = rows[0]
+    fig.suptitle(f"train step — {first['device_name']} — {first['dtype']}", fontsize=10)
+    fig.tight_layout()
+    path = out_dir / "train_step.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [path]

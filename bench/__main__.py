@@ -1,0 +1,87 @@
+"""Run every bench suite side by side in one process on one device (SPEC 7).
+
+    python -m bench                      # all suites on the default device (CUDA when present)
+    python -m bench --suite attention    # one suite (repeatable)
+    python -m bench --smoke              # tiny CPU-sized shapes, seconds (CI)
+
+Rows are appended to bench/results/<device-name>/<suite>.csv/.jsonl; a markdown summary of this run
+(summary.md) and PNG plots are written beside them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import time
+import traceback
+
+from bench import common
+
+SUITES = ["attention", "pooling", "infonce", "soup", "train_step"]
+
+
+def main(argv=None) -> int:
+    p = common.standard_args(__doc__.splitlines()[0])
+    p.add_argument("--suite", action="append", choices=SUITES, help="run only these suites (repeatable)")
+    p.add_argument("--no-plots", action="store_true")
+    args = p.parse_args(argv)
+    suites = args.suite or SUITES
+    device = args.device
+    print(f"kalm_fast bench on {common.device_name(device)}: {', '.join(suites)}{' (smoke)' if args.smoke else ''}")
+
+    all_rows: dict[str, list[dict]] = {}
+    failed = []
+    for name in suites:
+        module = importlib.import_module(f"bench.bench_{name}")
+        print(f"\n=== {name} ===", flush=True)
+        t0 = time.perf_counter()
+        try:
+            rows = module.run(smoke=args.smoke, device=device)
+        except Exception:  # one broken suite must not hide the others' results
+            traceback.print_exc()
+            failed.append(name)
+            continue
+        all_rows[name] = rows
+        print(common.format_table(rows))
+        print(f"({name}: {time.perf_counter() - t0:.1f} s)")
+        if not args.no_write and rows:
+            common.write_rows(rows, device, stem=name)
+
+    if not args.no_write and all_rows:
+        out = common.results_dir(device)
+        summary = out / "summary.md"
+        tmp = summary.with_suffix(".md.tmp")
+        tmp.write_text(render_summary(all_rows, device, smoke=args.smoke))
+        os.replace(tmp, summary)
+        print(f"\nsummary: {summary}")
+        if not args.no_plots:
+            from bench import plots
+
+            for path in plots.write_plots(all_rows, out):
+                print(f"plot: {path}")
+    if failed:
+        print(f"\nsuites that failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def render_summary(all_rows: dict[str, list[dict]], device: str, *, smoke: bool) -> str:
+    prov = common.provenance(device)
+    head = [
+        f"# kalm_fast bench — {prov['device_name']}{' (smoke sizes)' if smoke else ''}",
+        "",
+        f"{prov['date']} · torch {prov['torch']} · triton {prov['triton']} · kalm_fast {prov['kalm_fast']} "
+        f"· git {prov['git_sha']}",
+        "",
+    ]
+    from bench import targets
+
+    body = [targets.render(all_rows), ""]
+    for name, rows in all_rows.items():
+        body += [f"## {name}", "", common.format_table(rows), ""]
+    return "\n".join(head + body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

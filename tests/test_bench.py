@@ -1,0 +1,130 @@
+"""The bench harness (SPEC 7): ``python -m bench --smoke`` runs every suite green on CPU, the train-step suite's two
+pipelines compute the same step (so its comparison is apples to apples), its max-batch search, and the plots.
+
+Tolerance of the pipeline comparison: fp32 on CPU, the two pipelines differ only in summation order (padded SDPA vs
+packed varlen attention, masked sum vs segment pooling, naive vs chunked loss); the logits are cosines / 0.02, so an
+ulp-level difference in an embedding is amplified 50x in a logit. Loss: atol = rtol = 1e-4 (measured ~1e-7 relative).
+Gradients: 1e-4 of each tensor's largest entry (measured <= 2e-6).
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+# bench/ is a folder of the repository, not part of the installed package: import it from the root, then take the
+# root off sys.path again -- left there it would make the repository's top-level `kernels` folder importable, which
+# transformers mistakes for the kernel hub (test_build checks that it is not)
+sys.path.insert(0, str(ROOT))
+try:
+    from bench import bench_train_step as ts
+    from bench import plots
+    from bench.__main__ import SUITES
+finally:
+    sys.path.remove(str(ROOT))
+
+
+@pytest.fixture
+def one_thread():
+    """The smoke model's ops are tiny: intra-op threads only add synchronization (10-100x slower on a busy CPU)."""
+    with ts._threads(1):
+        yield
+
+
+@pytest.mark.slow
+def test_bench_smoke_runs_every_suite():
+    out = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--no-write", "--no-plots"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, f"rc {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    for name in SUITES:
+        assert f"=== {name} ===" in out.stdout and f"({name}: " in out.stdout, f"suite {name} did not finish"
+
+
+def _two_pipelines(batch, chunk_tokens):
+    """The same random weights twice: transformers' SDPA model and the kalm_fast Embedder on its copy."""
+    hf = ts.build_model(ts.SMOKE, "cpu", torch.float32)
+    kalm = ts.build_model(ts.SMOKE, "cpu", torch.float32)
+    embedder = ts.kalm_fast_embedder(kalm)
+    return (hf, ts.hf_sdpa_pipeline(hf, batch, "cpu")), (kalm, ts.kalm_fast_pipeline(embedder, batch, "cpu",
+                                                                                       chunk_tokens))
+
+
+@pytest.mark.parametrize("chunk_tokens", [64, 10**6], ids=["gradcache-chunks", "one-chunk"])
+def test_train_step_pipelines_compute_the_same_step(chunk_tokens, one_thread):
+    batch = ts.make_batch(3, ts.SMOKE, seed=1)
+    assert len(set(batch.lengths)) > 3 and batch.padded_tokens() > batch.tokens  # a real length mix, padding
+    chunks = len(ts._chunks(batch.lengths, chunk_tokens))
+    assert chunks > 2 if chunk_tokens == 64 else chunks == 1
+    (hf, hf_step), (kalm, kalm_step) = _two_pipelines(batch, chunk_tokens)
+    hf_loss, kalm_loss = hf_step(), kalm_step()
+    torch.testing.assert_close(kalm_loss, hf_loss, atol=1e-4, rtol=1e-4)
+    kalm_params = dict(kalm.named_parameters())
+    for name, p in hf.named_parameters():
+        assert p.grad is not None and kalm_params[name].grad is not None, name
+        scale = p.grad.abs().max().clamp_min(1e-12)
+        err = (kalm_params[name].grad - p.grad).abs().max() / scale
+        assert err <= 1e-4, f"{name}: gradient differs by {err:.2e} of its largest entry"
+
+
+def test_chunks_respect_the_token_budget():
+    lengths = [5, 3, 9, 2, 2, 20, 1]
+    bounds = ts._chunks(lengths, 10)
+    assert bounds == [(0, 2), (2, 3), (3, 5), (5, 6), (6, 7)]  # 20 > budget: a chunk of its own
+    assert [i for a, b in bounds for i in range(a, b)] == list(range(len(lengths)))
+
+
+@pytest.mark.parametrize("limit, cap, expected", [(13, 4096, 13), (0, 64, 0), (1, 64, 1), (64, 64, 64),
+                                                  (100, 64, 64), (50, 64, 50), (1000, 4096, 1000)])
+def test_largest_fitting(limit, cap, expected):
+    probed = []
+
+    def fits(B):
+        probed.append(B)
+        return limit >= B
+
+    got = ts.largest_fitting(fits, cap)
+    assert max(probed) <= cap
+    # exact up to the search's 1/16 resolution, and never above what fits
+    assert got <= expected and expected - got <= max(1, got // 16)
+    assert len(probed) <= 2 * max(cap, 2).bit_length() + 6
+
+
+def test_train_step_smoke_rows_and_plot(tmp_path):
+    threads = torch.get_num_threads()
+    rows = ts.run(smoke=True, device="cpu")
+    by = {(r["provider"], r["mode"]): r for r in rows}
+    assert set(by) == {(p, m) for p in ("kalm_fast", "hf_sdpa") for m in ("step", "max_batch")}
+    for (_, mode), r in by.items():
+        assert r["suite"] == "train_step" and r["median_ms"] != "" and r["tokens_per_s"] > 0, r
+        if mode == "max_batch":
+            assert r["max_batch"] == ts.SMOKE_CAP
+    assert by["kalm_fast", "step"]["shape"] == by["hf_sdpa", "step"]["shape"]  # the same batch for both
+    assert torch.get_num_threads() == threads  # the smoke's one-thread setting is undone
+    paths = plots.write_plots({"train_step": rows}, tmp_path)
+    assert tmp_path / "train_step.png" in paths
+    assert all(p.exists() and p.stat().st_size > 0 for p in paths)
+
+
+def test_train_step_out_of_memory_is_a_limit_not_a_failure(monkeypatch):
+    """hf_sdpa made to run out of memory above B = 1: the step batch is halved for both providers, the max-batch
+    search stops at 1 for hf_sdpa and kalm_fast's is unaffected."""
+    make_step = ts.make_step
+
+    def oom_above_1(provider, module, batch, *args):
+        step = make_step(provider, module, batch, *args)
+        if provider != "hf_sdpa" or batch.B == 1:
+            return step
+        return lambda: (_ for _ in ()).throw(torch.OutOfMemoryError("CUDA out of memory (simulated)"))
+
+    monkeypatch.setattr(ts, "make_step", oom_above_1)
+    rows = ts.run(smoke=True, device="cpu")
+    by = {(r["provider"], r["mode"]): r for r in rows}
+    for provider in ("hf_sdpa", "kalm_fast"):
+        assert by[provider, "step"]["shape"].startswith("B=1 "), by[provider, "step"]
+        assert by[provider, "step"]["median_ms"] != ""
+    assert by["hf_sdpa", "max_batch"]["max_batch"] == 1
+    assert by["kalm_fast", "max_batch"]["max_batch"] == ts.SMOKE_CAP
+    assert "4.0x max batch vs hf_sdpa" in by["kalm_fast", "max_batch"]["note"]
