@@ -1,5 +1,9 @@
 """The ``kalm-fast`` command line: one subcommand per entry of ``COMMANDS``.
 
+    kalm-fast demo                                                  # the whole recipe on embedded data (CPU)
+    kalm-fast train recipes/demo.yaml --set stages.finetune.lr=1e-5 # pretrain -> mine -> finetune -> soup + MTEB
+    kalm-fast mine MODEL --input pairs.jsonl -o mined.jsonl         # hard negatives from ranks 50-100
+    kalm-fast eval MODEL --task retrieval data/eval/retrieval       # MTEB scores of a model folder
     kalm-fast soup run-a run-b run-c -o souped --weights 2 1 1      # streaming weighted average of checkpoints
 
 A command is a ``Command(help, add_arguments, run, user_errors)``: ``add_arguments(parser)`` fills its argparse
@@ -25,7 +29,8 @@ class Command:
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
-    user_errors: tuple[type[BaseException], ...] = (ValueError, OSError)
+    # exception types printed as user errors, or a function returning them (imports them lazily)
+    user_errors: tuple[type[BaseException], ...] | Callable[[], tuple] = (ValueError, OSError)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -59,7 +64,120 @@ def _soup_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# train, demo, mine, eval
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _training_errors() -> tuple[type[BaseException], ...]:
+    from kalm_fast.train.trainer import TrainingError
+
+    return (ValueError, OSError, TrainingError)
+
+
+def _train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="a YAML recipe, e.g. recipes/demo.yaml or recipes/kalm-v2-mini.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key (repeatable), e.g. --set stages.finetune.lr=1e-5")
+
+
+def _train_run(args: argparse.Namespace) -> int:
+    from kalm_fast.train.config import load_recipe
+    from kalm_fast.train.trainer import run_recipe
+
+    result = run_recipe(load_recipe(args.recipe, overrides=args.overrides))
+    if "table" in result:
+        print("\n" + result["table"] + f"\n\nfinal model: {result['final_model']}")
+    return 0
+
+
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo); re-running resumes")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--base", metavar="PATH", help="start from this Hugging Face model folder instead of MiniLM")
+    g.add_argument("--from-scratch", action="store_true",
+                   help="a tiny Qwen2-style decoder with random weights and its own BPE tokenizer")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of about a minute")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of recipes/demo.yaml (repeatable)")
+
+
+def _demo_run(args: argparse.Namespace) -> int:
+    from kalm_fast.demo import run_demo
+
+    run_demo(args.out, quick=args.quick, from_scratch=args.from_scratch, base=args.base, seed=args.seed,
+             overrides=args.overrides)
+    return 0
+
+
+def _mine_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="the previous stage's model folder")
+    p.add_argument("--input", required=True, help="jsonl/parquet rows {query, pos, ...}")
+    p.add_argument("-o", "--output", required=True, help="jsonl written with a 'neg' list per row")
+    p.add_argument("--rank-start", type=int, default=50)
+    p.add_argument("--rank-end", type=int, default=100)
+    p.add_argument("--num-negatives", type=int, default=7)
+    p.add_argument("--consistency-top-k", type=int, default=10,
+                   help="keep a row only if its positive ranks in the model's top k")
+    p.add_argument("--instruction", help="query instruction (rows may carry their own)")
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _mine_run(args: argparse.Namespace) -> int:
+    from kalm_fast.model import Embedder
+    from kalm_fast.train.config import MineConfig, build
+    from kalm_fast.train.mine import mine
+
+    cfg = build(MineConfig, {"input": args.input, "output": args.output, "rank_start": args.rank_start,
+                             "rank_end": args.rank_end, "num_negatives": args.num_negatives,
+                             "consistency_top_k": args.consistency_top_k, "instruction": args.instruction,
+                             "batch_size": args.batch_size}, "kalm-fast mine")
+    embedder = Embedder.from_pretrained(args.model, max_length=args.max_length)
+    mine(embedder, args.input, args.output, cfg, seed=args.seed)
+    return 0
+
+
+def _eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a Hugging Face model folder")
+    p.add_argument("--task", nargs=2, action="append", default=[], metavar=("KIND", "PATH"),
+                   help="a local task: KIND in retrieval|sts|classification|clustering, PATH its folder or file "
+                   "(repeatable; named after the folder)")
+    p.add_argument("--mteb", action="append", default=[], metavar="NAME", help="a named MTEB task (data must be "
+                   "reachable)")
+    p.add_argument("--instruction", help="query instruction for every task")
+    p.add_argument("-o", "--output", help="folder for scores.json and mteb's results")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-length", type=int, default=512)
+
+
+def _eval_run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from kalm_fast import eval as kf_eval
+    from kalm_fast.model import Embedder
+
+    tasks = [kf_eval.load_task_from_files(kind, path, name=Path(path).stem) for kind, path in args.task]
+    tasks += kf_eval.named_tasks(args.mteb) if args.mteb else []
+    if not tasks:
+        raise ValueError("give at least one --task KIND PATH or --mteb NAME")
+    instructions = {t.metadata.name: args.instruction for t in tasks} if args.instruction else None
+    embedder = Embedder.from_pretrained(args.model, max_length=args.max_length)
+    scores = kf_eval.evaluate(embedder, tasks, args.output, instructions=instructions, batch_size=args.batch_size)
+    print(kf_eval.results_table({Path(args.model).name: scores}))
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
+    "demo": Command("run the whole recipe on embedded data (stdlib docs, all-MiniLM-L6-v2; ~10 CPU minutes)",
+                    _demo_arguments, _demo_run, _training_errors),
+    "train": Command("run a recipe: pretrain -> mine -> finetune -> soup, with MTEB checks",
+                     _train_arguments, _train_run, _training_errors),
+    "mine": Command("mine hard negatives from ranks [rank_start, rank_end) of a model", _mine_arguments, _mine_run,
+                    _training_errors),
+    "eval": Command("MTEB scores of a model on local task files or named tasks", _eval_arguments, _eval_run),
     "soup": Command("average checkpoints (model soup), streamed tensor by tensor with an fp32 accumulator",
                     _soup_arguments, _soup_run),
 }
@@ -84,12 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     command = COMMANDS[args.command]
+    user_errors = command.user_errors() if callable(command.user_errors) else command.user_errors
     try:
         return int(command.run(args) or 0)
     except KeyboardInterrupt:
         print(f"kalm-fast {args.command}: interrupted", file=sys.stderr)
         return 130
-    except command.user_errors as e:
+    except user_errors as e:
         print(f"kalm-fast {args.command}: error: {e}", file=sys.stderr)
         return 1
 

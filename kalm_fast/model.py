@@ -174,8 +174,11 @@ def kalm_fast_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
         raise ValueError(f"sequences of {max_seqlen} tokens exceed the model's sliding window ({sliding_window}); "
                          "the kalm_fast attention computes full attention only")
 
-    # q/k/v already carry autocast's dtype; the op sets its own precision (fp32 accumulation), so autocast must not
-    # recast the torch path's matmuls to bf16
+    # Under autocast v comes out of a Linear in the autocast dtype while RoPE's fp32 cos/sin upcast q and k: run the
+    # kernel in v's dtype then. The op sets its own precision (fp32 accumulation), so autocast must not recast the
+    # torch path's matmuls either.
+    if torch.is_autocast_enabled(query.device.type) and (q.dtype != v.dtype or k.dtype != v.dtype):
+        q, k = q.to(v.dtype), k.to(v.dtype)
     with torch.autocast(query.device.type, enabled=False):
         out = ops.attention_varlen(q, k, v, cu_seqlens, max_seqlen, scaling)
     if indices is not None:

@@ -1,0 +1,81 @@
+"""Hard-negative mining (``kalm-fast mine``): negatives from ranks [rank_start, rank_end) of the previous model.
+
+KaLM-Embedding-V2 mines hard negatives from a middle band of the ranking (ranks 50-100): the very top ranks hold too
+many unlabeled positives (false negatives), lower ranks are too easy. The ranking-consistency filter drops a row
+whose own positive the model does not place in its top ``consistency_top_k``: such a pair is likely noisy, and its
+"hard negatives" would be drawn relative to a ranking that already disagrees with the label.
+
+The corpus is every distinct positive (and existing negative) of the input file; a document equal to the row's
+positive is never its negative. Output rows keep every input field, with ``neg`` replaced; written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import torch
+
+from kalm_fast.model import Embedder
+from kalm_fast.train.config import MineConfig, RecipeError
+from kalm_fast.train.data import load_rows, query_prompt
+
+
+def mine(embedder: Embedder, input_path: str | Path, output_path: str | Path, cfg: MineConfig, *, seed: int = 0,
+         max_length: int | None = None) -> dict:
+    """Mine ``cfg.num_negatives`` negatives per row of ``input_path`` into ``output_path``; returns counts."""
+    input_path, output_path = Path(input_path), Path(output_path)
+    if input_path.resolve() == output_path.resolve():
+        raise RecipeError(f"mine: output {output_path} would overwrite the input")
+    rows = load_rows(input_path, where="mine input")
+    rng = random.Random(f"mine:{seed}")
+    if cfg.max_rows is not None and cfg.max_rows < len(rows):
+        rows = [rows[i] for i in sorted(rng.sample(range(len(rows)), cfg.max_rows))]
+    corpus = sorted({t for r in rows for t in [r["pos"], *r["neg"]]})
+    if len(corpus) <= cfg.rank_start:
+        raise RecipeError(f"mine: the corpus of {input_path} has {len(corpus)} distinct documents, fewer than "
+                          f"rank_start={cfg.rank_start}: lower rank_start/rank_end")
+    doc_id = {t: i for i, t in enumerate(corpus)}
+    docs = embedder.encode(corpus, batch_size=cfg.batch_size, max_length=max_length, show_progress_bar=True)
+    # queries grouped by prompt (instructions may differ per row)
+    q = torch.empty(len(rows), docs.shape[1])
+    by_prompt: dict[str | None, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_prompt.setdefault(query_prompt(r.get("instruction") or cfg.instruction), []).append(i)
+    for prompt, idx in by_prompt.items():
+        q[idx] = embedder.encode([rows[i]["query"] for i in idx], prompt=prompt, batch_size=cfg.batch_size,
+                                 max_length=max_length)
+
+    end = min(cfg.rank_end, len(corpus))
+    out_rows, inconsistent, too_few = [], 0, 0
+    for start in range(0, len(rows), 1024):  # (1024, C) score blocks: memory O(C) per query
+        scores = q[start:start + 1024] @ docs.T
+        ranking = scores.argsort(dim=1, descending=True)
+        for j, order in enumerate(ranking.tolist()):
+            row = rows[start + j]
+            pos = doc_id[row["pos"]]
+            if pos not in order[:cfg.consistency_top_k]:
+                inconsistent += 1
+                continue
+            band = [corpus[k] for k in order[cfg.rank_start:end] if k != pos]
+            if len(band) < cfg.num_negatives:
+                too_few += 1
+                continue
+            out_rows.append({**row, "neg": rng.sample(band, cfg.num_negatives)})
+    if not out_rows:
+        raise RecipeError(f"mine: no row of {input_path} passed the ranking-consistency filter (top "
+                          f"{cfg.consistency_top_k}); raise consistency_top_k")
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output_path.with_name(f".{output_path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in out_rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, output_path)
+    stats = {"rows": len(rows), "kept": len(out_rows), "dropped_inconsistent": inconsistent,
+             "dropped_too_few": too_few, "corpus": len(corpus)}
+    print(f"[mine] {output_path}: kept {len(out_rows)}/{len(rows)} rows ({inconsistent} failed the top-"
+          f"{cfg.consistency_top_k} consistency filter), {cfg.num_negatives} negatives each from ranks "
+          f"{cfg.rank_start}-{end} of {len(corpus)} documents")
+    return stats

