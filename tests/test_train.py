@@ -368,14 +368,46 @@ def test_mine_draws_from_the_rank_band_and_filters(tmp_path):
 def test_quick_demo_runs_all_stages(tmp_path):
     from kalm_fast.demo import run_demo
 
-    result = run_demo(tmp_path / "demo", quick=True)
+    # the base row with the instruction prompt too, so every row is scored alike: MiniLM never saw the prompt, a few
+    # training steps with it must teach it (measured +0.23 nDCG@10); a broken gradient path would not
+    result = run_demo(tmp_path / "demo", quick=True, overrides=["eval.base_instructions=true"])
     rows = result["scores"]
     assert list(rows) == ["base", "pretrain", "finetune", "soup"]
     task = "StdlibDocsRetrieval"
     assert all(0 <= rows[r][task] <= 1 for r in rows)
-    assert rows["soup"][task] > rows["base"][task]  # even 6 tiny steps move nDCG@10 (measured +0.2)
+    assert rows["soup"][task] > rows["base"][task] + 0.05, rows
     assert 0 < result["baselines"]["BM25"][task] <= 1
     summary = (tmp_path / "demo" / "summary.md").read_text()
     assert "| soup |" in summary and "BM25" in summary
     assert (tmp_path / "demo" / "soup" / "model" / "model.safetensors").is_file()
     assert os.path.getsize(tmp_path / "demo" / "metrics.jsonl") > 0
+
+
+def test_recipes_in_the_repository_build():
+    from kalm_fast.demo import demo_recipe_path
+
+    mini = load_recipe(demo_recipe_path().with_name("kalm-v2-mini.yaml"), overrides=["model.path=/models/q"],
+                       check=False)
+    assert mini.stages.finetune.mrl_dims == [896, 512, 256, 128, 64] and mini.stages.finetune.num_negatives == 7
+    assert mini.stages.mine.rank_start == 50 and mini.stages.mine.rank_end == 100
+
+
+def test_parquet_rows_load(tmp_path):
+    import datasets
+
+    from kalm_fast.train.data import load_rows
+
+    datasets.Dataset.from_list(_rows(5, negs=1)).to_parquet(tmp_path / "rows.parquet")
+    rows = load_rows(tmp_path / "rows.parquet", num_negatives=1)
+    assert [r["query"] for r in rows] == [r["query"] for r in _rows(5)] and all(len(r["neg"]) == 1 for r in rows)
+
+
+def test_cli_reports_a_bad_recipe_without_traceback(tmp_path, tiny_model_dir, capsys):
+    from kalm_fast.cli import main
+
+    raw = _recipe(tmp_path, tiny_model_dir)
+    raw["stages"]["pretrain"]["lr"] = "fast"
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["train", str(tmp_path / "bad.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert "kalm-fast train: error: stages.pretrain.lr: expected a number" in err and "Traceback" not in err

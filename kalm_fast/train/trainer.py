@@ -475,13 +475,13 @@ class Evaluator:
     def _task(self, spec: TaskSpec):
         return self.kf_eval.load_task_from_files(spec.kind, self.recipe.resolve(spec.path), name=spec.name)
 
-    def _run(self, embedder, tasks, out):
-        return self.kf_eval.evaluate(embedder, tasks, out, instructions=self.instructions,
+    def _run(self, embedder, tasks, out, instructions=True):
+        return self.kf_eval.evaluate(embedder, tasks, out, instructions=self.instructions if instructions else None,
                                      batch_size=self.recipe.eval.batch_size,
                                      max_length=self.recipe.model.max_length)
 
-    def scores(self, embedder: Embedder, out: Path | None) -> dict[str, float]:
-        return self._run(embedder, self.tasks, out) if self.tasks else {}
+    def scores(self, embedder: Embedder, out: Path | None, *, instructions: bool = True) -> dict[str, float]:
+        return self._run(embedder, self.tasks, out, instructions) if self.tasks else {}
 
     def validation_score(self, embedder: Embedder) -> float:
         return float(self._run(embedder, [self.validation_task], None)[self.validation.name])
@@ -555,11 +555,11 @@ def run_recipe(recipe: Recipe, *, callback: Callable[[str, int], None] | None = 
     rows: dict[str, dict[str, float]] = {}
     stage_seconds: dict[str, float] = {}
 
-    def check(row: str, folder: Path) -> dict:
+    def check(row: str, folder: Path, instructions: bool = True) -> dict:
         if rank != 0 or not evaluator.tasks:
             return {}
         t0 = time.perf_counter()
-        scores = evaluator.scores(embedder, folder)
+        scores = evaluator.scores(embedder, folder, instructions=instructions)
         print(f"[{row}] MTEB: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
               + f" ({time.perf_counter() - t0:.0f} s)")
         return scores
@@ -568,8 +568,8 @@ def run_recipe(recipe: Recipe, *, callback: Callable[[str, int], None] | None = 
         base = _stage_done(out, "base")
         if base is None:
             t0 = time.perf_counter()
-            base = _finish_stage(out, "base", Path(recipe.model.path), check("base", out / "base"),
-                                 time.perf_counter() - t0)
+            base = _finish_stage(out, "base", Path(recipe.model.path),
+                                 check("base", out / "base", recipe.eval.base_instructions), time.perf_counter() - t0)
         rows["base"] = base["scores"]
 
     st = recipe.stages
