@@ -7,10 +7,11 @@ One step = B queries and B x G documents (G = 8: the positive, then 7 hard negat
 (tau = 0.02, gamma = 0.5, in-batch negatives, no mixing), backward, AdamW step. Providers, on the same model weights,
 the same token ids and lengths, in one run on one device:
   kalm_fast  ``Embedder``: padding-free varlen attention, fused pooling with the final RMSNorm folded in,
-             ``ops.focal_infonce``, GradCache: every sequence (queries, then documents) embedded without a graph in
-             chunks of at most ``chunk_tokens`` real tokens, the loss on those detached embeddings, then each chunk
-             re-run with its graph and back-propagated with its cached embedding gradient. The last chunk keeps its
-             graph from the first pass, so a batch of one chunk costs no extra forward.
+             ``ops.focal_infonce``, and the trainer's GradCache (``kalm_fast.train.trainer.grad_cache``): every
+             sequence (queries, then documents) embedded without a graph in chunks of at most ``chunk_tokens`` real
+             tokens, the loss on those detached embeddings, then each chunk re-run with its graph and
+             back-propagated with its cached embedding gradient. The last chunk keeps its graph from the first
+             pass, so a batch of one chunk costs no extra forward.
   hf_sdpa    the sentence-transformers / FlagEmbedding pipeline: ``AutoModel`` with SDPA made bidirectional
              (``config.is_causal = False`` and ``is_causal=False``), queries and documents each one batch padded to
              its longest sequence, torch masked mean + ``F.normalize``, the naive torch loss
@@ -193,26 +194,18 @@ def kalm_fast_embedder(model):
 
 
 def kalm_fast_pipeline(embedder, batch: Batch, device, chunk_tokens: int) -> Callable[[], torch.Tensor]:
-    bounds = _chunks(batch.lengths, chunk_tokens)
-    chunks = [batch.padded(start, stop, device) for start, stop in bounds]
-    sizes = [stop - start for start, stop in bounds]
-    B = batch.B
+    """The trainer's own GradCache (kalm_fast.train.trainer.grad_cache) on token-budget chunks."""
+    from kalm_fast.train.trainer import grad_cache
+
+    chunks = [dict(zip(("input_ids", "attention_mask"), batch.padded(start, stop, device)))
+              for start, stop in _chunks(batch.lengths, chunk_tokens)]
+
+    def loss_fn(q, d):
+        return ops.focal_infonce(q, d, group_size=G, temperature=TEMPERATURE, gamma=GAMMA), None
 
     def loss_backward():
-        # 1. embed every chunk without a graph, except the last, which keeps its graph for step 3
-        with torch.no_grad():
-            first = [embedder(ids, mask) for ids, mask in chunks[:-1]]
-        last = embedder(*chunks[-1])
-        emb = torch.cat([*first, last.detach()]).requires_grad_()  # (B + B*G, D), a leaf
-        # 2. the loss on the detached embeddings: dL/d(embedding) for every sequence
-        loss = ops.focal_infonce(emb[:B], emb[B:], group_size=G, temperature=TEMPERATURE, gamma=GAMMA)
-        loss.backward()
-        grads = emb.grad.split(sizes)
-        # 3. back-propagate each chunk's cached gradient through its graph, re-running the forward of all but the last
-        last.backward(grads[-1])
-        for (ids, mask), grad in zip(chunks[:-1], grads[:-1]):
-            embedder(ids, mask).backward(grad)
-        return loss.detach()
+        loss, _, _ = grad_cache(embedder, chunks, batch.B, loss_fn)
+        return loss
 
     return loss_backward
 

@@ -172,59 +172,66 @@ def contrastive_loss(q: torch.Tensor, d: torch.Tensor, *, group_size: int, in_ba
     return total, stats
 
 
-def _chunks(texts: list[str], size: int) -> list[list[str]]:
-    return [texts[i:i + size] for i in range(0, len(texts), size)]
+def grad_cache(embedder: Embedder, chunks: list[dict], num_queries: int,
+               loss_fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]], *,
+               autocast: bool = False) -> tuple[torch.Tensor, dict, bool]:
+    """GradCache on tokenized mini-batches: accumulate into ``.grad`` the gradient of ``loss_fn(q, gather(d))``.
+
+    chunks: ``embedder(**chunk)`` keyword dicts on the model's device, whose embeddings concatenated are this rank's
+    queries (the first ``num_queries`` rows) then its documents. Returns (loss, stats, finite). When the loss is not
+    finite on any rank nothing is backpropagated (all ranks agree, so collectives stay matched)."""
+    device = embedder.device
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+
+    # 1. embed without autograd, remembering each mini-batch's RNG state (dropout masks); the last mini-batch keeps
+    #    its graph, so step 3 need not re-run it
+    states, embs = [], []
+    with torch.no_grad():
+        for chunk in chunks[:-1]:
+            states.append(_rng_state(device))
+            with amp:
+                embs.append(embedder(**chunk).float())
+    with amp:
+        last = embedder(**chunks[-1]).float()
+    after = _rng_state(device)
+
+    # 2. the loss on the cached embeddings: its gradients w.r.t. every embedding
+    emb = torch.cat([*embs, last.detach()]).requires_grad_()
+    loss, stats = loss_fn(emb[:num_queries], gather_with_grad(emb[num_queries:]))
+    finite = torch.isfinite(loss.detach()).float()
+    if world()[1] > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if not bool(finite):
+        return loss.detach(), stats, False
+    loss.backward()
+    grads = emb.grad.split([*(e.shape[0] for e in embs), last.shape[0]])
+
+    # 3. push each cached gradient through its mini-batch: the last through its kept graph, the others re-run with
+    #    autograd under their recorded RNG state
+    last.backward(grads[-1])
+    for chunk, state, grad in zip(chunks[:-1], states, grads[:-1]):
+        _set_rng_state(state, device)
+        with amp:
+            out = embedder(**chunk).float()
+        out.backward(grad)
+    _set_rng_state(after, device)
+    return loss.detach(), stats, True
 
 
 def grad_cache_step(embedder: Embedder, queries: list[str], docs: list[str],
                     loss_fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]], *,
                     mini_batch_size: int, query_max_length: int | None = None, doc_max_length: int | None = None,
                     autocast: bool = False) -> tuple[torch.Tensor, dict, int, bool]:
-    """Accumulate into ``.grad`` the gradient of ``loss_fn(q, gather(d))`` for this rank's texts (GradCache).
-
-    Returns (loss, stats, real tokens embedded, finite). When the loss is not finite on any rank nothing is
-    backpropagated (all ranks agree, so collectives stay matched)."""
-    device = embedder.device
-    chunks = [(c, query_max_length) for c in _chunks(queries, mini_batch_size)]
-    n_query_chunks = len(chunks)
-    chunks += [(c, doc_max_length) for c in _chunks(docs, mini_batch_size)]
-    encs = []
-    for texts, max_length in chunks:
-        enc = embedder.tokenize(texts, max_length=max_length)
-        encs.append({k: v.to(device) for k, v in enc.items()})
-    tokens = int(sum(int(e["attention_mask"].sum()) for e in encs))
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
-
-    # 1. embed without autograd, remembering each mini-batch's RNG state (dropout masks)
-    states, embs = [], []
-    with torch.no_grad():
-        for enc in encs:
-            states.append(_rng_state(device))
-            with amp:
-                embs.append(embedder(**enc).float())
-    after = _rng_state(device)
-
-    # 2. the loss on the cached embeddings: its gradients w.r.t. every embedding
-    q = torch.cat(embs[:n_query_chunks]).requires_grad_()
-    d = torch.cat(embs[n_query_chunks:]).requires_grad_()
-    loss, stats = loss_fn(q, gather_with_grad(d))
-    finite = torch.isfinite(loss.detach()).float()
-    if world()[1] > 1:
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    if not bool(finite):
-        return loss.detach(), stats, tokens, False
-    loss.backward()
-    grads = list(q.grad.split([len(c) for c, _ in chunks[:n_query_chunks]]))
-    grads += list(d.grad.split([len(c) for c, _ in chunks[n_query_chunks:]]))
-
-    # 3. re-run each mini-batch with autograd under its recorded RNG state; push the cached gradient through it
-    for enc, state, grad in zip(encs, states, grads):
-        _set_rng_state(state, device)
-        with amp:
-            emb = embedder(**enc).float()
-        emb.backward(grad)
-    _set_rng_state(after, device)
-    return loss.detach(), stats, tokens, True
+    """:func:`grad_cache` on texts, in mini-batches of ``mini_batch_size``; returns (loss, stats, real tokens,
+    finite)."""
+    chunks = [embedder.tokenize(queries[i:i + mini_batch_size], max_length=query_max_length)
+              for i in range(0, len(queries), mini_batch_size)]
+    chunks += [embedder.tokenize(docs[i:i + mini_batch_size], max_length=doc_max_length)
+               for i in range(0, len(docs), mini_batch_size)]
+    chunks = [{k: v.to(embedder.device) for k, v in c.items()} for c in chunks]
+    tokens = int(sum(int(c["attention_mask"].sum()) for c in chunks))
+    loss, stats, finite = grad_cache(embedder, chunks, len(queries), loss_fn, autocast=autocast)
+    return loss, stats, tokens, finite
 
 
 def _average_gradients(params: list[torch.Tensor]) -> None:
