@@ -421,8 +421,13 @@ def train_stage(name: str, stage: StageConfig, recipe: Recipe, embedder: Embedde
             step += 1
             seconds = time.perf_counter() - t0
 
+            p_pos = stats["p_pos"].float().mean() if stats is not None else torch.tensor(float("nan"))
+            if size > 1:  # the logged loss and p_pos are the global batch's: the mean over ranks
+                pair = torch.stack([loss.float(), p_pos.to(loss.device)])
+                dist.all_reduce(pair)
+                loss, p_pos = pair / size
             if rank == 0:
-                p_pos = float(stats["p_pos"].float().mean()) if stats is not None else float("nan")
+                p_pos = float(p_pos)
                 row = {"stage": name, "step": step, "epoch": round(step / spe, 3), "loss": float(loss),
                        "p_pos": p_pos, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                        "tokens_per_s": tokens * size / seconds, "mem_mb": round(_memory_mb(device), 1),
