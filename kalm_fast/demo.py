@@ -16,6 +16,7 @@ checkpoint. ``--quick`` shrinks everything to a smoke run of about a minute (the
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from importlib import resources
@@ -77,6 +78,9 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, from_scratch
     from kalm_fast.train.config import load_recipe
     from kalm_fast.train.trainer import run_recipe
 
+    # nothing here downloads: say so before datasets/huggingface_hub are imported, so no lookup waits on a network
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     t0 = time.perf_counter()
     out = Path(out)
     if base is not None and from_scratch:
