@@ -21,8 +21,9 @@ applies it per token, so the last hidden states are read once). Unpadding costs 
 - Attention dropout is not supported (the kernels have none): the Embedder sets ``attention_dropout`` /
   ``attention_probs_dropout_prob`` to 0 in the config (also in saved folders) and in the attention modules; hidden
   dropout (BERT's 0.1) is kept. Embedding fine-tuning of decoders uses attention dropout 0 anyway.
-- ``tokenize`` pools every real token, the prompt included (KaLM-Embedding and sentence-transformers' default
-  ``include_prompt=True``); pass your own ``pool_mask`` to ``forward`` to leave instruction tokens out.
+- ``include_prompt`` (sentence-transformers' Pooling option, same default True): whether ``tokenize(..., prompt=)``
+  pools the prompt's tokens. With False the pooling mask leaves them out (they are still attended to): the leading
+  tokens that equal the prompt tokenized alone (for BERT [CLS] + prompt, as sentence-transformers' prompt length).
 - ``bidirectional=False`` (decoders only) keeps the model causal; the kalm_fast attention cannot run it, so that
   mode uses transformers' SDPA on the padded batch and the fused padded pooling.
 - The Embedder starts in the backbone's mode (``from_pretrained`` gives eval mode); ``encode`` runs in eval mode and
@@ -231,7 +232,8 @@ class Embedder(torch.nn.Module):
     """
 
     def __init__(self, model: PreTrainedModel, tokenizer, *, bidirectional: bool = True, pooling: str = "mean",
-                 normalize: bool = True, mrl_dims: list[int] | None = None, max_length: int = 512):
+                 normalize: bool = True, mrl_dims: list[int] | None = None, max_length: int = 512,
+                 include_prompt: bool = True):
         super().__init__()
         if not isinstance(model, PreTrainedModel):
             raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
@@ -256,6 +258,8 @@ class Embedder(torch.nn.Module):
         self.bidirectional = bool(bidirectional)
         self.pooling = pooling
         self.normalize = bool(normalize)
+        self.include_prompt = bool(include_prompt)
+        self._prompt_ids: dict[str, list[int]] = {}
         self.embed_dim = int(model.config.hidden_size)
         self.mrl_dims = _check_mrl_dims(mrl_dims, self.embed_dim)
 
@@ -278,8 +282,8 @@ class Embedder(torch.nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, *, bidirectional: bool = True, pooling: str = "mean", normalize: bool = True,
-                        mrl_dims: list[int] | None = None, dtype=None, device=None, max_length: int = 512
-                        ) -> Embedder:
+                        mrl_dims: list[int] | None = None, dtype=None, device=None, max_length: int = 512,
+                        include_prompt: bool = True) -> Embedder:
         """Load a Hugging Face folder (or hub id) as an Embedder.
 
         dtype: torch.float32/float16/bfloat16 (or its name) or None (transformers' default: the checkpoint's dtype);
@@ -297,7 +301,7 @@ class Embedder(torch.nn.Module):
             model = model.to(device)
         tokenizer = AutoTokenizer.from_pretrained(path)
         return cls(model, tokenizer, bidirectional=bidirectional, pooling=pooling, normalize=normalize,
-                   mrl_dims=mrl_dims, max_length=max_length)
+                   mrl_dims=mrl_dims, max_length=max_length, include_prompt=include_prompt)
 
     @property
     def device(self) -> torch.device:
@@ -306,8 +310,9 @@ class Embedder(torch.nn.Module):
     # -- tokenization ---------------------------------------------------------------------------------------------
 
     def tokenize(self, texts: list[str], *, prompt: str | None = None, max_length: int | None = None) -> dict:
-        """Padded batch of ``prompt + text``: input_ids, attention_mask (B, S) and pool_mask (B, S) = attention_mask
-        (every real token is pooled, the prompt included). Truncates to ``max_length`` (default self.max_length)."""
+        """Padded batch of ``prompt + text``: input_ids, attention_mask (B, S) and pool_mask (B, S) = attention_mask,
+        without the prompt's tokens when ``include_prompt`` is False. Truncates to ``max_length`` (default
+        self.max_length)."""
         texts = _check_texts(texts)
         if prompt is not None:
             if not isinstance(prompt, str):
@@ -315,8 +320,24 @@ class Embedder(torch.nn.Module):
             texts = [prompt + t for t in texts]
         max_length = self.max_length if max_length is None else _check_positive_int("max_length", max_length)
         enc = self.tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-                "pool_mask": enc["attention_mask"].clone()}
+        mask = enc["attention_mask"]
+        pool_mask = mask.clone()
+        if prompt and not self.include_prompt:
+            self._unpool_prompt(pool_mask, enc["input_ids"], mask, prompt)
+        return {"input_ids": enc["input_ids"], "attention_mask": mask, "pool_mask": pool_mask}
+
+    def _unpool_prompt(self, pool_mask, input_ids, mask, prompt: str) -> None:
+        """Zero ``pool_mask`` on each row's prompt tokens: the longest run of its first real tokens equal to the
+        prompt tokenized alone (so a BPE token that merges the prompt's last space with the text's first word, or
+        the [SEP] that ends the prompt alone, stays pooled), whatever the padding side."""
+        if prompt not in self._prompt_ids:
+            self._prompt_ids[prompt] = self.tokenizer(prompt)["input_ids"]
+        ids = self._prompt_ids[prompt]
+        for b in range(input_ids.shape[0]):
+            positions = mask[b].nonzero().flatten()[: len(ids)]
+            head = input_ids[b, positions].tolist()
+            n = next((i for i, (x, y) in enumerate(zip(head, ids)) if x != y), len(head))
+            pool_mask[b, positions[:n]] = 0
 
     # -- forward --------------------------------------------------------------------------------------------------
 
@@ -472,7 +493,7 @@ class Embedder(torch.nn.Module):
             "pooling_mode_mean_tokens": True,
             "pooling_mode_max_tokens": False,
             "pooling_mode_mean_sqrt_len_tokens": False,
-            "include_prompt": True,
+            "include_prompt": self.include_prompt,
         }
         _write_json(path / "modules.json", modules)
         _write_json(path / "sentence_bert_config.json", {"max_seq_length": self.max_length, "do_lower_case": False})

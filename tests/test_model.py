@@ -436,6 +436,40 @@ def test_minilm_matches_sentence_transformers(minilm):
     assert_close(padded.last_hidden_state[real], stock.last_hidden_state[real], atol=ATOL, rtol=RTOL, name="padded")
 
 
+def test_include_prompt_false_matches_sentence_transformers(minilm, tmp_path):
+    """include_prompt=False: the prompt is attended to but not pooled, exactly as a sentence-transformers folder whose
+    Pooling has include_prompt false (its prompt length = [CLS] + prompt tokens); saved folders keep the setting."""
+    path, st, _ = minilm
+    prompt = "Instruct: Given a question, retrieve passages that answer it \n Query: "
+    embedder = Embedder.from_pretrained(path, max_length=st.max_seq_length, include_prompt=False)
+    embedder.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "1_Pooling" / "config.json").read_text())["include_prompt"] is False
+    expected = type(st)(str(tmp_path), device="cpu").encode(MINILM_TEXTS[:6], prompt=prompt, convert_to_tensor=True)
+    got = embedder.encode(MINILM_TEXTS[:6], prompt=prompt)
+    assert_close(got, expected, atol=ATOL, rtol=RTOL, name="include_prompt=False")
+    pooled_all = Embedder.from_pretrained(path, max_length=st.max_seq_length).encode(MINILM_TEXTS[:6], prompt=prompt)
+    assert (got - pooled_all).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_include_prompt_false_masks_exactly_the_prompt(byte_tokenizer, padding_side):
+    """Byte-level tokens: the prompt's bytes (its trailing space included) leave the pool mask, nothing else does,
+    whatever the padding side."""
+    tok = copy.deepcopy(byte_tokenizer)
+    tok.padding_side = padding_side
+    embedder = Embedder(tiny_decoder(), tok, include_prompt=False)
+    prompt = "Instruct: find it \n Query: "
+    batch = embedder.tokenize(TEXTS, prompt=prompt)
+    n_prompt = len(tok(prompt)["input_ids"])
+    assert n_prompt == len(prompt.encode())
+    removed = batch["attention_mask"] - batch["pool_mask"]
+    assert (removed.sum(dim=1) == n_prompt).all() and (removed >= 0).all()
+    for b in range(len(TEXTS)):
+        real = batch["attention_mask"][b].nonzero().flatten()
+        assert removed[b, real[:n_prompt]].all() and not removed[b, real[n_prompt:]].any()
+    assert torch.equal(embedder.tokenize(TEXTS)["pool_mask"], embedder.tokenize(TEXTS)["attention_mask"])
+
+
 def test_minilm_save_round_trip_and_dtype(minilm, tmp_path):
     path, st, embedder = minilm
     SentenceTransformer = type(st)

@@ -38,6 +38,7 @@ class ModelConfig:
     query_max_length: int | None = None  # truncation of queries (None: max_length); queries are short
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights' dtype (bf16 autocast runs on CUDA anyway)
     bidirectional: bool = True  # decoders drop their causal mask (KaLM-Embedding-V2)
+    include_prompt: bool = True  # pool the instruction prompt's tokens too (False: attended to, not pooled)
 
 
 @dataclass

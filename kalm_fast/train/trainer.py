@@ -124,7 +124,8 @@ def _fsync_tree(folder: Path) -> None:
 
 def load_embedder(path: str | Path, recipe: Recipe, device: torch.device) -> Embedder:
     return Embedder.from_pretrained(path, bidirectional=recipe.model.bidirectional, dtype=recipe.model.dtype,
-                                    device=device, max_length=recipe.model.max_length)
+                                    device=device, max_length=recipe.model.max_length,
+                                    include_prompt=recipe.model.include_prompt)
 
 
 def load_weights(embedder: Embedder, folder: Path) -> None:
@@ -220,12 +221,20 @@ def grad_cache(embedder: Embedder, chunks: list[dict], num_queries: int,
 
 def grad_cache_step(embedder: Embedder, queries: list[str], docs: list[str],
                     loss_fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]], *,
-                    mini_batch_size: int, query_max_length: int | None = None, doc_max_length: int | None = None,
+                    mini_batch_size: int, query_prompts: list[str | None] | None = None,
+                    query_max_length: int | None = None, doc_max_length: int | None = None,
                     autocast: bool = False) -> tuple[torch.Tensor, dict, int, bool]:
-    """:func:`grad_cache` on texts, in mini-batches of ``mini_batch_size``; returns (loss, stats, real tokens,
-    finite)."""
-    chunks = [embedder.tokenize(queries[i:i + mini_batch_size], max_length=query_max_length)
-              for i in range(0, len(queries), mini_batch_size)]
+    """:func:`grad_cache` on texts, in mini-batches of at most ``mini_batch_size``; ``query_prompts`` (one per query,
+    e.g. the instruction prompt) go through ``embedder.tokenize(prompt=)``, so ``include_prompt`` applies; a
+    mini-batch holds one prompt. Returns (loss, stats, real tokens, finite)."""
+    prompts = query_prompts or [None] * len(queries)
+    chunks, start = [], 0
+    while start < len(queries):
+        stop = start + 1
+        while stop < len(queries) and stop - start < mini_batch_size and prompts[stop] == prompts[start]:
+            stop += 1
+        chunks.append(embedder.tokenize(queries[start:stop], prompt=prompts[start], max_length=query_max_length))
+        start = stop
     chunks += [embedder.tokenize(docs[i:i + mini_batch_size], max_length=doc_max_length)
                for i in range(0, len(docs), mini_batch_size)]
     chunks = [{k: v.to(embedder.device) for k, v in c.items()} for c in chunks]
@@ -393,8 +402,8 @@ def train_stage(name: str, stage: StageConfig, recipe: Recipe, embedder: Embedde
             if epoch not in batches:
                 batches = {epoch: plan.epoch(epoch)}
             batch = batches[epoch][index]
-            examples = batch.examples[rank * per_rank:(rank + 1) * per_rank]
-            queries = [(query_prompt(ex.instruction) or "") + ex.query for ex in examples]
+            # rows of one instruction together (one prompt per GradCache mini-batch); the loss ignores row order
+            examples = sorted(batch.examples[rank * per_rank:(rank + 1) * per_rank], key=lambda e: e.instruction or "")
             docs = [t for ex in examples for t in [ex.pos, *ex.negs]]
             gen = _step_generator(recipe.seed, name, step, device) if stage.num_mix else None
 
@@ -404,7 +413,8 @@ def train_stage(name: str, stage: StageConfig, recipe: Recipe, embedder: Embedde
 
             t0 = time.perf_counter()
             loss, stats, tokens, finite = grad_cache_step(
-                embedder, queries, docs, loss_fn, mini_batch_size=stage.mini_batch_size, query_max_length=q_len,
+                embedder, [ex.query for ex in examples], docs, loss_fn, mini_batch_size=stage.mini_batch_size,
+                query_prompts=[query_prompt(ex.instruction) for ex in examples], query_max_length=q_len,
                 doc_max_length=recipe.model.max_length, autocast=autocast)
             grad_norm = float("nan")
             if finite:
