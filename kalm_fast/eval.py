@@ -59,11 +59,11 @@ from mteb.types import PromptType  # noqa: E402
 from sklearn.exceptions import UndefinedMetricWarning  # noqa: E402
 
 from kalm_fast.demo_data import INSTRUCTIONS  # noqa: E402
+from kalm_fast.model import query_prompt  # noqa: E402
 
 __all__ = ["MTEBEncoder", "retrieval_task", "sts_task", "classification_task", "clustering_task",
            "load_task_from_files", "demo_tasks", "demo_instructions", "named_tasks", "evaluate", "results_table"]
 
-INSTRUCTION_TEMPLATE = "Instruct: {instruction} \n Query: "
 TASK_KINDS = ("retrieval", "sts", "classification", "clustering")
 DEMO_TASK_NAMES = {"retrieval": "StdlibDocsRetrieval", "classification": "StdlibDocsClassification",
                    "clustering": "StdlibDocsClustering", "validation": "StdlibDocsValidation"}
@@ -105,10 +105,9 @@ class MTEBEncoder:
 
     def prompt(self, task_name: str, prompt_type: PromptType | str | None) -> str | None:
         """The prompt prepended to the texts of ``task_name``: none for documents or tasks without instruction."""
-        instruction = self.instructions.get(task_name)
-        if instruction is None or prompt_type == PromptType.document:
+        if prompt_type == PromptType.document:
             return None
-        return INSTRUCTION_TEMPLATE.format(instruction=instruction)
+        return query_prompt(self.instructions.get(task_name))
 
     def encode(self, inputs, *, task_metadata, hf_split: str, hf_subset: str,
                prompt_type: PromptType | None = None, **kwargs) -> np.ndarray:

@@ -49,9 +49,11 @@ from transformers.masking_utils import AttentionMaskInterface
 from kalm_fast import ops
 from kalm_fast.padding import pad_input
 
-__all__ = ["ATTN_IMPLEMENTATION", "register", "kalm_fast_attention", "kalm_fast_mask", "Embedder"]
+__all__ = ["ATTN_IMPLEMENTATION", "QUERY_PROMPT", "query_prompt", "register", "kalm_fast_attention", "kalm_fast_mask",
+           "Embedder"]
 
 ATTN_IMPLEMENTATION = "kalm_fast"
+QUERY_PROMPT = "Instruct: {instruction} \n Query: "  # SPEC 5 / KaLM-Embedding-V2: queries get it, documents none
 DECODER_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # final norm model.norm = RMSNorm(weight, variance_epsilon)
 ENCODER_TYPES = ("bert",)  # absolute positions from position_ids, last layer ends in LayerNorm
 _DROPOUT_FIELDS = ("attention_dropout", "attention_probs_dropout_prob")
@@ -190,6 +192,12 @@ def kalm_fast_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
 # ----------------------------------------------------------------------------------------------------------------
 # Embedder
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def query_prompt(instruction: str | None) -> str | None:
+    """The prompt a query with this instruction gets (None without an instruction)."""
+    return None if not instruction else QUERY_PROMPT.format(instruction=instruction)
+
 
 
 def _check_mrl_dims(mrl_dims, embed_dim: int) -> list[int] | None:

@@ -16,12 +16,6 @@ from pathlib import Path
 
 from kalm_fast.train.config import DataSource, RecipeError
 
-QUERY_FORMAT = "Instruct: {instruction} \n Query: "  # SPEC 5 / KaLM-Embedding-V2 query prompt
-
-
-def query_prompt(instruction: str | None) -> str | None:
-    return None if not instruction else QUERY_FORMAT.format(instruction=instruction)
-
 
 @dataclass
 class Example:

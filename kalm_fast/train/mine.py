@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from kalm_fast.model import Embedder
+from kalm_fast.model import Embedder, query_prompt
 from kalm_fast.train.config import MineConfig, RecipeError
-from kalm_fast.train.data import load_rows, query_prompt
+from kalm_fast.train.data import load_rows
 
 
 def mine(embedder: Embedder, input_path: str | Path, output_path: str | Path, cfg: MineConfig, *, seed: int = 0,

@@ -40,9 +40,9 @@ from tqdm.auto import tqdm
 
 from kalm_fast import ops
 from kalm_fast.distributed import gather_with_grad, pos_idx_offset
-from kalm_fast.model import Embedder
+from kalm_fast.model import Embedder, query_prompt
 from kalm_fast.train.config import STAGE_ORDER, Recipe, RecipeError, StageConfig, TaskSpec, check_data, dump_recipe
-from kalm_fast.train.data import Batch, BatchPlan, load_examples, query_prompt
+from kalm_fast.train.data import Batch, BatchPlan, load_examples
 
 
 class TrainingError(RuntimeError):
@@ -104,10 +104,15 @@ def _memory_mb(device: torch.device) -> float:
     return float("nan")
 
 
-def _write_json_atomic(path: Path, obj) -> None:
+def _write_text_atomic(path: Path, text: str) -> None:
+    """Readers (and a restart after a crash) see the old file or the new one, never half of one."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    _write_text_atomic(path, json.dumps(obj, indent=1) + "\n")
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -296,9 +301,7 @@ class Checkpoints:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        pointer_tmp = self.folder / ".latest.tmp"
-        pointer_tmp.write_text(name)
-        os.replace(pointer_tmp, self.folder / "latest")
+        _write_text_atomic(self.folder / "latest", name)
         self._prune(final)
         return final
 
@@ -346,11 +349,9 @@ class MetricsLog:
     def __init__(self, path: Path, stage: str, resume_step: int):
         self.path = path
         if path.is_file():
-            kept = [line for line in path.read_text().splitlines()
-                    if line and not (json.loads(line).get("stage") == stage and json.loads(line)["step"] > resume_step)]
-            tmp = path.with_name(".metrics.jsonl.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, path)
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line]
+            kept = [json.dumps(r) for r in rows if not (r.get("stage") == stage and r["step"] > resume_step)]
+            _write_text_atomic(path, "".join(line + "\n" for line in kept))
 
     def write(self, row: dict) -> None:
         with open(self.path, "a") as f:
@@ -649,9 +650,7 @@ def run_recipe(recipe: Recipe, *, callback: Callable[[str, int], None] | None = 
         summary = (f"# kalm_fast run: {out}\n\nMTEB main scores (retrieval nDCG@10, classification accuracy, "
                    f"clustering V-measure) on the base model and after each stage.\n\n{result['table']}\n\n"
                    f"Stage times: {times}. Final model: `{result['final_model']}`.\n")
-        tmp = out / ".summary.md.tmp"
-        tmp.write_text(summary)
-        os.replace(tmp, out / "summary.md")
+        _write_text_atomic(out / "summary.md", summary)
     return result
 
 
