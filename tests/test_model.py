@@ -2,15 +2,18 @@
 path) against transformers' own SDPA forward and against sentence-transformers on the packaged all-MiniLM-L6-v2.
 
 Tolerances: in fp32 the Embedder and the references differ only in summation order (packed vs padded matmuls,
-index_add vs masked sum), a few ulps -> atol = rtol = 1e-5. Measured: <= 3e-7 on unit-norm embeddings, <= 3e-6 on BERT
-hidden states of magnitude ~5 (rtol covers it). Gradients use the same bound relative to each tensor's largest entry
-(measured <= 1e-6 of it).
+index_add vs masked sum). atol = rtol = tests/bounds.network_tol for the largest network here (all-MiniLM-L6-v2:
+6 layers, width 384, MLP 1536, up to 256 tokens): twice the probabilistic forward-error bound 8 sqrt(K) u, K the
+reduction length end to end -- 1.2e-4, the same on every CPU whatever order its BLAS sums in. Measured: <= 3e-7 on
+unit-norm embeddings, <= 3e-6 on BERT hidden states of magnitude ~5 (rtol covers it). Gradients use the same bound
+relative to each tensor's largest entry (measured <= 1e-6 of it).
 """
 
 import copy
 import importlib.util
 import json
 
+import bounds
 import pytest
 import torch
 import torch.nn.functional as F
@@ -32,7 +35,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 import kalm_fast
 from kalm_fast.model import Embedder, kalm_fast_attention, kalm_fast_mask, register
 
-ATOL = RTOL = 1e-5  # fp32, summation order only (module docstring)
+ATOL = RTOL = bounds.network_tol(layers=6, width=384, ffn=1536, seq_len=256)  # fp32 (module docstring)
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
