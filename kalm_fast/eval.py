@@ -96,6 +96,10 @@ class MTEBEncoder:
         self.embedder = embedder
         self.instructions = instructions
         self.batch_size = batch_size
+        # (prompt, text) -> embedding, for this encoder's lifetime (one evaluate call: one model state). mteb encodes
+        # the same texts more than once (classification's train sample per experiment, tasks sharing documents and
+        # instruction); each distinct text is embedded once.
+        self._cache: dict[tuple[str | None, str], torch.Tensor] = {}
         self.max_length = max_length
         self.dim = dim
         embed_dim = dim if dim is not None else getattr(embedder, "embed_dim", None)
@@ -113,11 +117,17 @@ class MTEBEncoder:
                prompt_type: PromptType | None = None, **kwargs) -> np.ndarray:
         """inputs: a DataLoader of dict batches with "text" -> float32 (n, dim) L2-normalized embeddings."""
         texts = [text for batch in inputs for text in batch["text"]]
-        # one call over all texts: the Embedder sorts them by length across the whole set, not per loader batch
-        emb = self.embedder.encode(texts, prompt=self.prompt(task_metadata.name, prompt_type),
-                                   batch_size=self.batch_size, max_length=self.max_length, dim=self.dim,
-                                   show_progress_bar=bool(kwargs.get("show_progress_bar", False)))
-        return torch.as_tensor(emb, dtype=torch.float32).numpy()
+        prompt = self.prompt(task_metadata.name, prompt_type)
+        new = list(dict.fromkeys(t for t in texts if (prompt, t) not in self._cache))
+        if new:
+            # one call over all new texts: the Embedder sorts them by length across the whole set
+            emb = self.embedder.encode(new, prompt=prompt, batch_size=self.batch_size, max_length=self.max_length,
+                                       dim=self.dim, show_progress_bar=bool(kwargs.get("show_progress_bar", False)))
+            for text, row in zip(new, torch.as_tensor(emb, dtype=torch.float32)):
+                self._cache[(prompt, text)] = row
+        if not texts:
+            return torch.as_tensor(self.embedder.encode([], prompt=prompt, dim=self.dim), dtype=torch.float32).numpy()
+        return torch.stack([self._cache[(prompt, t)] for t in texts]).numpy()
 
     def similarity(self, embeddings1, embeddings2) -> torch.Tensor:
         """(n1, d), (n2, d) -> (n1, n2) cosine similarities."""

@@ -144,6 +144,25 @@ def test_encoder_prompts_queries_not_documents(retrieval_dir):
     assert 0.0 <= scores["TinyRetrieval"] <= 1.0
 
 
+def test_encoder_embeds_each_text_once_per_prompt():
+    """mteb encodes some texts more than once (classification's train sample per experiment, tasks sharing
+    documents): the encoder embeds each (prompt, text) once and hands back the same row every time."""
+    from types import SimpleNamespace
+
+    fake = RecordingEmbedder()
+    enc = MTEBEncoder(fake, instructions={"A": "Sort it", "B": "Sort it", "C": "Other"})
+    batches = [{"text": ["x", "y", "x"]}, {"text": ["z"]}]
+    first = enc.encode(batches, task_metadata=SimpleNamespace(name="A"), hf_split="test", hf_subset="default")
+    again = enc.encode([{"text": ["z", "x", "w"]}], task_metadata=SimpleNamespace(name="B"), hf_split="test",
+                       hf_subset="default")  # same prompt as A: only "w" is new
+    other = enc.encode([{"text": ["x"]}], task_metadata=SimpleNamespace(name="C"), hf_split="test",
+                       hf_subset="default")  # another prompt: embedded again
+    assert [texts for texts, _ in fake.calls] == [["x", "y", "z"], ["w"], ["x"]]
+    assert first.shape == (4, 8) and np.array_equal(first[0], first[2])
+    assert np.array_equal(again[0], first[3]) and np.array_equal(again[1], first[0])
+    assert other.shape == (1, 8)
+
+
 def test_encoder_prompt_rules_and_similarity():
     fake = RecordingEmbedder()
     enc = MTEBEncoder(fake, instructions={"T": "Do X"})

@@ -457,3 +457,57 @@ def test_cli_reports_a_bad_recipe_without_traceback(tmp_path, tiny_model_dir, ca
     assert main(["train", str(tmp_path / "bad.yaml")]) == 1
     err = capsys.readouterr().err
     assert "kalm-fast train: error: stages.pretrain.lr: expected a number" in err and "Traceback" not in err
+
+
+def test_evaluator_scores_each_model_once(tmp_path):
+    """The MTEB check of a model whose weights were scored before (a greedy soup that kept only the last checkpoint)
+    reuses those scores: the fingerprint is of every weight, so any change re-runs the check."""
+    from types import SimpleNamespace
+
+    from kalm_fast.train.trainer import Evaluator, weights_fingerprint
+
+    model = torch.nn.Linear(4, 3)
+    embedder = SimpleNamespace(model=model)
+    ev = Evaluator.__new__(Evaluator)
+    ev._seen, ev.tasks = {}, ["task"]
+    ev.validation, ev.validation_task = SimpleNamespace(name="V"), "vtask"
+    runs = []
+    ev._run = lambda emb, tasks, out, instructions=True: runs.append((tasks, out)) or (
+        {"V": 0.5} if tasks == ["vtask"] else {"T": float(model.weight.detach().sum())})
+
+    first = ev.scores(embedder, tmp_path / "a")
+    assert ev.scores(embedder, tmp_path / "b") == first and len(runs) == 1
+    assert json.loads((tmp_path / "b" / "scores.json").read_text())["scores"] == first
+    assert ev.validation_score(embedder) == ev.validation_score(embedder) == 0.5 and len(runs) == 2
+    fp = weights_fingerprint(model)
+    with torch.no_grad():
+        model.weight[0, 0] += 1e-7  # one weight, one ulp-scale change: a new model
+    assert weights_fingerprint(model) != fp
+    ev.scores(embedder, tmp_path / "c")
+    assert len(runs) == 3
+
+
+def test_demo_progress_lines(capsys):
+    """The demo's whole-run progress: percent done, elapsed and time left, rescaled by the measured speed."""
+    from kalm_fast.demo import Progress
+
+    clock = iter([10.0, 30.0, 35.0, 60.0, 70.0])
+    import kalm_fast.demo as demo
+
+    real = demo.time.perf_counter
+    demo.time.perf_counter = lambda: next(clock)
+    try:
+        p = Progress({"a": 10.0, "b": 20.0, "c": 10.0}, t0=0.0, every=2)
+        p.phase("a")      # t=10
+        p.phase("b")      # t=30: a took 20 s for 10 expected -> everything runs 2x slower
+        p.step("b", 2)    # t=35
+        p.phase("c")      # t=60
+        p.phase("done")   # t=70
+    finally:
+        demo.time.perf_counter = real
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("[demo]   0% | 0:10 elapsed | ~0:40 left | now: a")
+    assert lines[1].startswith("[demo]  25% | 0:30 elapsed | ~1:00 left | now: b")
+    assert "b step 2" in lines[2]
+    assert lines[3].startswith("[demo]  75% |") and "now: c" in lines[3]
+    assert len(lines) == 4

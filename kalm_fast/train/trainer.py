@@ -25,6 +25,7 @@ crash or a full disk mid-write leaves the previous checkpoint as the one a resta
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -474,12 +475,24 @@ def train_stage(name: str, stage: StageConfig, recipe: Recipe, embedder: Embedde
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """A digest of every parameter and buffer (names, dtypes, shapes, bytes): equal digests, equal models."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in module.state_dict().items():
+        t = t.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 class Evaluator:
     """The recipe's MTEB tasks, built once; ``scores(embedder, out)`` -> {task: main score} (written to
-    ``out/scores.json`` by kalm_fast.eval)."""
+    ``out/scores.json`` by kalm_fast.eval). Scores are remembered by the weights' fingerprint: a model evaluated
+    before (a soup that kept only the last checkpoint is that checkpoint) is not encoded again."""
 
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
+        self._seen: dict[tuple[str, bool, str], dict[str, float]] = {}
         self.kf_eval = None
         if recipe.eval.tasks or recipe.eval.named_tasks or recipe.eval.validation:
             from kalm_fast import eval as kf_eval  # mteb is heavy: only when there is something to evaluate
@@ -503,11 +516,27 @@ class Evaluator:
                                      batch_size=self.recipe.eval.batch_size,
                                      max_length=self.recipe.model.max_length)
 
+    def _cached(self, kind: str, embedder: Embedder, instructions: bool, run: Callable[[], dict]) -> dict:
+        key = (kind, instructions, weights_fingerprint(embedder.model))
+        if key not in self._seen:
+            self._seen[key] = run()
+        return self._seen[key]
+
     def scores(self, embedder: Embedder, out: Path | None, *, instructions: bool = True) -> dict[str, float]:
-        return self._run(embedder, self.tasks, out, instructions) if self.tasks else {}
+        if not self.tasks:
+            return {}
+        fresh = []
+        scores = self._cached("tasks", embedder, instructions,
+                              lambda: fresh.append(1) or self._run(embedder, self.tasks, out, instructions))
+        if not fresh and out is not None:  # the same model was scored before: its record, written for this row too
+            Path(out).mkdir(parents=True, exist_ok=True)
+            _write_json_atomic(Path(out) / "scores.json", {"scores": scores, "reused": "same weights scored before"})
+        return dict(scores)
 
     def validation_score(self, embedder: Embedder) -> float:
-        return float(self._run(embedder, [self.validation_task], None)[self.validation.name])
+        scores = self._cached("validation", embedder, True,
+                              lambda: self._run(embedder, [self.validation_task], None))
+        return float(scores[self.validation.name])
 
     def bm25(self) -> dict[str, float]:
         from kalm_fast.demo_data import bm25_baseline
@@ -561,9 +590,13 @@ def _soup_stage(recipe: Recipe, embedder: Embedder, out: Path, evaluator: Evalua
     return target, info
 
 
-def run_recipe(recipe: Recipe, *, callback: Callable[[str, int], None] | None = None) -> dict:
+def run_recipe(recipe: Recipe, *, callback: Callable[[str, int], None] | None = None,
+               on_phase: Callable[[str], None] | None = None) -> dict:
     """Run every stage of ``recipe`` (resuming finished stages and the latest checkpoint of an interrupted one),
-    with the MTEB check after each; returns {"scores": {row: {task: score}}, "baselines": ..., "table": markdown}."""
+    with the MTEB check after each; returns {"scores": {row: {task: score}}, "baselines": ..., "table": markdown}.
+    ``callback(stage, step)`` runs after every training step, ``on_phase(name)`` before each phase ("base", every
+    stage of STAGE_ORDER, "bm25") and once with "done" at the end (progress reports)."""
+    phase = on_phase or (lambda name: None)
     t_start = time.perf_counter()
     check_data(recipe)  # every data file that exists now: errors before any training
     out = Path(recipe.output_dir)
@@ -588,6 +621,7 @@ def run_recipe(recipe: Recipe, *, callback: Callable[[str, int], None] | None = 
         return scores
 
     if recipe.eval.base and evaluator.tasks:
+        phase("base")
         base = _stage_done(out, "base")
         if base is None:
             t0 = time.perf_counter()
@@ -600,6 +634,7 @@ def run_recipe(recipe: Recipe, *, callback: Callable[[str, int], None] | None = 
         cfg = getattr(st, name)
         if cfg is None:
             continue
+        phase(name)
         done = _stage_done(out, name)
         if done is not None:
             if name != "mine":
@@ -637,6 +672,7 @@ def run_recipe(recipe: Recipe, *, callback: Callable[[str, int], None] | None = 
     result = {"scores": rows, "baselines": {}, "seconds": stage_seconds}
     if rank == 0:
         if recipe.eval.bm25 and evaluator.tasks:
+            phase("bm25")
             bm25_path = out / "bm25.json"
             if not bm25_path.is_file():
                 _write_json_atomic(bm25_path, evaluator.bm25())
@@ -651,6 +687,7 @@ def run_recipe(recipe: Recipe, *, callback: Callable[[str, int], None] | None = 
                    f"clustering V-measure) on the base model and after each stage.\n\n{result['table']}\n\n"
                    f"Stage times: {times}. Final model: `{result['final_model']}`.\n")
         _write_text_atomic(out / "summary.md", summary)
+    phase("done")
     return result
 
 
