@@ -13,6 +13,7 @@ import functools
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import time
@@ -36,9 +37,28 @@ COLUMNS = [
 
 
 def device_name(device: str) -> str:
+    """The GPU's name, or ``cpu-<model>-<cores>c`` (lscpu's model name, lower-case, dashes): figures from an Intel
+    and an AMD box never share a results folder."""
     if str(device).startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name(torch.device(device))
-    return f"cpu-{platform.machine()}-{os.cpu_count()}cores"
+    return f"cpu-{cpu_model_slug()}-{os.cpu_count()}c"
+
+
+def cpu_model() -> str:
+    """lscpu's "Model name" (/proc/cpuinfo), else the architecture."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def cpu_model_slug() -> str:
+    words = re.sub(r"\(r\)|\(tm\)|cpu|@.*|processor", " ", cpu_model().lower())
+    return "-".join(re.findall(r"[a-z0-9]+", words)) or platform.machine()
 
 
 @functools.cache
