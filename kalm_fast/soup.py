@@ -34,7 +34,9 @@ import json
 import math
 import os
 import queue
+import re
 import shutil
+import socket
 import struct
 import sys
 import threading
@@ -47,6 +49,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from kalm_fast.atomic import fsync_dir, publish, remove
 
 __all__ = ["soup", "SoupAccumulator", "greedy_soup", "GreedySoupResult", "SoupError"]
 
@@ -742,7 +746,8 @@ def soup(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, *, weig
 
     out_dtypes = {n: dtype or _FLOAT[t.dtype] for n, t in ref.tensors.items()}
     created = [p for p in reversed(output.absolute().parents) if not p.exists()]
-    tmp = output.absolute().parent / f".{output.name}.kalm-soup-{uuid.uuid4().hex[:8]}"
+    _clean_stale_temps(output)
+    tmp = _temp_path(output, "new")
     try:
         output.absolute().parent.mkdir(parents=True, exist_ok=True)
         sources = [_Source(ck, w) for ck, w in zip(checkpoints, weights_n)]
@@ -750,7 +755,7 @@ def soup(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, *, weig
             _write_soup(sources, tmp, out_dtypes, divisor, device, dtype, compensated, progress)
         _publish(tmp, output)
     except BaseException:
-        _remove(tmp)
+        remove(tmp)
         for p in reversed(created):
             try:
                 p.rmdir()
@@ -807,7 +812,7 @@ def _write_soup(sources: Sequence[_Source], tmp: Path, out_dtypes: Mapping[str, 
             sizes = sum(out_dtypes[n].itemsize * t.numel for n, t in ref.tensors.items())
             index["metadata"] = {**(index.get("metadata") or {}), "total_size": sizes}
             _write_text(tmp / _INDEX, json.dumps(index, indent=2) + "\n")
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
 
 
 def _write_shard(streamer: _Streamer, reader: _ReadAhead, writer: _WriteBehind, header: _Header, target: Path,
@@ -889,39 +894,54 @@ def _write_text(path: Path, text: str) -> None:
         os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+_HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+_TEMP = re.compile(r"(new|old)-([A-Za-z0-9_.]+)-(\d+)-[0-9a-f]{8}")  # after ".<output name>.kalm-soup-"
+
+
+def _temp_path(output: Path, kind: str) -> Path:
+    """A hidden sibling of output owned by this process: ``.<name>.kalm-soup-<new|old>-<host>-<pid>-<random>``, so a
+    later soup can tell the leftovers of a dead run (SIGKILL, power loss) from those of a live one."""
+    return output.absolute().parent / f".{output.name}.kalm-soup-{kind}-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _alive(pid: int) -> bool:
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
+def _clean_stale_temps(output: Path) -> list[Path]:
+    """Removes the temporaries that soups killed while writing ``output`` left beside it; returns them.
+
+    Only those of this host whose process is gone: a live soup's, or another host's on a shared folder, are kept.
+    An old output moved aside (``-old-``) by a run killed between its two renames is the only complete output then:
+    it is put back when ``output`` is missing, removed otherwise."""
+    parent, prefix = output.absolute().parent, f".{output.name}.kalm-soup-"
+    if not parent.is_dir():
+        return []
+    stale = []
+    for p in sorted(parent.iterdir()):
+        m = _TEMP.fullmatch(p.name[len(prefix):]) if p.name.startswith(prefix) else None
+        if m is None or m.group(2) != _HOST:
+            continue
+        if not _alive(int(m.group(3))):
+            stale.append((m.group(1), p))
+    removed = []
+    for kind, p in sorted(stale, key=lambda kp: kp[0] != "old"):  # the old output first: it may be the only one
+        if kind == "old" and not (output.exists() or output.is_symlink()):
+            os.rename(p, output)
+            continue
+        remove(p)
+        removed.append(p)
+    return removed
 
 
 def _publish(tmp: Path, output: Path) -> None:
-    """Renames the finished tmp into place (an existing output was allowed by overwrite=True). A file replaces a file
-    atomically; otherwise the old output is moved aside, the new one renamed in, and the old one deleted (or put back
-    if that rename fails)."""
-    if not (output.exists() or output.is_symlink()):
-        os.rename(tmp, output)
-    elif tmp.is_file() and output.is_file():
-        os.replace(tmp, output)
-    else:
-        old = output.absolute().parent / f".{output.name}.kalm-soup-old-{uuid.uuid4().hex[:8]}"
-        os.rename(output, old)
-        try:
-            os.rename(tmp, output)
-        except BaseException:
-            os.rename(old, output)
-            raise
-        _remove(old)
-    _fsync_dir(output.absolute().parent)
+    publish(tmp, output, _temp_path(output, "old"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -954,24 +974,26 @@ class SoupAccumulator:
         self._dtypes: dict[str, torch.dtype] = {}
         self._weight_sum = 0.0  # of the fp32-rounded weights
         self.count = 0  # checkpoints added with a positive weight
+        self._broken = ""  # why the accumulator is unusable (an add that failed after changing it), else ""
 
     @property
     def total_weight(self) -> float:
         return self._weight_sum
 
     def add(self, source, weight: float = 1.0) -> SoupAccumulator:
-        """Adds ``weight * source``; source: a state dict (name -> tensor), an nn.Module or a checkpoint path."""
+        """Adds ``weight * source``; source: a state dict (name -> tensor), an nn.Module or a checkpoint path. A
+        source that cannot be read or does not match leaves the soup as it was."""
+        self._usable()
         weight = _fp32(_as_weight(weight, "weight"))
         if isinstance(source, (str, os.PathLike)):
             ck = _open_checkpoint(Path(source))
             problems = self._check({n: (t.shape, t.dtype) for n, t in ck.tensors.items()}, str(source))
             if problems:
                 raise SoupError(problems, "cannot add this checkpoint")
-            self._init({n: (t.shape, _FLOAT[t.dtype]) for n, t in ck.tensors.items()})
             if weight > 0:
-                first = self.count == 0
-                for name, t in _read_tensors(ck):  # one at a time: the tensors share one reused buffer
-                    self._kernels.accumulate([self._entry(name, t)], weight, first)
+                self._add_checkpoint(ck, weight)
+            else:
+                self._init({n: (t.shape, _FLOAT[t.dtype]) for n, t in ck.tensors.items()})
         else:
             state = source.state_dict() if isinstance(source, torch.nn.Module) else source
             if not isinstance(state, Mapping):
@@ -990,6 +1012,27 @@ class SoupAccumulator:
             self._weight_sum += weight
             self.count += 1
         return self
+
+    def _add_checkpoint(self, ck: _Checkpoint, weight: float) -> None:
+        """All or nothing: every tensor is read once first, so a truncated or unreadable file raises with the soup
+        untouched; then read again (the page cache usually serves it) into the accumulator one tensor at a time, in
+        one reused buffer, so memory stays at one tensor. A read failing in that second pass (a file changed or a
+        disk failed in between) leaves a partial sum that cannot be undone without a copy of the whole soup: the
+        accumulator then refuses every further use, naming the failure."""
+        for _ in _read_tensors(ck):
+            pass
+        self._init({n: (t.shape, _FLOAT[t.dtype]) for n, t in ck.tensors.items()})
+        first = self.count == 0
+        try:
+            for name, t in _read_tensors(ck):
+                self._kernels.accumulate([self._entry(name, t)], weight, first)
+        except BaseException as e:
+            self._broken = f"adding {ck.path} failed midway ({type(e).__name__}: {e}); the soup holds a partial sum"
+            raise
+
+    def _usable(self) -> None:
+        if self._broken:
+            raise RuntimeError(f"this SoupAccumulator cannot be used: {self._broken}")
 
     def _check(self, specs: Mapping[str, tuple[tuple[int, ...], str]], label: str) -> list[str]:
         problems = [f"{n!r} is {d} in {label}: only F32, F16 and BF16 tensors can be averaged"
@@ -1036,6 +1079,7 @@ class SoupAccumulator:
         return self._result({n: dtype or d for n, d in self._dtypes.items()})
 
     def _result(self, dtypes: Mapping[str, torch.dtype]) -> dict[str, torch.Tensor]:
+        self._usable()
         if self._weight_sum == 0:
             raise ValueError("the soup is empty: no checkpoint with a positive weight was added")
         out = {n: torch.empty(self._shapes[n], dtype=dtypes[n], device=self.device) for n in self._shapes}
@@ -1056,7 +1100,7 @@ class SoupAccumulator:
         new._acc = {n: t.clone() for n, t in self._acc.items()}
         new._comp = {n: t.clone() for n, t in self._comp.items()}
         new._shapes, new._dtypes = dict(self._shapes), dict(self._dtypes)
-        new._weight_sum, new.count = self._weight_sum, self.count
+        new._weight_sum, new.count, new._broken = self._weight_sum, self.count, self._broken
         return new
 
 

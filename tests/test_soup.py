@@ -583,6 +583,117 @@ def test_accumulator_refuses_mismatches_and_stays_unchanged():
         SoupAccumulator().add({"w": [1.0, 2.0]})
 
 
+def test_accumulator_add_is_all_or_nothing_when_a_read_fails(tmp_path, monkeypatch):
+    """A checkpoint whose read fails midway (an I/O error on its second tensor, or a file truncated after its
+    header) leaves the soup exactly as it was; the first checkpoint too leaves an empty soup behind."""
+    states = [{"a": torch.full((64,), float(k)), "b": torch.full((32,), 10.0 * k), "c": torch.ones(8) * k}
+              for k in range(1, 4)]
+    paths = [save(tmp_path / f"m{k}.safetensors", sd) for k, sd in enumerate(states)]
+    acc = SoupAccumulator(compensated=True).add(paths[0])
+    before = acc.result(F32)
+    real = S._pread_into
+    calls = []
+
+    def failing(fd, view, offset, path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(5, "I/O error (simulated)")
+        real(fd, view, offset, path)
+
+    monkeypatch.setattr(S, "_pread_into", failing)
+    with pytest.raises(OSError, match="simulated"):
+        acc.add(paths[1])
+    monkeypatch.setattr(S, "_pread_into", real)
+    assert acc.count == 1 and all(torch.equal(acc.result(F32)[k], before[k]) for k in before)
+
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(paths[2].read_bytes()[:-40])  # the header intact, the last tensor's bytes cut short
+    with pytest.raises((SoupError, OSError)):
+        acc.add(truncated)
+    assert acc.count == 1 and all(torch.equal(acc.result(F32)[k], before[k]) for k in before)
+    assert_soup_close(acc.add(paths[1]).result()["a"], [states[0]["a"], states[1]["a"]], [1.0, 1.0], "a")
+
+    monkeypatch.setattr(S, "_pread_into", failing)
+    calls.clear()
+    empty = SoupAccumulator()
+    with pytest.raises(OSError, match="simulated"):
+        empty.add(paths[0])
+    monkeypatch.setattr(S, "_pread_into", real)
+    assert empty.count == 0
+    assert_soup_close(empty.add(paths[2]).result()["b"], [states[2]["b"]], [1.0], "b")
+
+
+def test_accumulator_refuses_use_after_a_failure_it_could_not_undo(tmp_path, monkeypatch):
+    """A read that fails only on the second pass (the file changed between the check and the sum) leaves a partial
+    sum: the accumulator says so on every later call instead of returning a wrong soup."""
+    states = [{"a": torch.full((64,), float(k)), "b": torch.ones(32) * k} for k in range(2)]
+    paths = [save(tmp_path / f"m{k}.safetensors", sd) for k, sd in enumerate(states)]
+    acc = SoupAccumulator().add(paths[0])
+    real, calls = S._pread_into, []
+
+    def failing_late(fd, view, offset, path):
+        calls.append(path)
+        if len(calls) == 4:  # pass 1 read a and b; pass 2 added a, then b fails
+            raise OSError(5, "disk gone (simulated)")
+        real(fd, view, offset, path)
+
+    monkeypatch.setattr(S, "_pread_into", failing_late)
+    with pytest.raises(OSError, match="disk gone"):
+        acc.add(paths[1])
+    for call in (acc.result, lambda: acc.add(states[0]), lambda: acc.load_into(torch.nn.Linear(1, 1))):
+        with pytest.raises(RuntimeError, match="adding .*m1.safetensors failed midway"):
+            call()
+
+
+def _hidden(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_killed_soup_leaves_temporaries_that_the_next_soup_removes(tmp_path):
+    """SIGKILL mid-write: no output, a hidden temporary beside it. The next soup to the same output removes the
+    temporaries of dead runs -- never those of a live process or of another host sharing the folder."""
+    g = torch.Generator().manual_seed(11)
+    inputs = [make_folder(tmp_path / f"m{i}", {"w": torch.randn(4096, generator=g)}) for i in range(2)]
+    out = tmp_path / "out"
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time, kalm_fast.soup as S
+        S._copy_side_files = lambda *a, **k: (print("written", flush=True), time.sleep(120))
+        S.soup([{str(inputs[0])!r}, {str(inputs[1])!r}], {str(out)!r})
+        """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "written"  # the shards are in the temporary folder
+        child.kill()
+        child.wait(30)
+    finally:
+        child.kill()
+    dead = _hidden(tmp_path)
+    assert not out.exists() and len(dead) == 1 and dead[0].startswith(".out.kalm-soup-new-")
+    live = tmp_path / f".out.kalm-soup-new-{S._HOST}-{os.getpid()}-0123abcd"  # this test's own (live) process
+    other = tmp_path / f".out.kalm-soup-new-otherhost-{child.pid}-0123abcd"  # same pid, another machine
+    live.mkdir()
+    other.mkdir()
+    soup(inputs, out)
+    assert _hidden(tmp_path) == sorted([live.name, other.name])
+    assert_soup_close(load_file(out / "model.safetensors")["w"],
+                      [load_file(i / "model.safetensors")["w"] for i in inputs], [1.0, 1.0], "w")
+
+
+def test_crash_between_the_two_renames_keeps_the_old_output(tmp_path):
+    """A run killed after moving the old output aside but before renaming the new one in: the old output is the only
+    complete one, and the next soup to that output puts it back before it writes."""
+    g = torch.Generator().manual_seed(12)
+    inputs = [make_folder(tmp_path / f"m{i}", {"w": torch.randn(64, generator=g)}) for i in range(2)]
+    out = soup(inputs, tmp_path / "out")
+    dead_pid = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout.strip()
+    aside = tmp_path / f".out.kalm-soup-old-{S._HOST}-{dead_pid}-0123abcd"
+    os.rename(out, aside)
+    assert S._clean_stale_temps(out) == [] and out.is_dir() and not aside.exists()
+    os.rename(out, aside)  # now beside a complete output: a leftover
+    soup(inputs, out, overwrite=True)
+    assert out.is_dir() and not aside.exists() and _hidden(tmp_path) == []
+
+
 def test_greedy_soup_keeps_only_improving_candidates(tmp_path):
     """Four noisy copies of a target (each averaging step lowers the noise) and two biased ones (which hurt):
     the greedy soup starts from the best single candidate, takes the noisy copies, refuses the biased ones."""

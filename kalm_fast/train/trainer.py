@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from kalm_fast import ops
+from kalm_fast.atomic import publish
 from kalm_fast.distributed import gather_with_grad, pos_idx_offset
 from kalm_fast.model import Embedder, query_prompt
 from kalm_fast.train.config import STAGE_ORDER, Recipe, RecipeError, StageConfig, TaskSpec, check_data, dump_recipe
@@ -581,8 +582,9 @@ def _soup_stage(recipe: Recipe, embedder: Embedder, out: Path, evaluator: Evalua
         tmp = target.with_name(".model.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         embedder.save_pretrained(tmp)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
+        if target.exists():  # a .model.old beside a complete target is a dead run's leftover
+            shutil.rmtree(target.with_name(".model.old"), ignore_errors=True)
+        publish(tmp, target, target.with_name(".model.old"))  # a crash leaves the old soup or the new one
     else:
         soup(candidates, target, weights=so.weights if so.method == "weighted" else None, overwrite=True,
              progress=False)
