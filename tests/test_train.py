@@ -511,3 +511,32 @@ def test_demo_progress_lines(capsys):
     assert "b step 2" in lines[2]
     assert lines[3].startswith("[demo]  75% |") and "now: c" in lines[3]
     assert len(lines) == 4
+
+
+class _Payload:
+    """A pickle that runs code when unpickled (what a replaced optimizer.pt in a shared folder could hold)."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "code ran"))
+
+
+def test_resume_refuses_a_crafted_pickle(tmp_path, tiny_model_dir):
+    raw = _recipe(tmp_path, tiny_model_dir)
+
+    def crash(stage, step):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        tr.run_recipe(load_recipe(raw=raw), callback=crash)
+    state = tmp_path / "run" / "pretrain" / "checkpoints" / "step-000002" / "state" / "optimizer.pt"
+    legit = torch.load(state, weights_only=True)  # what the trainer writes loads without unpickling
+    assert {"optimizer", "scheduler", "rng"} <= legit.keys()
+    marker = tmp_path / "pwned.txt"
+    torch.save({"optimizer": _Payload(str(marker))}, state)
+    with pytest.raises(tr.TrainingError, match="optimizer.pt: refused to load"):
+        tr.run_recipe(load_recipe(raw=raw))
+    assert not marker.exists()

@@ -29,6 +29,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import shutil
 import time
 from collections.abc import Callable
@@ -316,8 +317,16 @@ class Checkpoints:
                 shutil.rmtree(p, ignore_errors=True)
 
     def load(self, path: Path, embedder: Embedder, optimizer, scheduler, device) -> dict:
+        """Resumes from ``path``. Nothing is unpickled: the optimizer, scheduler and RNG states are tensors,
+        numbers, strings and containers, loaded with ``weights_only=True`` -- a replaced file in a shared output
+        folder cannot run code, it is refused."""
+        state_file = path / "state" / "optimizer.pt"
+        try:
+            blob = torch.load(state_file, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise TrainingError(f"{state_file}: refused to load (it holds more than tensors and plain values: "
+                                f"not a file this trainer wrote): {str(e).splitlines()[0]}") from None
         load_weights(embedder, path / "model")
-        blob = torch.load(path / "state" / "optimizer.pt", map_location="cpu", weights_only=False)
         optimizer.load_state_dict(blob["optimizer"])
         scheduler.load_state_dict(blob["scheduler"])
         _set_rng_state(blob["rng"], device)
