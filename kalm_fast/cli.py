@@ -171,7 +171,7 @@ def _eval_run(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, Command] = {
-    "demo": Command("run the whole recipe on embedded data (stdlib docs, all-MiniLM-L6-v2; ~3-8 minutes on 2 CPU cores)",
+    "demo": Command("run the whole recipe on embedded data (stdlib docs, all-MiniLM-L6-v2; 2.5-8 min on 2 cores)",
                     _demo_arguments, _demo_run, _training_errors),
     "train": Command("run a recipe: pretrain -> mine -> finetune -> soup, with MTEB checks",
                      _train_arguments, _train_run, _training_errors),

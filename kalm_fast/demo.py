@@ -50,8 +50,8 @@ DEMO_MEASURED = "2:34 on an AMD EPYC, 2 cores, AVX2, fp32 GEMM 162 GFLOP/s, prob
 
 
 def machine_probe(model_path, *, max_length: int = 128, batch: int = 16) -> dict:
-    """A short measurement of this machine: fp32 GEMM rate (1024^3, best of 3) and forward +
-    backward passes (a warm-up, then best of 2) of the embedder on ``batch`` texts of ``max_length`` tokens. Returns {"gemm_gflops",
+    """A short measurement of this machine: fp32 GEMM rate (1024^3, best of 3) and forward + backward passes (a
+    warm-up, then best of 2) of the embedder on ``batch`` texts of ``max_length`` tokens. Returns {"gemm_gflops",
     "step_seconds", "cpu"} ("cpu": lscpu's model name, when readable)."""
     import torch
 
