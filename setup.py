@@ -81,7 +81,7 @@ setup(
     long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["kalm_fast", "kalm_fast.train", "kalm_fast.kernels", "kalm_fast.recipes"],
+    packages=["kalm_fast", "kalm_fast.soup", "kalm_fast.train", "kalm_fast.kernels", "kalm_fast.recipes"],
     package_dir={"kalm_fast.kernels": "kernels", "kalm_fast.recipes": "recipes"},
     package_data={"kalm_fast.recipes": ["*.yaml"]},
     ext_modules=[CMakeExtension("kalm_fast._C")],

@@ -31,7 +31,10 @@ from safetensors.torch import load_file, save_file
 import kalm_fast
 from kalm_fast import cli
 
-S = importlib.import_module("kalm_fast.soup")  # the module (kalm_fast.soup is also callable as the function)
+S = importlib.import_module("kalm_fast.soup")  # the package (kalm_fast.soup is also callable as the function)
+PARTS = [importlib.import_module(f"kalm_fast.soup.{m}") for m in ("_format", "_checks", "_kernels", "_stream",
+                                                                  "_files", "_accumulate")]
+K, FILES = importlib.import_module("kalm_fast.soup._kernels"), importlib.import_module("kalm_fast.soup._files")
 soup, SoupAccumulator, SoupError, greedy_soup = S.soup, S.SoupAccumulator, S.SoupError, S.greedy_soup
 
 BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
@@ -139,10 +142,10 @@ def disable_ext(monkeypatch):
     def disable():
         monkeypatch.setitem(sys.modules, "kalm_fast._C", None)
         monkeypatch.delattr(kalm_fast, "_C", raising=False)
-        S._load_ext.cache_clear()
+        K._load_ext.cache_clear()
 
     yield disable
-    S._load_ext.cache_clear()
+    K._load_ext.cache_clear()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -155,7 +158,7 @@ def disable_ext(monkeypatch):
 def test_soup_matches_float64_reference(mixed, tmp_path, monkeypatch, chunk, dtype, compensated):
     paths, states = mixed
     if chunk:  # groups of several tensors, and "big" / "embed" split across groups
-        monkeypatch.setattr(S, "_CHUNK_CPU", chunk)
+        patch_soup(monkeypatch, "_CHUNK_CPU", chunk)
     before = snapshot(*paths)
     out = soup(paths, tmp_path / "out.safetensors", weights=WEIGHTS, dtype=dtype, compensated=compensated)
     assert snapshot(*paths) == before
@@ -222,7 +225,7 @@ def test_cast_rounds_to_nearest_even_like_torch(divisor):
     rand = torch.randint(0, 2**32, (1 << 20,), generator=g, dtype=torch.int64)
     bits = torch.cat([torch.tensor(ties + edges, dtype=torch.int64), rand])
     x = ((bits + 2**31) % 2**32 - 2**31).to(torch.int32).view(F32)
-    kernels = S._Kernels(torch.device("cpu"))
+    kernels = K._Kernels(torch.device("cpu"))
     assert kernels.ext is not None
     for dtype in (BF16, F16, F32):
         out = torch.empty(x.numel(), dtype=dtype)
@@ -236,7 +239,7 @@ def test_cast_rounds_to_nearest_even_like_torch(divisor):
 
 def test_upcast_is_exact_for_every_16_bit_pattern():
     """All 65536 bf16 and fp16 bit patterns (subnormals, Inf, NaN) through acc = 1 * x equal torch's .float()."""
-    kernels = S._Kernels(torch.device("cpu"))
+    kernels = K._Kernels(torch.device("cpu"))
     for dtype in (BF16, F16):
         x = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
         acc = torch.empty(x.numel(), dtype=F32)
@@ -257,7 +260,7 @@ def test_torch_fallback_equals_extension(mixed, tmp_path, disable_ext):
     disable_ext()
     with pytest.warns(RuntimeWarning, match=r"torch fallback: rebuild it with `python setup.py build_ext --inplace`"):
         torch_out = soup(paths, tmp_path / "torch.safetensors", weights=WEIGHTS)
-    assert S._Kernels(torch.device("cpu")).ext is None
+    assert K._Kernels(torch.device("cpu")).ext is None
     assert torch_out.read_bytes() == ext_out.read_bytes()
     for c in (False, True):
         acc = SoupAccumulator(compensated=c)
@@ -431,9 +434,17 @@ def test_cuda_device_without_cuda_is_refused(mixed, tmp_path):
         soup(mixed[0], tmp_path / "out.safetensors", device="cuda")
 
 
+def patch_soup(monkeypatch, name: str, value) -> None:
+    """Sets ``name`` in every module of kalm_fast.soup that binds it (a helper imported by several modules)."""
+    bound = [m for m in PARTS if hasattr(m, name)]
+    assert bound, name
+    for m in bound:
+        monkeypatch.setattr(m, name, value)
+
+
 def _fail_on_call(monkeypatch, name: str, k: int):
-    """Makes S.<name> raise OSError on its k-th call (counting from 1)."""
-    real, calls = getattr(S, name), [0]
+    """Makes kalm_fast.soup's <name> raise OSError on its k-th call (counting from 1), wherever it is called from."""
+    real, calls = next(getattr(m, name) for m in PARTS if hasattr(m, name)), [0]
 
     @functools.wraps(real)
     def flaky(*args, **kwargs):
@@ -442,7 +453,7 @@ def _fail_on_call(monkeypatch, name: str, k: int):
             raise OSError(28, "No space left on device (simulated)")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(S, name, flaky)
+    patch_soup(monkeypatch, name, flaky)
     return calls
 
 
@@ -456,7 +467,7 @@ def test_crash_mid_write_leaves_no_output_and_keeps_the_old_one(tmp_path, monkey
     else:
         inputs = [save(tmp_path / f"m{i}.safetensors", sd) for i, sd in enumerate(states)]
         out = tmp_path / "out.safetensors"
-    monkeypatch.setattr(S, "_CHUNK_CPU", 4096)  # several groups per file: the failure lands mid-file
+    patch_soup(monkeypatch, "_CHUNK_CPU", 4096)  # several groups per file: the failure lands mid-file
     before = snapshot(*inputs)
     calls = _fail_on_call(monkeypatch, "_write_all", 4)
     with pytest.raises(OSError, match="simulated"):
@@ -494,7 +505,7 @@ def test_failed_final_rename_restores_the_old_output(tmp_path, monkeypatch):
             raise OSError(5, "I/O error (simulated)")
         real_rename(src, dst)
 
-    monkeypatch.setattr(S.os, "rename", rename)
+    monkeypatch.setattr(os, "rename", rename)
     with pytest.raises(OSError, match="simulated"):
         soup(inputs, out, overwrite=True)
     assert snapshot(out) == old and leftovers(tmp_path) == []
@@ -510,8 +521,8 @@ def test_streaming_peak_rss_stays_below_one_input(tmp_path):
     script = textwrap.dedent(f"""
         import importlib
         S = importlib.import_module("kalm_fast.soup")
-        S._CHUNK_CPU = 1 << 18
-        S._load_ext()  # torch imported and the extension loaded before the baseline
+        importlib.import_module("kalm_fast.soup._files")._CHUNK_CPU = 1 << 18
+        importlib.import_module("kalm_fast.soup._kernels")._load_ext()  # before the baseline
 
         def status_kb(key):
             with open("/proc/self/status") as f:
@@ -591,7 +602,7 @@ def test_accumulator_add_is_all_or_nothing_when_a_read_fails(tmp_path, monkeypat
     paths = [save(tmp_path / f"m{k}.safetensors", sd) for k, sd in enumerate(states)]
     acc = SoupAccumulator(compensated=True).add(paths[0])
     before = acc.result(F32)
-    real = S._pread_into
+    real = S._stream._pread_into
     calls = []
 
     def failing(fd, view, offset, path):
@@ -600,10 +611,10 @@ def test_accumulator_add_is_all_or_nothing_when_a_read_fails(tmp_path, monkeypat
             raise OSError(5, "I/O error (simulated)")
         real(fd, view, offset, path)
 
-    monkeypatch.setattr(S, "_pread_into", failing)
+    patch_soup(monkeypatch, "_pread_into", failing)
     with pytest.raises(OSError, match="simulated"):
         acc.add(paths[1])
-    monkeypatch.setattr(S, "_pread_into", real)
+    patch_soup(monkeypatch, "_pread_into", real)
     assert acc.count == 1 and all(torch.equal(acc.result(F32)[k], before[k]) for k in before)
 
     truncated = tmp_path / "truncated.safetensors"
@@ -613,12 +624,12 @@ def test_accumulator_add_is_all_or_nothing_when_a_read_fails(tmp_path, monkeypat
     assert acc.count == 1 and all(torch.equal(acc.result(F32)[k], before[k]) for k in before)
     assert_soup_close(acc.add(paths[1]).result()["a"], [states[0]["a"], states[1]["a"]], [1.0, 1.0], "a")
 
-    monkeypatch.setattr(S, "_pread_into", failing)
+    patch_soup(monkeypatch, "_pread_into", failing)
     calls.clear()
     empty = SoupAccumulator()
     with pytest.raises(OSError, match="simulated"):
         empty.add(paths[0])
-    monkeypatch.setattr(S, "_pread_into", real)
+    patch_soup(monkeypatch, "_pread_into", real)
     assert empty.count == 0
     assert_soup_close(empty.add(paths[2]).result()["b"], [states[2]["b"]], [1.0], "b")
 
@@ -629,7 +640,7 @@ def test_accumulator_refuses_use_after_a_failure_it_could_not_undo(tmp_path, mon
     states = [{"a": torch.full((64,), float(k)), "b": torch.ones(32) * k} for k in range(2)]
     paths = [save(tmp_path / f"m{k}.safetensors", sd) for k, sd in enumerate(states)]
     acc = SoupAccumulator().add(paths[0])
-    real, calls = S._pread_into, []
+    real, calls = S._stream._pread_into, []
 
     def failing_late(fd, view, offset, path):
         calls.append(path)
@@ -637,7 +648,7 @@ def test_accumulator_refuses_use_after_a_failure_it_could_not_undo(tmp_path, mon
             raise OSError(5, "disk gone (simulated)")
         real(fd, view, offset, path)
 
-    monkeypatch.setattr(S, "_pread_into", failing_late)
+    patch_soup(monkeypatch, "_pread_into", failing_late)
     with pytest.raises(OSError, match="disk gone"):
         acc.add(paths[1])
     for call in (acc.result, lambda: acc.add(states[0]), lambda: acc.load_into(torch.nn.Linear(1, 1))):
@@ -656,8 +667,8 @@ def test_killed_soup_leaves_temporaries_that_the_next_soup_removes(tmp_path):
     inputs = [make_folder(tmp_path / f"m{i}", {"w": torch.randn(4096, generator=g)}) for i in range(2)]
     out = tmp_path / "out"
     child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import time, kalm_fast.soup as S
-        S._copy_side_files = lambda *a, **k: (print("written", flush=True), time.sleep(120))
+        import time, kalm_fast.soup as S, kalm_fast.soup._files as F
+        F._copy_side_files = lambda *a, **k: (print("written", flush=True), time.sleep(120))
         S.soup([{str(inputs[0])!r}, {str(inputs[1])!r}], {str(out)!r})
         """)], stdout=subprocess.PIPE, text=True)
     try:
@@ -668,7 +679,7 @@ def test_killed_soup_leaves_temporaries_that_the_next_soup_removes(tmp_path):
         child.kill()
     dead = _hidden(tmp_path)
     assert not out.exists() and len(dead) == 1 and dead[0].startswith(".out.kalm-soup-new-")
-    live = tmp_path / f".out.kalm-soup-new-{S._HOST}-{os.getpid()}-0123abcd"  # this test's own (live) process
+    live = tmp_path / f".out.kalm-soup-new-{FILES._HOST}-{os.getpid()}-0123abcd"  # this test's own (live) process
     other = tmp_path / f".out.kalm-soup-new-otherhost-{child.pid}-0123abcd"  # same pid, another machine
     live.mkdir()
     other.mkdir()
@@ -686,9 +697,9 @@ def test_crash_between_the_two_renames_keeps_the_old_output(tmp_path):
     out = soup(inputs, tmp_path / "out")
     dead_pid = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                               text=True).stdout.strip()
-    aside = tmp_path / f".out.kalm-soup-old-{S._HOST}-{dead_pid}-0123abcd"
+    aside = tmp_path / f".out.kalm-soup-old-{FILES._HOST}-{dead_pid}-0123abcd"
     os.rename(out, aside)
-    assert S._clean_stale_temps(out) == [] and out.is_dir() and not aside.exists()
+    assert FILES._clean_stale_temps(out) == [] and out.is_dir() and not aside.exists()
     os.rename(out, aside)  # now beside a complete output: a leftover
     soup(inputs, out, overwrite=True)
     assert out.is_dir() and not aside.exists() and _hidden(tmp_path) == []
@@ -754,7 +765,7 @@ def test_cli_soup_end_to_end(mixed, tmp_path, capsys):
 def test_cuda_soup_equals_cpu(mixed, tmp_path, monkeypatch, chunk):
     paths, _ = mixed
     if chunk:  # many groups: the pinned-buffer / copy-stream pipeline turns over many times
-        monkeypatch.setattr(S, "_CHUNK_CUDA", chunk)
+        patch_soup(monkeypatch, "_CHUNK_CUDA", chunk)
     for dtype in (None, "fp32"):
         cpu = soup(paths, tmp_path / f"cpu{dtype}.safetensors", weights=WEIGHTS, dtype=dtype)
         gpu = soup(paths, tmp_path / f"gpu{dtype}.safetensors", weights=WEIGHTS, dtype=dtype, device="cuda")
@@ -806,6 +817,6 @@ def test_cuda_torch_fallback_equals_kernels(disable_ext):
 
 @pytest.mark.gpu
 def test_cuda_available_implies_extension_with_cuda():
-    ext = S._load_ext()
+    ext = K._load_ext()
     assert ext is not None and ext.compiled_with_cuda, "build kalm_fast._C with nvcc on the GPU machine"
     assert shutil.which("nvcc") or Path("/usr/local/cuda/bin/nvcc").exists()
