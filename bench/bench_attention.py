@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import os
 import warnings
 
 import torch
@@ -140,7 +141,8 @@ def _flash_attn_provider(module: str):
 
 
 def providers(device: str) -> dict:
-    out = {"kalm_fast": kalm_fast_provider}
+    # KALM_FAST_AUTOTUNE=1 (bench/gpu_session.sh's second pass): the autotuned kernels, reported under their own name
+    out = {"kalm_fast-autotune" if os.environ.get("KALM_FAST_AUTOTUNE") == "1" else "kalm_fast": kalm_fast_provider}
     out.update({name: sdpa_provider(backend, name) for name, backend in SDPA_BACKENDS.items()})
     if str(device).startswith("cuda"):
         for name, module in (("flash-attn", "flash_attn"), ("flash-attn-4", "flash_attn.cute")):

@@ -25,7 +25,6 @@ plain int argument (>= 16, so Triton's divisibility specialization sees one case
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 
@@ -33,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kalm_fast.kernels.utils import interpreting, is_hopper, next_power_of_2
+from kalm_fast.kernels.utils import autotuning, device_arch, input_guard, interpreting, next_power_of_2, pick
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x * log2(e))
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # ln(2): ln(x) = log2(x) * ln(2)
@@ -105,7 +104,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, lo, 
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_lh"])  # lse/delta (Hq, T): T changes every call
 def _attn_fwd_kernel(
     Q, K, V, Out, Lse, cu_seqlens, sm_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
@@ -171,7 +170,7 @@ def _attn_fwd_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["T"])
+@triton.jit(do_not_specialize=["T", "stride_lh"])  # T changes every call
 def _attn_bwd_preprocess_kernel(Out, DO, DLse, Delta, T, stride_ot, stride_oh, stride_dot, stride_doh, stride_lh,
                                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
                                 HAS_DLSE: tl.constexpr):
@@ -221,7 +220,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, st
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_lh"])  # lse/delta (Hq, T): T changes every call
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, Lse, Delta, DK, DV, cu_seqlens, sm_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
@@ -293,7 +292,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_lh"])  # lse/delta (Hq, T): T changes every call
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, Lse, Delta, DQ, cu_seqlens, sm_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
@@ -339,81 +338,85 @@ def _attn_bwd_dq_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# autotuning: configs per architecture, pruned by shared memory and register estimates
+# configs: compile facts, not estimates
 # ----------------------------------------------------------------------------------------------------------------
 
 _AUTOTUNE_KEY = ["HEAD_DIM", "GROUP", "seqlen_bucket"]  # + the tensor dtypes, which triton's autotuner appends
+_KERNELS = {"fwd": "_attn_fwd_kernel", "dkdv": "_attn_bwd_dkdv_kernel", "dq": "_attn_bwd_dq_kernel"}
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). Forward and dQ own BLOCK_M query rows and loop over BLOCK_N keys; dK/dV
-# owns BLOCK_N keys and loops over BLOCK_M queries (small BLOCK_M keeps its two [BLOCK_N, BLOCK_D] accumulators
-# in registers). "ampere" also serves other non-Hopper GPUs: the pruner drops what their shared memory cannot hold.
-_CONFIGS = {
-    "hopper": {
-        "fwd": [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 64, 4, 4), (64, 64, 4, 3), (64, 32, 4, 4)],
-        "dkdv": [(32, 128, 4, 4), (32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4), (16, 64, 4, 3),
-                 (32, 64, 8, 2)],
-        "dq": [(128, 32, 4, 4), (128, 32, 8, 4), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)],
-    },
-    "ampere": {
-        "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 3),
-                (64, 32, 4, 2)],
-        "dkdv": [(32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2), (16, 64, 4, 3), (32, 64, 8, 2),
-                 (16, 32, 4, 2)],
-        "dq": [(128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (32, 32, 4, 2)],
-    },
-    # one big tile: the interpreter's cost grows with programs x loop iterations, not with tile size
-    "interpreter": {"fwd": [(128, 128, 4, 1)], "dkdv": [(128, 128, 4, 1)], "dq": [(128, 128, 4, 1)]},
+# Candidate tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) that ``python -m bench.compile --search`` compiles for
+# sm_80 and sm_90. Forward and dQ own BLOCK_M query rows and loop over BLOCK_N keys; dK/dV owns BLOCK_N keys and loops
+# over BLOCK_M queries (small BLOCK_M keeps its two [BLOCK_N, BLOCK_D] accumulators in registers).
+CANDIDATES = {
+    "fwd": [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 4, 4), (128, 64, 4, 3), (128, 32, 4, 4),
+            (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2)],
+    "dkdv": [(64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 3), (32, 128, 4, 4), (32, 128, 8, 2), (64, 64, 4, 3),
+             (64, 64, 4, 2), (32, 64, 4, 4), (32, 64, 4, 3), (32, 64, 8, 2), (16, 64, 8, 2), (16, 64, 4, 3), (32, 32, 8, 2), (16, 32, 8, 2),
+             (16, 32, 4, 2)],
+    "dq": [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 4, 4), (128, 32, 8, 4), (128, 32, 4, 3), (64, 64, 4, 3),
+           (64, 64, 4, 2), (64, 32, 4, 4), (64, 32, 4, 3), (32, 32, 4, 2)],
 }
 
+# one big tile under the interpreter: its cost grows with programs x loop iterations, not with tile size
+_CONFIGS = {"interpreter": {"fwd": [(128, 128, 4, 1)], "dkdv": [(128, 128, 4, 1)], "dq": [(128, 128, 4, 1)]}}
 
-def _resource_estimate(kind: str, bm: int, bn: int, bd: int, stages: int, elt: int) -> tuple[int, int]:
-    """Rough (shared memory bytes, fp32 values in registers) of one program: the tiles that are pipelined
-    (x stages) or resident in shared memory, and the fp32 accumulators and score tiles held in registers."""
-    if kind == "fwd":  # q resident; k, v pipelined; acc [bm, bd] and scores [bm, bn] in registers
-        return (bm * bd + stages * 2 * bn * bd) * elt, bm * bd + bm * bn
-    if kind == "dkdv":  # k, v resident; q, dO pipelined; dk, dv [bn, bd] and P^T, dP^T [bn, bm] in registers
-        return (2 * bn * bd + stages * 2 * bm * bd) * elt, 2 * bn * bd + 2 * bn * bm
-    # dq: q, dO resident; k, v pipelined; dq [bm, bd] and P, dP [bm, bn] in registers
-    return (2 * bm * bd + stages * 2 * bn * bd) * elt, bm * bd + 2 * bm * bn
-
-
-def _make_pruner(kind: str):
-    # per-thread fp32 register budget for the estimate above (255 hardware registers minus addresses and operands)
-    reg_budget = 192 if kind == "fwd" else 256
-
-    def prune(configs, named_args, **kwargs):
-        args = {**named_args, **kwargs}
-        q = args["Q"]
-        bd = args["BLOCK_D"]
-        props = torch.cuda.get_device_properties(q.device)
-        smem_cap = getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_block)
-        fits, cost = [], {}
-        for c in configs:
-            smem, regs = _resource_estimate(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], bd, c.num_stages,
-                                            q.element_size())
-            cost[c] = (smem, regs)
-            if smem <= smem_cap and regs <= reg_budget * 32 * c.num_warps:
-                fits.append(c)
-        # nothing fits (fp32 inputs, D = 256): the config with the least shared memory
-        return fits or [min(configs, key=lambda c: cost[c])]
-
-    return prune
+# (kind, arch, BLOCK_D, dtype class) -> configs (BLOCK_M, BLOCK_N, num_warps, num_stages, shared memory bytes) that
+# compiled for the arch with zero spill bytes, tensor cores and shared memory within the arch's opt-in limit, under
+# the CI's Triton and under Triton 3.6, best first: the first is the pinned config (the default), the rest are what
+# KALM_FAST_AUTOTUNE=1 tunes over. Written by ``python -m bench.compile --pin`` from the committed compile tables.
+# BEGIN PINNED
+PINNED = {}
+# END PINNED
 
 
-def _arch(device: torch.device) -> str:
-    if interpreting():
-        return "interpreter"
-    return "hopper" if is_hopper(device) else "ampere"
+AUTOTUNE_MAX = 4  # KALM_FAST_AUTOTUNE=1 benchmarks at most this many surviving configs per key (cold-GPU budget)
+
+
+def chosen_configs() -> dict:
+    """{(kind, arch, BLOCK_D, dtype class): {autotune key: chosen config}} of this process (KALM_FAST_AUTOTUNE=1)."""
+    return {args[2]: {k: str(c) for k, c in tuner.cache.items()} for args, tuner in _TUNERS.items() if args[2]}
+
+
+_TUNERS: dict = {}
+
+
+def _dtype_class(dtype: torch.dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "16bit"
 
 
 @functools.cache
-def _tuned(kind: str, arch: str):
-    """The autotuned kernel of ``kind`` for ``arch`` (one Autotuner per arch, so each keeps its own cache)."""
-    kernel = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}[kind]
-    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-               for bm, bn, w, s in _CONFIGS[arch][kind]]
-    prune = None if arch == "interpreter" else {"early_config_prune": _make_pruner(kind)}
-    return triton.autotune(configs=configs, key=_AUTOTUNE_KEY, prune_configs_by=prune)(kernel)
+def _tuned(kind: str, arch: str, key: tuple = ()):
+    """The autotuned kernel of ``kind``: the interpreter's tile, or on GPU (KALM_FAST_AUTOTUNE=1) the surviving
+    configs of ``PINNED[key]`` (one Autotuner per key, so each keeps its own cache)."""
+    tiles = _CONFIGS[arch][kind] if arch == "interpreter" else [row[:4] for row in PINNED[key][:AUTOTUNE_MAX]]
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in tiles]
+    tuner = triton.autotune(configs=configs, key=_AUTOTUNE_KEY)(globals()[_KERNELS[kind]])
+    _TUNERS[(kind, arch, key)] = tuner
+    return tuner
+
+
+def _launchable(kind: str, q: torch.Tensor, block_d: int):
+    """``kernel[grid](...)``-able object for ``kind`` on q's device: the pinned config by default (same tiles in every
+    process), the autotuner over the surviving configs with KALM_FAST_AUTOTUNE=1, one big tile when interpreting."""
+    arch = device_arch(q.device)
+    if arch == "interpreter":
+        return _tuned(kind, arch)
+    key = (kind, arch, block_d, _dtype_class(q.dtype))
+    if autotuning():
+        return _tuned(kind, arch, key)
+    bm, bn, w, s, _ = pick(PINNED, key, q.device)
+    kernel = globals()[_KERNELS[kind]]
+    return _Pinned(kernel, dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s))
+
+
+class _Pinned:
+    """kernel[grid](*args, **kw) with the pinned config's compile-time arguments added."""
+
+    def __init__(self, kernel, config: dict):
+        self.kernel, self.config = kernel, config
+
+    def __getitem__(self, grid):
+        return lambda *args, **kw: self.kernel[grid](*args, **kw, **self.config)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -442,10 +445,6 @@ def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _device_guard(x: torch.Tensor):
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-
-
 def _batch_chunks(cu_seqlens: torch.Tensor):
     """Slices of cu_seqlens with at most _MAX_GRID_YZ sequences each (offsets stay absolute)."""
     B = cu_seqlens.numel() - 1
@@ -453,6 +452,7 @@ def _batch_chunks(cu_seqlens: torch.Tensor):
         yield cu_seqlens[b0:min(B, b0 + _MAX_GRID_YZ) + 1]
 
 
+@input_guard
 def attn_fwd(q, k, v, cu_seqlens, max_seqlen: int, softmax_scale: float):
     """Forward launcher. q (T, Hq, D), k/v (T, Hkv, D), cu_seqlens int32 (B+1,) -> out (T, Hq, D) in q's dtype,
     lse (Hq, T) fp32 (natural log of the scaled scores' sum of exponentials)."""
@@ -463,19 +463,20 @@ def attn_fwd(q, k, v, cu_seqlens, max_seqlen: int, softmax_scale: float):
     lse = torch.empty((Hq, T), dtype=torch.float32, device=q.device)
     if T == 0:
         return out, lse
-    kernel = _tuned("fwd", _arch(q.device))
-    with _device_guard(q):
-        for cu in _batch_chunks(cu_seqlens):
-            grid = lambda meta, cu=cu: (triton.cdiv(max_seqlen, meta["BLOCK_M"]), Hq, cu.numel() - 1)
-            kernel[grid](
-                q, k, v, out, lse, cu, softmax_scale,
-                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                out.stride(0), out.stride(1), lse.stride(0),
-                _seqlen_bucket(max_seqlen), GROUP=Hq // k.shape[1], **_meta(q),
-            )
+    meta = _meta(q)
+    kernel = _launchable("fwd", q, meta["BLOCK_D"])
+    for cu in _batch_chunks(cu_seqlens):
+        grid = lambda m, cu=cu: (triton.cdiv(max_seqlen, m["BLOCK_M"]), Hq, cu.numel() - 1)
+        kernel[grid](
+            q, k, v, out, lse, cu, softmax_scale,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            out.stride(0), out.stride(1), lse.stride(0),
+            _seqlen_bucket(max_seqlen), GROUP=Hq // k.shape[1], **meta,
+        )
     return out, lse
 
 
+@input_guard
 def attn_bwd(do, q, k, v, out, lse, cu_seqlens, max_seqlen: int, softmax_scale: float, dlse=None):
     """Backward launcher: dO (T, Hq, D) and optionally dlse (Hq, T) -> dq, dk, dv in the dtypes of q, k, v.
     Deterministic: every gradient element is written by exactly one program."""
@@ -493,29 +494,28 @@ def attn_bwd(do, q, k, v, out, lse, cu_seqlens, max_seqlen: int, softmax_scale: 
     delta = torch.empty_like(lse)  # (Hq, T) fp32
     if dlse is not None:
         dlse = dlse.float().contiguous()
-    arch = _arch(q.device)
-    with _device_guard(q):
-        block_t = 8192 // meta["BLOCK_D"]  # 8192-element tiles of O and dO: 64 fp32 values per thread each
-        _attn_bwd_preprocess_kernel[(triton.cdiv(T, block_t), Hq)](
-            out, do, dlse if dlse is not None else delta, delta, T,  # DLse is not read without HAS_DLSE
-            out.stride(0), out.stride(1), do.stride(0), do.stride(1), lse.stride(0),
-            HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_T=block_t, HAS_DLSE=dlse is not None,
+    block_t = 8192 // meta["BLOCK_D"]  # 8192-element tiles of O and dO: 64 fp32 values per thread each
+    _attn_bwd_preprocess_kernel[(triton.cdiv(T, block_t), Hq)](
+        out, do, dlse if dlse is not None else delta, delta, T,  # DLse is not read without HAS_DLSE
+        out.stride(0), out.stride(1), do.stride(0), do.stride(1), lse.stride(0),
+        HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_T=block_t, HAS_DLSE=dlse is not None,
+    )
+    dkdv_kernel = _launchable("dkdv", q, meta["BLOCK_D"])
+    dq_kernel = _launchable("dq", q, meta["BLOCK_D"])
+    for cu in _batch_chunks(cu_seqlens):
+        nb = cu.numel() - 1
+        dkdv_kernel[lambda m, nb=nb: (triton.cdiv(max_seqlen, m["BLOCK_N"]), Hkv, nb)](
+            q, k, v, do, lse, delta, dk, dv, cu, softmax_scale,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0),
+            bucket, GROUP=Hq // Hkv, **meta,
         )
-        dkdv_kernel, dq_kernel = _tuned("dkdv", arch), _tuned("dq", arch)
-        for cu in _batch_chunks(cu_seqlens):
-            nb = cu.numel() - 1
-            dkdv_kernel[lambda m, nb=nb: (triton.cdiv(max_seqlen, m["BLOCK_N"]), Hkv, nb)](
-                q, k, v, do, lse, delta, dk, dv, cu, softmax_scale,
-                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0),
-                bucket, GROUP=Hq // Hkv, **meta,
-            )
-            dq_kernel[lambda m, nb=nb: (triton.cdiv(max_seqlen, m["BLOCK_M"]), Hq, nb)](
-                q, k, v, do, lse, delta, dq, cu, softmax_scale,
-                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), lse.stride(0),
-                bucket, GROUP=Hq // Hkv, **meta,
-            )
+        dq_kernel[lambda m, nb=nb: (triton.cdiv(max_seqlen, m["BLOCK_M"]), Hq, nb)](
+            q, k, v, do, lse, delta, dq, cu, softmax_scale,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), lse.stride(0),
+            bucket, GROUP=Hq // Hkv, **meta,
+        )
     return dq, dk, dv
 
 

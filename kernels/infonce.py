@@ -45,6 +45,7 @@ Memory: O((B + N) * D) for the fp32 scratch and the gradients, O(B * M) saved; n
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -52,7 +53,7 @@ import triton
 import triton.language as tl
 
 from kalm_fast import reference
-from kalm_fast.kernels.utils import interpreting, is_hopper, next_power_of_2
+from kalm_fast.kernels.utils import autotuning, device_arch, input_guard, interpreting, next_power_of_2, pick
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -60,24 +61,72 @@ _INT32_MAX = tl.constexpr(2**31 - 1)  # module constants used inside @triton.jit
 _NORM_EPS = tl.constexpr(reference.L2_EPS)
 
 
-def _configs():
-    """Tile configs: one big-tile config under the interpreter (cost ~ programs x loop iterations), a small search
-    space on GPU. Chosen from sm_90 compiles (Triton 3.9, ptxas resource usage): 32 fp32 scores per thread (e.g.
-    128 x 64 tiles on 8 warps) stay near 180-230 registers without spills, 64 per thread (128 x 128 on 8 warps) hit
-    255 and spill a little; a long looped dimension (BLOCK_N for the forward and dq, BLOCK_M for dd) amortizes the
-    scratch read-modify-write. Hopper has 228 KiB of shared memory per SM: one more pipeline stage than Ampere."""
-    if interpreting():
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=1)]
-    s = 4 if is_hopper() else 3
-    return [
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=s),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=s),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=8, num_stages=s),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 128}, num_warps=8, num_stages=s - 1),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 64}, num_warps=8, num_stages=s - 1),
-        triton.Config({"BLOCK_M": 256, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=8, num_stages=s - 1),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=s),
-    ]
+# Candidate tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) that ``python -m bench.compile --search`` compiles
+# per arch: 32 fp32 scores per thread (128 x 64 tiles on 8 warps) stay near 180-230 registers, 64 per thread
+# (128 x 128 on 8 warps) reach 255; a long looped dimension (BLOCK_N for the forward and dq, BLOCK_M for dd)
+# amortizes the scratch read-modify-write. sm_90 has 228 KiB of shared memory per SM: one more stage than sm_80.
+CANDIDATES = {
+    arch: [(128, 128, 64, 8, s), (64, 128, 64, 8, s), (128, 64, 64, 8, s), (128, 64, 128, 8, s - 1),
+           (64, 256, 64, 8, s - 1), (256, 64, 64, 8, s - 1), (64, 64, 64, 4, s), (64, 64, 32, 4, s - 1),
+           (32, 64, 32, 4, 2)]
+    for arch, s in (("sm_80", 3), ("sm_90", 4))
+}
+# one big tile under the interpreter (its cost ~ programs x loop iterations)
+_INTERPRETER_CONFIG = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=1)
+
+# (kind, arch, dtype class) -> configs (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, shared memory bytes) that
+# compiled for the arch with zero spill bytes, tensor cores and shared memory within the arch's opt-in limit, under
+# the CI's Triton and under Triton 3.6, best first: the first is the pinned config (the default), the rest are what
+# KALM_FAST_AUTOTUNE=1 tunes over. Written by ``python -m bench.compile --pin`` from the committed compile tables.
+# BEGIN PINNED
+PINNED = {}
+# END PINNED
+
+_KERNELS = {"fwd": "_infonce_fwd_kernel", "dq": "_infonce_dq_kernel", "dd": "_infonce_dd_kernel"}
+_AUTOTUNE_KEYS = {"fwd": ["D", "NUM_TOP", "GROUPED"], "dq": ["D", "NUM_TOP", "NUM_MIX", "GROUPED"],
+                  "dd": ["D", "GROUPED"]}
+
+
+AUTOTUNE_MAX = 4  # KALM_FAST_AUTOTUNE=1 benchmarks at most this many surviving configs per key (cold-GPU budget)
+_TUNERS: dict = {}
+
+
+def chosen_configs() -> dict:
+    """{(kind, arch, dtype class): {autotune key: chosen config}} of this process (KALM_FAST_AUTOTUNE=1)."""
+    return {key: {k: str(c) for k, c in tuner.cache.items()} for key, tuner in _TUNERS.items()}
+
+
+@functools.cache
+def _tuned(kind: str, key: tuple):
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+               for bm, bn, bk, w, s, _ in PINNED[key][:AUTOTUNE_MAX]]
+    tuner = triton.autotune(configs=configs, key=_AUTOTUNE_KEYS[kind])(globals()[_KERNELS[kind]])
+    _TUNERS[key] = tuner
+    return tuner
+
+
+def _launchable(kind: str, x: torch.Tensor):
+    """``kernel[grid](...)``-able object: the pinned config by default (same tiles in every process),
+    the autotuner over the surviving configs with KALM_FAST_AUTOTUNE=1, one big tile when interpreting."""
+    kernel = globals()[_KERNELS[kind]]
+    arch = device_arch(x.device)
+    if arch == "interpreter":
+        return _Pinned(kernel, _INTERPRETER_CONFIG)
+    key = (kind, arch, "fp32" if x.dtype == torch.float32 else "16bit")
+    if autotuning():
+        return _tuned(kind, key)
+    bm, bn, bk, w, s, _ = pick(PINNED, key, x.device)
+    return _Pinned(kernel, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=s))
+
+
+class _Pinned:
+    """kernel[grid](*args, **kw) with the pinned config's compile-time arguments added."""
+
+    def __init__(self, kernel, config: dict):
+        self.kernel, self.config = kernel, config
+
+    def __getitem__(self, grid):
+        return lambda *args, **kw: self.kernel[grid](*args, **kw, **self.config)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -151,8 +200,7 @@ def _insert_top(top_v, top_i, x, cols, slots, NUM_TOP: tl.constexpr, TOP_PAD: tl
     return top_v, top_i
 
 
-@triton.autotune(configs=_configs(), key=["D", "NUM_TOP", "GROUPED"])
-@triton.jit
+@triton.jit(do_not_specialize=["B", "N", "G"])  # per-call sizes: bounds only, no recompilation
 def _infonce_fwd_kernel(
     Q, Dm, POS, QORD, LSE2, LOGP2, TOPV, TOPI,
     B, N, D, stride_q, stride_d, G, qk_scale,
@@ -211,7 +259,7 @@ def _infonce_fwd_kernel(
     tl.store(TOPI + top_ptrs, top_i, mask=top_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B"])
 def _infonce_mix_kernel(
     Dm, TOPV, TOPI, LAM, ZH, NRM,
     B, D, stride_d, inv_tau,
@@ -252,8 +300,7 @@ def _infonce_mix_kernel(
         tl.store(NRM + offs_b * NUM_MIX + m, nrm, mask=b_mask)
 
 
-@triton.autotune(configs=_configs(), key=["D", "NUM_TOP", "NUM_MIX", "GROUPED"])
-@triton.jit
+@triton.jit(do_not_specialize=["B", "N", "G"])
 def _infonce_dq_kernel(
     Q, Dm, POS, QORD, LSE2, GRAD, TOPI, CA, CB, DQACC, DQ,
     B, N, D, stride_q, stride_d, G, qk_scale, inv_tau,
@@ -336,8 +383,7 @@ def _lower_bound(SORTED, n, value):
     return lo
 
 
-@triton.autotune(configs=_configs(), key=["D", "GROUPED"])
-@triton.jit
+@triton.jit(do_not_specialize=["B", "N", "G"])
 def _infonce_dd_kernel(
     Q, Dm, POS, QORD, LSE2, GRAD, DDACC, DD,
     B, N, D, stride_q, stride_d, G, qk_scale, inv_tau,
@@ -423,6 +469,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+@input_guard
 def _infonce_fwd(q, d, pos_idx, group_size, in_batch_negatives, temperature, num_mix, mix_lambda):
     """Forward kernels. q (B, D), d (N, D), pos_idx int64 (B,), mix_lambda (B, M) fp32 when num_mix > 0.
 
@@ -441,7 +488,7 @@ def _infonce_fwd(q, d, pos_idx, group_size, in_batch_negatives, temperature, num
     top_v = torch.empty(B, K, device=q.device, dtype=torch.float32)
     top_i = torch.empty(B, K, device=q.device, dtype=torch.int32)
     interp = interpreting()
-    _infonce_fwd_kernel[lambda meta: (triton.cdiv(B, meta["BLOCK_M"]),)](
+    _launchable("fwd", q)[lambda meta: (triton.cdiv(B, meta["BLOCK_M"]),)](
         q, d, pos_visit, order, lse2, logp2, top_v, top_i,
         B, N, D, q.stride(0), d.stride(0), group_size, LOG2E / temperature,
         NUM_TOP=K, TOP_PAD=max(2, next_power_of_2(K)), GROUPED=not in_batch_negatives,
@@ -459,6 +506,7 @@ def _infonce_fwd(q, d, pos_idx, group_size, in_batch_negatives, temperature, num
     return lse2, logp2, top_v, top_i, zh, nrm
 
 
+@input_guard
 def _infonce_bwd(q, d, pos_idx, group_size, in_batch_negatives, temperature, lse2, g, top_i, c_a, c_b,
                  need_dq=True, need_dd=True):
     """Backward kernels: dq (B, D) and dd (N, D) in the input dtype (None where not needed) from lse2 (B,) (base-2
@@ -477,7 +525,7 @@ def _infonce_bwd(q, d, pos_idx, group_size, in_batch_negatives, temperature, lse
         dq_acc = torch.empty(B, D, device=q.device, dtype=torch.float32)
         dq = dq_acc if q.dtype == torch.float32 else torch.empty(B, D, device=q.device, dtype=q.dtype)
         mix_args = (c_a.contiguous(), c_b.contiguous()) if num_mix else (g, g)  # unread when NUM_MIX == 0
-        _infonce_dq_kernel[lambda meta: (triton.cdiv(B, meta["BLOCK_M"]),)](
+        _launchable("dq", q)[lambda meta: (triton.cdiv(B, meta["BLOCK_M"]),)](
             q, d, pos_visit, order, lse2, g, top_i, *mix_args, dq_acc, dq,
             B, N, D, q.stride(0), d.stride(0), group_size, LOG2E / temperature, 1.0 / temperature,
             NUM_MIX=num_mix, NUM_TOP=num_mix + 1, **common,
@@ -486,7 +534,7 @@ def _infonce_bwd(q, d, pos_idx, group_size, in_batch_negatives, temperature, lse
     if need_dd:
         dd_acc = torch.empty(N, D, device=d.device, dtype=torch.float32)
         dd = dd_acc if d.dtype == torch.float32 else torch.empty(N, D, device=d.device, dtype=d.dtype)
-        _infonce_dd_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](
+        _launchable("dd", q)[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](
             q, d, pos_visit, order, lse2, g, dd_acc, dd,
             B, N, D, q.stride(0), d.stride(0), group_size, LOG2E / temperature, 1.0 / temperature,
             **common,

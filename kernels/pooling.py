@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from kalm_fast.kernels.utils import interpreting, next_power_of_2
+from kalm_fast.kernels.utils import input_guard, interpreting, next_power_of_2
 from kalm_fast.reference import L2_EPS
 
 _NORM_CODE = {None: 0, "rmsnorm": 1, "layernorm": 2}
@@ -124,7 +124,7 @@ def _finalize(psum, n, seq, offs_h, hmask, H, w_ptr, bias_ptr, out_ptr, phat_ptr
     tl.store(cnt_ptr + seq, n)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])  # chosen per call from B and T
 def _pool_fwd_kernel(
     x_ptr, cu_ptr, mask_ptr, w_ptr, bias_ptr,  # (T, H), (B+1,) int32, (T,) | None, (H,) | None, (H,) | None
     out_ptr, phat_ptr, cnt_ptr,  # without SPLIT: (B, H) in x's dtype, (B, H) fp32, (B,) fp32
@@ -161,7 +161,7 @@ def _pool_fwd_kernel(
                   HAS_W, HAS_B, NORMALIZE)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])  # chosen per call from B and T
 def _pool_fwd_combine_kernel(
     part_ptr, pcnt_ptr, w_ptr, bias_ptr, out_ptr, phat_ptr, cnt_ptr,
     H, num_splits, l2_eps,
@@ -181,7 +181,7 @@ def _pool_fwd_combine_kernel(
               HAS_W, HAS_B, NORMALIZE)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])  # chosen per call from B and T
 def _pool_bwd_kernel(
     x_ptr, cu_ptr, mask_ptr, w_ptr, bias_ptr,  # as in the forward
     phat_ptr, cnt_ptr, g_ptr,  # saved p_hat (B, H) fp32, n (B,) fp32; grad of the output (B, H)
@@ -277,6 +277,7 @@ def _flags(norm, mask, weight, bias, normalize) -> dict:
                 NORMALIZE=bool(normalize))
 
 
+@input_guard
 def _pool_fwd(hidden, cu_seqlens, mask, norm, weight, bias, eps, normalize, *, num_splits=None, block_t=None):
     """Forward launcher. hidden (T, H) with unit stride along H, cu_seqlens int32 (B+1,), mask (T,) int/uint8 or
     None, weight/bias (H,) or None. Returns out (B, H) in hidden's dtype, p_hat (B, H) fp32 and count (B,) fp32."""
@@ -311,6 +312,7 @@ def _pool_fwd(hidden, cu_seqlens, mask, norm, weight, bias, eps, normalize, *, n
     return out, p_hat, count
 
 
+@input_guard
 def _pool_bwd(grad_out, hidden, cu_seqlens, mask, norm, weight, bias, eps, normalize, p_hat, count, *,
               need_dx=True, need_dw=True, need_db=True, num_splits=None, block_t=None):
     """Backward launcher: grad_out (B, H) and the forward's inputs and saved p_hat/count -> (dx | None, dw | None,

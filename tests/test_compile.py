@@ -1,0 +1,60 @@
+"""bench.compile (issue 11): Triton kernels compiled for a GPU target on this GPU-less machine, with the launcher's
+exact specialization, and the facts read back (shared memory, registers, spills, tensor cores).
+
+The CI compiles a slice of the smoke run: the pinned attention forward (D 64 and 128) and pooling forward for sm_90,
+a few seconds each. The whole smoke (`python -m bench.compile --smoke`: every kernel of a few variants, sm_80 and
+sm_90) takes minutes on 2 cores and is the first step of bench/gpu_session.sh; the full table is
+`python -m bench.compile` (committed under bench/results/compile-triton<version>/).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env():
+    return {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "KALM_FAST_AUTOTUNE")}
+
+
+def test_smoke_slice_compiles_pinned_configs_for_sm90(tmp_path):
+    cmd = [sys.executable, "-m", "bench.compile", "--smoke", "--arch", "sm_90", "--kernel", "_attn_fwd_kernel",
+           "--kernel", "_pool_fwd_kernel", "--out", str(tmp_path), "--jobs", "2"]
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "compile.jsonl").read_text().splitlines()]
+    assert {r["kernel"] for r in rows} == {"_attn_fwd_kernel", "_pool_fwd_kernel"}
+    fields = {"kernel", "arch", "dtype", "variant", "config", "pinned", "ok", "error", "shared_bytes", "registers",
+              "spill_bytes", "uses_dot", "tensor_core_instructions", "compile_s", "triton", "git_sha", "date"}
+    for row in rows:
+        assert fields <= row.keys()
+        assert row["ok"] and row["pinned"] and row["arch"] == "sm_90", row
+        assert 0 < row["registers"] <= 255 and row["spill_bytes"] == 0 and row["shared_bytes"] <= 232_448, row
+    attn = [r for r in rows if r["kernel"] == "_attn_fwd_kernel"]
+    assert len(attn) == 2 and all(r["uses_dot"] and r["tensor_core_instructions"] > 0 for r in attn)
+    assert (tmp_path / "compile.md").read_text().count("| _attn_fwd_kernel |") == 2
+
+
+def test_verdict():
+    from bench.compile import verdict
+
+    ok = dict(ok=True, arch="sm_80", dtype="bf16", shared_bytes=166_912, spill_bytes=0, uses_dot=True,
+              tensor_core_instructions=8)
+    assert verdict(ok) == ""
+    assert verdict({**ok, "shared_bytes": 166_913}) == "shared memory"
+    assert verdict({**ok, "spill_bytes": 4}) == "spills"
+    assert verdict({**ok, "tensor_core_instructions": 0}) == "no tensor cores"
+    assert verdict({**ok, "dtype": "fp32", "tensor_core_instructions": 0}) == ""  # ieee fp32 dots use FMA by design
+    assert verdict({**ok, "ok": False}) == "compile error"
+
+
+def test_gpu_session_dry_run():
+    r = subprocess.run(["bash", "bench/gpu_session.sh", "--dry-run"], env=_env(), capture_output=True, text=True,
+                       cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "compile smoke" in r.stdout and "kernel compiles" in r.stdout and "budget 530 s" in r.stdout

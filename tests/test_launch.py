@@ -1,0 +1,279 @@
+"""What the Triton interpreter cannot see about the launchers (issue 11): the device they launch on, CUDA at import
+time, how many compiled variants per-call sizes make, the pinned tables and their reproducibility, 64-bit offsets.
+
+The variant counts use Triton's own binder for an sm_90 target (bench.compile.capture + bind): the specialization
+key it returns is the key of the runtime's kernel cache, so equal keys mean one compile. No GPU and no compile needed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# import time and device
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_no_cuda_at_import():
+    """Importing the kernel modules calls nothing in torch.cuda (infonce built its configs from the device once)."""
+    code = (
+        "import torch\n"
+        "def boom(*a, **k):\n"
+        "    raise RuntimeError('torch.cuda touched at import')\n"
+        "for name in ('is_available', 'get_device_capability', 'get_device_properties', 'current_device',"
+        " 'device_count', 'init'):\n"
+        "    setattr(torch.cuda, name, boom)\n"
+        "import kalm_fast.kernels.attention, kalm_fast.kernels.pooling, kalm_fast.kernels.infonce\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+class _OnCuda1(torch.Tensor):
+    """A CPU tensor that reports itself as living on cuda:1 (enough for the guard, which only reads these two)."""
+
+    @property
+    def is_cuda(self):
+        return True
+
+    @property
+    def device(self):
+        return torch.device("cuda", 1)
+
+
+def test_input_guard_switches_to_the_inputs_device(monkeypatch):
+    from contextlib import contextmanager
+
+    from kalm_fast.kernels import utils
+
+    entered = []
+
+    @contextmanager
+    def fake_device(device):
+        entered.append(torch.device(device))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "device", fake_device)
+    seen = []
+    launcher = utils.input_guard(lambda a, b=None: seen.append(list(entered)) or "done")
+    x = torch.Tensor._make_subclass(_OnCuda1, torch.zeros(3))
+    assert launcher(torch.zeros(1), b=x) == "done"
+    assert entered == [torch.device("cuda", 1)] and seen == [[torch.device("cuda", 1)]]
+    entered.clear()
+    launcher(torch.zeros(1))  # CPU inputs: no device switch
+    assert entered == []
+
+
+def test_every_launcher_is_guarded():
+    from kalm_fast.kernels import attention, infonce, pooling
+
+    for fn in (attention.attn_fwd, attention.attn_bwd, pooling._pool_fwd, pooling._pool_bwd, infonce._infonce_fwd,
+               infonce._infonce_bwd):
+        assert hasattr(fn, "__wrapped__"), f"{fn.__name__} launches without input_guard"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_gpu_inputs_on_the_second_device():
+    import kalm_fast
+
+    torch.cuda.set_device(0)
+    dev = torch.device("cuda", 1)
+    q, k, v = (torch.randn(100, 4, 64, device=dev, dtype=torch.bfloat16) for _ in range(3))
+    cu = torch.tensor([0, 40, 100], dtype=torch.int32, device=dev)
+    out = kalm_fast.flash_attn_varlen_func(q, k, v, cu, 60)
+    ref = kalm_fast.flash_attn_varlen_func(q.cuda(0), k.cuda(0), v.cuda(0), cu.cuda(0), 60)
+    assert torch.equal(out.cpu(), ref.cpu())
+    h = torch.randn(100, 256, device=dev)
+    assert torch.equal(kalm_fast.varlen_mean_pool(h, cu).cpu(), kalm_fast.varlen_mean_pool(h.cuda(0), cu.cuda(0)).cpu())
+    qq, dd = torch.randn(8, 64, device=dev), torch.randn(16, 64, device=dev)
+    assert torch.equal(kalm_fast.focal_infonce(qq, dd).cpu(), kalm_fast.focal_infonce(qq.cuda(0), dd.cuda(0)).cpu())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# compiled variants: per-call sizes must not multiply them
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _counts(variant: dict, sizes: list[dict]) -> dict[str, int]:
+    """bench.compile.variant_counts in a fresh process without TRITON_INTERPRET (it needs the real JIT functions)."""
+    code = ("import json, sys; from bench.compile import variant_counts; "
+            "print(json.dumps(variant_counts(*json.loads(sys.argv[1]))))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code, json.dumps([variant, sizes])], env=env, capture_output=True,
+                       text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("variant,sizes", [
+    (dict(op="attention", D=128, GROUP=2, dtype="bf16"),
+     [dict(lengths=x) for x in ((37, 100), (1,), (16,), (64, 64), (2048, 5, 3), (0, 999))]),
+    (dict(op="pooling", H=1024, mask=True, norm="rmsnorm", dtype="bf16"),
+     [dict(lengths=x, splits=s) for x, s in (((60, 77), 2), ((1,), 3), ((16, 16), 8), ((500, 3, 7), 5))]),
+    (dict(op="infonce", D=1024, num_mix=2, dtype="bf16", in_batch=False),
+     [dict(B=b, G=g) for b, g in ((37, 4), (1, 8), (64, 8), (1000, 1), (33, 3))]),
+], ids=["attention", "pooling", "infonce"])
+def test_one_compiled_variant_per_kernel(variant, sizes):
+    """Batch sizes, token counts, group sizes and split counts are runtime bounds (do_not_specialize): one
+    specialization per kernel whatever they are (Triton would otherwise compile again for 1, multiples of 16, rest)."""
+    counts = _counts(variant, sizes)
+    assert counts, "no launch recorded"
+    for name, n in counts.items():
+        assert n == 1, f"{name}: {n} compiled variants for {len(sizes)} call sizes"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# pinned tables
+# ----------------------------------------------------------------------------------------------------------------
+
+LIMITS = {"sm_80": 166_912, "sm_90": 232_448}
+
+
+def test_pinned_tables_cover_every_launch():
+    from kalm_fast.kernels import attention, infonce
+
+    for arch in ("sm_80", "sm_90"):
+        for kind in ("fwd", "dkdv", "dq"):
+            for block_d in (16, 32, 64, 128, 256):
+                for dcls in ("16bit", "fp32"):
+                    rows = attention.PINNED.get((kind, arch, block_d, dcls))
+                    if block_d == 16:  # head dims < 16 are padded to 16 but not promised (SPEC: 32-256)
+                        continue
+                    assert rows, f"attention {kind} {arch} BLOCK_D={block_d} {dcls}: no pinned config"
+                    assert all(r[-1] <= LIMITS[arch] for r in rows)
+        for kind in ("fwd", "dq", "dd"):
+            for dcls in ("16bit", "fp32"):
+                rows = infonce.PINNED.get((kind, arch, dcls))
+                assert rows and all(r[-1] <= LIMITS[arch] for r in rows), f"infonce {kind} {arch} {dcls}"
+
+
+def _committed_tables():
+    return sorted((ROOT / "bench" / "results").glob("compile-triton*/compile.jsonl"))
+
+
+def test_committed_tables_pinned_rows_pass():
+    """Every pinned row of every committed compile table (the CI's Triton and the GPU machine's 3.6): compiled,
+    within the arch's shared memory, zero spill bytes, tensor cores when it multiplies in 16 bits."""
+    from bench.compile import verdict
+
+    tables = _committed_tables()
+    assert len(tables) >= 2, "expected the compile tables of two Triton versions"
+    for path in tables:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        pinned = [r for r in rows if r["pinned"]]
+        assert pinned, path
+        bad = [(r["kernel"], r["arch"], r["dtype"], r["variant"], r["config"], verdict(r)) for r in pinned
+               if verdict(r)]
+        assert not bad, f"{path.parent.name}: {bad[:5]}"
+        for arch in ("sm_80", "sm_90"):
+            kernels = {r["kernel"] for r in pinned if r["arch"] == arch}
+            assert {"_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel", "_pool_fwd_kernel",
+                    "_pool_bwd_kernel", "_infonce_fwd_kernel", "_infonce_dq_kernel", "_infonce_dd_kernel"} <= kernels
+
+
+def test_pinned_rows_are_the_tables_first_configs():
+    """The pinned config the code launches is the one the committed tables verified (no silent drift)."""
+    from bench.compile import TABLED, _parse_config
+    from kalm_fast.kernels import attention, infonce
+
+    for path in _committed_tables():
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            if not (r["pinned"] and r["kernel"] in TABLED):
+                continue
+            kind, op = TABLED[r["kernel"]]
+            c = _parse_config(r["config"])
+            dcls = "fp32" if r["dtype"] == "fp32" else "16bit"
+            if op == "attention":
+                D = int(r["variant"].split()[0].split("=")[1])
+                first = attention.PINNED[(kind, r["arch"], max(16, 1 << (D - 1).bit_length()), dcls)][0]
+                assert first[:4] == (c["BLOCK_M"], c["BLOCK_N"], c["num_warps"], c["num_stages"]), (path, r)
+            else:
+                first = infonce.PINNED[(kind, r["arch"], dcls)][0]
+                assert first[:5] == (c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["num_warps"], c["num_stages"])
+
+
+def test_two_processes_same_bits(tmp_path):
+    """Pinned configs (KALM_FAST_AUTOTUNE unset): two fresh processes give the same bits for all three ops, forward
+    and backward. On CPU this runs the interpreter; on a GPU machine (KALM_FAST_TEST_DEVICE=cuda) the compiled
+    kernels with the pinned tiles."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    code = f"""
+import hashlib, torch, kalm_fast
+torch.manual_seed(0)
+dev = "{device}"
+dt = torch.bfloat16 if dev == "cuda" else torch.float32
+q, k, v = (torch.randn(300, 4, 64, device=dev, dtype=dt, requires_grad=True) for _ in range(3))
+cu = torch.tensor([0, 100, 300], dtype=torch.int32, device=dev)
+o = kalm_fast.flash_attn_varlen_func(q, k, v, cu, 200)
+h = torch.randn(300, 256, device=dev, dtype=dt, requires_grad=True)
+p = kalm_fast.varlen_mean_pool(h, cu)
+a, b = torch.randn(16, 64, device=dev, dtype=dt, requires_grad=True), torch.randn(64, 64, device=dev, dtype=dt,
+                                                                                 requires_grad=True)
+loss = kalm_fast.focal_infonce(a, b, num_mix=2, gamma=1.0)
+(o.float().square().sum() + p.float().sum() + loss).backward()
+m = hashlib.sha256()
+for t in (o, p, loss, q.grad, k.grad, v.grad, h.grad, a.grad, b.grad):
+    m.update(t.detach().float().cpu().numpy().tobytes())
+print(m.hexdigest())
+"""
+    env = {k: v for k, v in os.environ.items() if k != "KALM_FAST_AUTOTUNE"}
+    env["KALM_FAST_BACKEND"] = "triton"
+    if device == "cpu":
+        env["TRITON_INTERPRET"] = "1"
+    digests = []
+    for _ in range(2):
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        digests.append(r.stdout.strip().splitlines()[-1])
+    assert digests[0] == digests[1]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 64-bit offsets (GPU: T * H * D >= 2**31 needs > 8 GB of inputs, too much for the CPU interpreter)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_gpu_64bit_offsets_attention():
+    """T * Hq * D = 2**31 + ...: the last sequences sit past element 2**31 of q; compared with the reference on them."""
+    import kalm_fast
+    from kalm_fast import reference
+
+    Hq, Hkv, D, L = 16, 2, 128, 1024
+    B = (2**31 // (Hq * D)) // L + 2
+    T = B * L
+    q = torch.randn(T, Hq, D, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(T, Hkv, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    cu = torch.arange(0, T + 1, L, dtype=torch.int32, device="cuda")
+    out = kalm_fast.flash_attn_varlen_func(q, k, v, cu, L)
+    s = T - 2 * L
+    one = torch.tensor([0, L, 2 * L], dtype=torch.int32, device="cuda")
+    ref = reference.attention_varlen(q[s:].float(), k[s:].float(), v[s:].float(), one, L)
+    ref = ref[0] if isinstance(ref, tuple) else ref
+    assert (out[s:].float() - ref).abs().max().item() < 2e-2
+
+
+@pytest.mark.gpu
+def test_gpu_64bit_offsets_pooling():
+    import kalm_fast
+
+    H, L = 4096, 4096
+    B = 2**31 // (H * L) + 2
+    h = torch.randn(B * L, H, device="cuda", dtype=torch.bfloat16)
+    cu = torch.arange(0, B * L + 1, L, dtype=torch.int32, device="cuda")
+    out = kalm_fast.varlen_mean_pool(h, cu)
+    ref = torch.nn.functional.normalize(h[-L:].float().mean(0), dim=0)
+    assert (out[-1].float() - ref).abs().max().item() < 1e-2
