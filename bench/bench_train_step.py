@@ -7,7 +7,7 @@ One step = B queries and B x G documents (G = 8: the positive, then 7 hard negat
 (tau = 0.02, gamma = 0.5, in-batch negatives, no mixing), backward, AdamW step. Providers, on the same model weights,
 the same token ids and lengths, in one run on one device:
   kalm_fast  ``Embedder``: padding-free varlen attention, fused pooling with the final RMSNorm folded in,
-             ``ops.focal_infonce``, and the trainer's GradCache (``kalm_fast.train.trainer.grad_cache``): every
+             ``ops.focal_infonce``, and the trainer's GradCache (``kalm_fast.train.step.grad_cache``): every
              sequence (queries, then documents) embedded without a graph in chunks of at most ``chunk_tokens`` real
              tokens, the loss on those detached embeddings, then each chunk re-run with its graph and
              back-propagated with its cached embedding gradient. The last chunk keeps its graph from the first
@@ -194,8 +194,8 @@ def kalm_fast_embedder(model):
 
 
 def kalm_fast_pipeline(embedder, batch: Batch, device, chunk_tokens: int) -> Callable[[], torch.Tensor]:
-    """The trainer's own GradCache (kalm_fast.train.trainer.grad_cache) on token-budget chunks."""
-    from kalm_fast.train.trainer import grad_cache
+    """The trainer's own GradCache (kalm_fast.train.step.grad_cache) on token-budget chunks."""
+    from kalm_fast.train.step import grad_cache
 
     chunks = [dict(zip(("input_ids", "attention_mask"), batch.padded(start, stop, device)))
               for start, stop in _chunks(batch.lengths, chunk_tokens)]

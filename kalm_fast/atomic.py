@@ -1,9 +1,11 @@
-"""Publishing finished outputs atomically: a crash leaves either the old output or the new one, never a mix.
+"""Writing outputs atomically: a crash leaves either the old output or the new one, never a mix.
 
-Used by the soup (files and folders) and the trainer's greedy soup folder. Below everything else in kalm_fast."""
+The one home of atomic publish / write / fsync for the soup, the trainer, kalm_fast.eval and Embedder.save_pretrained.
+Below everything else in kalm_fast."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -44,3 +46,33 @@ def publish(tmp: Path, output: Path, aside: Path) -> None:
             raise
         remove(aside)
     fsync_dir(output.absolute().parent)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Readers (and a restart after a crash) see the old file or the new one, never half of one: a hidden sibling
+    written and fsynced, then renamed over ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        remove(tmp)
+        raise
+
+
+def write_json(path: Path, obj, indent: int = 1) -> None:
+    """``obj`` as JSON (a trailing newline), atomically (write_text)."""
+    write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file under ``folder`` and the folder itself (before it is renamed into place)."""
+    for p in sorted(Path(folder).rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    fsync_dir(Path(folder))

@@ -57,3 +57,32 @@ def gather_with_grad(x: torch.Tensor, group=None) -> torch.Tensor:
     if not _active(group):
         return x
     return _GatherWithGrad.apply(x, group)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the process group as the trainer sees it
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) when not distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def barrier() -> None:
+    """dist.barrier() when there is more than one rank."""
+    if world()[1] > 1:
+        dist.barrier()
+
+
+def average_gradients(params: list[torch.Tensor]) -> None:
+    """Mean over ranks of the parameter gradients (what DDP's reducer does; see gather_with_grad for why mean)."""
+    _, size = world()
+    if size == 1:
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad.div_(size)

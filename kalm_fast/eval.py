@@ -58,6 +58,7 @@ from mteb.models.model_meta import ModelMeta, ScoringFunction  # noqa: E402
 from mteb.types import PromptType  # noqa: E402
 from sklearn.exceptions import UndefinedMetricWarning  # noqa: E402
 
+from kalm_fast.atomic import write_json  # noqa: E402
 from kalm_fast.demo_data import INSTRUCTIONS  # noqa: E402
 from kalm_fast.model import query_prompt  # noqa: E402
 
@@ -493,9 +494,7 @@ def evaluate(model, tasks, out_dir=None, *, instructions: dict[str, str] | None 
         out.mkdir(parents=True, exist_ok=True)
         record = {"scores": scores, "main_score_names": {t.metadata.name: t.metadata.main_score for t in tasks},
                   "seconds": round(time.perf_counter() - start, 3)}
-        tmp_path = out / "scores.json.tmp"
-        tmp_path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp_path, out / "scores.json")  # readers never see a half-written file
+        write_json(out / "scores.json", record)  # readers never see a half-written file
     return scores
 
 

@@ -35,7 +35,6 @@ applies it per token, so the last hidden states are read once). Unpadding costs 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import weakref
 from pathlib import Path
@@ -47,6 +46,7 @@ from transformers import AttentionInterface, AutoModel, AutoTokenizer, PreTraine
 from transformers.masking_utils import AttentionMaskInterface
 
 from kalm_fast import ops
+from kalm_fast.atomic import write_json
 from kalm_fast.padding import pad_input
 
 __all__ = ["ATTN_IMPLEMENTATION", "QUERY_PROMPT", "query_prompt", "register", "kalm_fast_attention", "kalm_fast_mask",
@@ -537,5 +537,5 @@ def _check_texts(texts) -> list[str]:
 
 def _write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    write_json(path, obj, indent=2)  # atomic: a crash never leaves half a config beside the weights
 

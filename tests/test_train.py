@@ -19,6 +19,7 @@ import yaml
 from conftest import assert_close
 from transformers import AutoTokenizer, BertConfig, BertModel
 
+from kalm_fast.distributed import average_gradients
 from kalm_fast.model import Embedder
 from kalm_fast.train import trainer as tr
 from kalm_fast.train.config import MineConfig, RecipeError, StageConfig, build, load_recipe
@@ -216,7 +217,7 @@ def _ddp_worker(rank: int, init_file: str, tokenizer_path: str, out_file: str):
         n = len(queries) // WORLD
         mine_q, mine_d = queries[rank * n:(rank + 1) * n], docs[rank * n * 3:(rank + 1) * n * 3]
         loss, *_ = tr.grad_cache_step(embedder, mine_q, mine_d, _loss_fn(), mini_batch_size=3)
-        tr._average_gradients([p for p in embedder.parameters()])
+        average_gradients([p for p in embedder.parameters()])
         dist.all_reduce(loss)
         if rank == 0:
             torch.save({"loss": loss / WORLD, "grads": _grads(embedder)}, out_file)

@@ -4,8 +4,9 @@
 
 Every field has a default with a one-line reason. Unknown keys, wrong types, missing data files, empty datasets and rows
 without a positive are :class:`RecipeError` s that name the key (``stages.finetune.batch_size``) or the file and row,
-raised by :func:`load_recipe` / :func:`check_data` before any training starts. Relative data and task paths resolve
-against ``data_dir`` (default: the recipe file's folder); ``output_dir`` against the working directory.
+raised by :func:`load_recipe` / :func:`kalm_fast.train.data.check_data` before any training starts. Relative data
+and task paths resolve against ``data_dir`` (default: the recipe file's folder); ``output_dir`` against the working
+directory.
 """
 
 from __future__ import annotations
@@ -242,7 +243,8 @@ def _apply_override(raw: dict, item: str) -> None:
 def load_recipe(path: str | os.PathLike | None = None, overrides: list[str] | None = None, *,
                 raw: dict | None = None, check: bool = True) -> Recipe:
     """Read a YAML recipe (or take ``raw``), apply ``key=value`` overrides, build it (keys and types) and, with
-    ``check``, check it (:func:`check_recipe`: values, files; the data rows are checked by :func:`check_data`)."""
+    ``check``, check it (:func:`check_recipe`: values, files; the data rows are checked by
+    :func:`kalm_fast.train.data.check_data`)."""
     if raw is None:
         if path is None:
             raise RecipeError("give a recipe path or raw")
@@ -373,22 +375,3 @@ def check_recipe(recipe: Recipe) -> None:
     if recipe.eval.validation is not None:
         _check_task("eval.validation", recipe.eval.validation, recipe)
     _positive("eval.batch_size", recipe.eval.batch_size)
-
-
-def check_data(recipe: Recipe) -> None:
-    """Read every data file that exists now (a mined file is checked when it is written) and check its rows."""
-    from kalm_fast.train.data import load_rows
-
-    st = recipe.stages
-    for name in ("pretrain", "finetune"):
-        stage = getattr(st, name)
-        if stage is None:
-            continue
-        for i, src in enumerate(stage.data):
-            p = recipe.resolve(src.path)
-            if st.mine and p == recipe.resolve(st.mine.output) and not p.is_file():
-                continue
-            load_rows(p, max_rows=src.max_rows, num_negatives=stage.num_negatives,
-                      where=f"stages.{name}.data[{i}]")
-    if st.mine:
-        load_rows(recipe.resolve(st.mine.input), where="stages.mine.input")

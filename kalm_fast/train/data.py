@@ -14,7 +14,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from kalm_fast.train.config import DataSource, RecipeError
+from kalm_fast.train.config import DataSource, Recipe, RecipeError
 
 
 @dataclass
@@ -123,3 +123,20 @@ class BatchPlan:
                     batches.append(Batch(name, [exs[i] for i in idx], in_batch))
         rng.shuffle(batches)
         return batches
+
+
+def check_data(recipe: Recipe) -> None:
+    """Read every data file that exists now (a mined file is checked when it is written) and check its rows."""
+    st = recipe.stages
+    for name in ("pretrain", "finetune"):
+        stage = getattr(st, name)
+        if stage is None:
+            continue
+        for i, src in enumerate(stage.data):
+            p = recipe.resolve(src.path)
+            if st.mine and p == recipe.resolve(st.mine.output) and not p.is_file():
+                continue
+            load_rows(p, max_rows=src.max_rows, num_negatives=stage.num_negatives,
+                      where=f"stages.{name}.data[{i}]")
+    if st.mine:
+        load_rows(recipe.resolve(st.mine.input), where="stages.mine.input")

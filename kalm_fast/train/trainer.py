@@ -24,12 +24,10 @@ crash or a full disk mid-write leaves the previous checkpoint as the one a resta
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import os
-import pickle
 import shutil
 import time
 from collections.abc import Callable
@@ -37,36 +35,19 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from kalm_fast import ops
-from kalm_fast.atomic import publish
-from kalm_fast.distributed import gather_with_grad, pos_idx_offset
+from kalm_fast.atomic import publish, write_json, write_text
+from kalm_fast.distributed import average_gradients, barrier, world
 from kalm_fast.model import Embedder, query_prompt
-from kalm_fast.train.config import STAGE_ORDER, Recipe, RecipeError, StageConfig, TaskSpec, check_data, dump_recipe
-from kalm_fast.train.data import Batch, BatchPlan, load_examples
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. too many non-finite losses); the last good checkpoint is kept."""
-
+from kalm_fast.train.checkpoint import Checkpoints, TrainingError, load_weights
+from kalm_fast.train.config import STAGE_ORDER, Recipe, RecipeError, StageConfig, TaskSpec, dump_recipe
+from kalm_fast.train.data import Batch, BatchPlan, check_data, load_examples
+from kalm_fast.train.step import contrastive_loss, grad_cache, grad_cache_step  # noqa: F401 (grad_cache: public)
 
 # ----------------------------------------------------------------------------------------------------------------
 # small utilities
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size); (0, 1) when not distributed."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _barrier() -> None:
-    if world()[1] > 1:
-        dist.barrier()
 
 
 def setup_device(recipe: Recipe) -> torch.device:
@@ -87,16 +68,6 @@ def setup_device(recipe: Recipe) -> torch.device:
     return device
 
 
-def _rng_state(device: torch.device) -> tuple:
-    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-
-def _set_rng_state(state: tuple, device: torch.device) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
-
-
 def _memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -107,230 +78,10 @@ def _memory_mb(device: torch.device) -> float:
     return float("nan")
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    """Readers (and a restart after a crash) see the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _write_json_atomic(path: Path, obj) -> None:
-    _write_text_atomic(path, json.dumps(obj, indent=1) + "\n")
-
-
-def _fsync_tree(folder: Path) -> None:
-    for p in sorted(folder.rglob("*")):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def load_embedder(path: str | Path, recipe: Recipe, device: torch.device) -> Embedder:
     return Embedder.from_pretrained(path, bidirectional=recipe.model.bidirectional, dtype=recipe.model.dtype,
                                     device=device, max_length=recipe.model.max_length,
                                     include_prompt=recipe.model.include_prompt)
-
-
-def load_weights(embedder: Embedder, folder: Path) -> None:
-    """The safetensors weights of a model folder into ``embedder.model``, exactly (no dtype round trip)."""
-    from safetensors.torch import load_file
-
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{folder}: no .safetensors weights")
-    state = {}
-    for f in files:
-        state.update(load_file(f))
-    missing, unexpected = embedder.model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{folder} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# one contrastive step
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def contrastive_loss(q: torch.Tensor, d: torch.Tensor, *, group_size: int, in_batch_negatives: bool,
-                     stage: StageConfig, generator: torch.Generator | None) -> tuple[torch.Tensor, dict]:
-    """Focal InfoNCE (+ mixing) over the Matryoshka dims: sum_k w_k * loss(normalize(q[:, :k]), normalize(d[:, :k])).
-
-    q (B, D) local queries, d (N, D) documents of every rank, query i's group at rows offset + i*G .. offset + i*G+G-1
-    (offset = this rank's first document). Returns the loss and the stats of the full-dimension term (or the first)."""
-    B, D = q.shape
-    pos_idx = torch.arange(B, device=q.device) * group_size + pos_idx_offset(B * group_size)
-    dims = stage.mrl_dims or [D]
-    weights = stage.mrl_weights or [1.0] * len(dims)
-    total, stats = 0.0, None
-    for k, w in zip(dims, weights):
-        if k > D:
-            raise RecipeError(f"mrl_dims: {k} exceeds the embedding size {D}")
-        qk, dk = (q, d) if k == D else (F.normalize(q[:, :k], dim=-1), F.normalize(d[:, :k], dim=-1))
-        loss, s = ops.focal_infonce(qk, dk, pos_idx=pos_idx, group_size=group_size,
-                                    in_batch_negatives=in_batch_negatives, temperature=stage.temperature,
-                                    gamma=stage.gamma, num_mix=stage.num_mix, mix_alpha=stage.mix_alpha,
-                                    generator=generator, return_stats=True)
-        total = total + w * loss
-        if stats is None or k == D:
-            stats = s
-    return total, stats
-
-
-def grad_cache(embedder: Embedder, chunks: list[dict], num_queries: int,
-               loss_fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]], *,
-               autocast: bool = False) -> tuple[torch.Tensor, dict, bool]:
-    """GradCache on tokenized mini-batches: accumulate into ``.grad`` the gradient of ``loss_fn(q, gather(d))``.
-
-    chunks: ``embedder(**chunk)`` keyword dicts on the model's device, whose embeddings concatenated are this rank's
-    queries (the first ``num_queries`` rows) then its documents. Returns (loss, stats, finite). When the loss is not
-    finite on any rank nothing is backpropagated (all ranks agree, so collectives stay matched)."""
-    device = embedder.device
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
-
-    # 1. embed without autograd, remembering each mini-batch's RNG state (dropout masks); the last mini-batch keeps
-    #    its graph, so step 3 need not re-run it
-    states, embs = [], []
-    with torch.no_grad():
-        for chunk in chunks[:-1]:
-            states.append(_rng_state(device))
-            with amp:
-                embs.append(embedder(**chunk).float())
-    with amp:
-        last = embedder(**chunks[-1]).float()
-    after = _rng_state(device)
-
-    # 2. the loss on the cached embeddings: its gradients w.r.t. every embedding
-    emb = torch.cat([*embs, last.detach()]).requires_grad_()
-    loss, stats = loss_fn(emb[:num_queries], gather_with_grad(emb[num_queries:]))
-    finite = torch.isfinite(loss.detach()).float()
-    if world()[1] > 1:
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    if not bool(finite):
-        return loss.detach(), stats, False
-    loss.backward()
-    grads = emb.grad.split([*(e.shape[0] for e in embs), last.shape[0]])
-
-    # 3. push each cached gradient through its mini-batch: the last through its kept graph, the others re-run with
-    #    autograd under their recorded RNG state
-    last.backward(grads[-1])
-    for chunk, state, grad in zip(chunks[:-1], states, grads[:-1]):
-        _set_rng_state(state, device)
-        with amp:
-            out = embedder(**chunk).float()
-        out.backward(grad)
-    _set_rng_state(after, device)
-    return loss.detach(), stats, True
-
-
-def grad_cache_step(embedder: Embedder, queries: list[str], docs: list[str],
-                    loss_fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]], *,
-                    mini_batch_size: int, query_prompts: list[str | None] | None = None,
-                    query_max_length: int | None = None, doc_max_length: int | None = None,
-                    autocast: bool = False) -> tuple[torch.Tensor, dict, int, bool]:
-    """:func:`grad_cache` on texts, in mini-batches of at most ``mini_batch_size``; ``query_prompts`` (one per query,
-    e.g. the instruction prompt) go through ``embedder.tokenize(prompt=)``, so ``include_prompt`` applies; a
-    mini-batch holds one prompt. Returns (loss, stats, real tokens, finite)."""
-    prompts = query_prompts or [None] * len(queries)
-    chunks, start = [], 0
-    while start < len(queries):
-        stop = start + 1
-        while stop < len(queries) and stop - start < mini_batch_size and prompts[stop] == prompts[start]:
-            stop += 1
-        chunks.append(embedder.tokenize(queries[start:stop], prompt=prompts[start], max_length=query_max_length))
-        start = stop
-    chunks += [embedder.tokenize(docs[i:i + mini_batch_size], max_length=doc_max_length)
-               for i in range(0, len(docs), mini_batch_size)]
-    chunks = [{k: v.to(embedder.device) for k, v in c.items()} for c in chunks]
-    tokens = int(sum(int(c["attention_mask"].sum()) for c in chunks))
-    loss, stats, finite = grad_cache(embedder, chunks, len(queries), loss_fn, autocast=autocast)
-    return loss, stats, tokens, finite
-
-
-def _average_gradients(params: list[torch.Tensor]) -> None:
-    """Mean over ranks of the parameter gradients (what DDP's reducer does; see gather_with_grad for why mean)."""
-    _, size = world()
-    if size == 1:
-        return
-    for p in params:
-        if p.grad is not None:
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-            p.grad.div_(size)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# checkpoints
-# ----------------------------------------------------------------------------------------------------------------
-
-
-class Checkpoints:
-    """``<stage>/checkpoints/step-NNNNNN/{model,state}`` written atomically; ``latest`` names the newest complete one.
-    Only the newest keeps its optimizer state (resume needs nothing else); older model folders stay as soup
-    candidates (the newest ``keep`` of them when keep > 0)."""
-
-    def __init__(self, folder: Path, keep: int = 0):
-        self.folder = folder
-        self.keep = keep
-
-    def latest(self) -> Path | None:
-        pointer = self.folder / "latest"
-        if not pointer.is_file():
-            return None
-        path = self.folder / pointer.read_text().strip()
-        return path if (path / "state" / "trainer.json").is_file() else None
-
-    def models(self) -> list[Path]:
-        return sorted(p / "model" for p in self.folder.glob("step-*") if (p / "model").is_dir())
-
-    def save(self, step: int, embedder: Embedder, optimizer, scheduler, trainer_state: dict, device) -> Path:
-        name = f"step-{step:06d}"
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.folder / f".{name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            embedder.save_pretrained(tmp / "model")
-            (tmp / "state").mkdir()
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "rng": _rng_state(device)}, tmp / "state" / "optimizer.pt")
-            (tmp / "state" / "trainer.json").write_text(json.dumps(trainer_state, indent=1))
-            _fsync_tree(tmp)
-            final = self.folder / name
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        _write_text_atomic(self.folder / "latest", name)
-        self._prune(final)
-        return final
-
-    def _prune(self, newest: Path) -> None:
-        older = sorted(p for p in self.folder.glob("step-*") if p != newest)
-        for p in older:
-            shutil.rmtree(p / "state", ignore_errors=True)
-        if self.keep:
-            for p in older[: max(0, len(older) - (self.keep - 1))]:
-                shutil.rmtree(p, ignore_errors=True)
-
-    def load(self, path: Path, embedder: Embedder, optimizer, scheduler, device) -> dict:
-        """Resumes from ``path``. Nothing is unpickled: the optimizer, scheduler and RNG states are tensors,
-        numbers, strings and containers, loaded with ``weights_only=True`` -- a replaced file in a shared output
-        folder cannot run code, it is refused."""
-        state_file = path / "state" / "optimizer.pt"
-        try:
-            blob = torch.load(state_file, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise TrainingError(f"{state_file}: refused to load (it holds more than tensors and plain values: "
-                                f"not a file this trainer wrote): {str(e).splitlines()[0]}") from None
-        load_weights(embedder, path / "model")
-        optimizer.load_state_dict(blob["optimizer"])
-        scheduler.load_state_dict(blob["scheduler"])
-        _set_rng_state(blob["rng"], device)
-        return json.loads((path / "state" / "trainer.json").read_text())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -362,7 +113,7 @@ class MetricsLog:
         if path.is_file():
             rows = [json.loads(line) for line in path.read_text().splitlines() if line]
             kept = [json.dumps(r) for r in rows if not (r.get("stage") == stage and r["step"] > resume_step)]
-            _write_text_atomic(path, "".join(line + "\n" for line in kept))
+            write_text(path, "".join(line + "\n" for line in kept))
 
     def write(self, row: dict) -> None:
         with open(self.path, "a") as f:
@@ -430,7 +181,7 @@ def train_stage(name: str, stage: StageConfig, recipe: Recipe, embedder: Embedde
                 doc_max_length=recipe.model.max_length, autocast=autocast)
             grad_norm = float("nan")
             if finite:
-                _average_gradients(params)
+                average_gradients(params)
                 if stage.max_grad_norm > 0:
                     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, stage.max_grad_norm))
                 finite = stage.max_grad_norm == 0 or math.isfinite(grad_norm)
@@ -469,7 +220,7 @@ def train_stage(name: str, stage: StageConfig, recipe: Recipe, embedder: Embedde
                 if rank == 0:
                     last = ckpts.save(step, embedder, optimizer, scheduler,
                                       {"step": step, "nonfinite": nonfinite, "total": total}, device)
-                _barrier()
+                barrier()
             if callback is not None:
                 callback(name, step)
     finally:
@@ -540,7 +291,7 @@ class Evaluator:
                               lambda: fresh.append(1) or self._run(embedder, self.tasks, out, instructions))
         if not fresh and out is not None:  # the same model was scored before: its record, written for this row too
             Path(out).mkdir(parents=True, exist_ok=True)
-            _write_json_atomic(Path(out) / "scores.json", {"scores": scores, "reused": "same weights scored before"})
+            write_json(Path(out) / "scores.json", {"scores": scores, "reused": "same weights scored before"})
         return dict(scores)
 
     def validation_score(self, embedder: Embedder) -> float:
@@ -562,7 +313,7 @@ def _stage_done(out: Path, name: str) -> dict | None:
 def _finish_stage(out: Path, name: str, model_dir: Path, scores: dict, seconds: float, **extra) -> dict:
     done = {"model": str(model_dir), "scores": scores, "seconds": round(seconds, 1), **extra}
     (out / name).mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(out / name / "done.json", done)
+    write_json(out / name / "done.json", done)
     return done
 
 
@@ -661,12 +412,12 @@ def run_recipe(recipe: Recipe, *, callback: Callable[[str, int], None] | None = 
             target = recipe.resolve(cfg.output)
             stats = mine(embedder, recipe.resolve(cfg.input), target, cfg, seed=recipe.seed,
                          max_length=recipe.model.max_length) if rank == 0 else {}
-            _barrier()
+            barrier()
             if rank == 0:
                 _finish_stage(out, name, target, {}, time.perf_counter() - t0, **stats)
         elif name == "soup":
             model_dir, info = _soup_stage(recipe, embedder, out, evaluator) if rank == 0 else (None, {})
-            _barrier()
+            barrier()
             if rank != 0:
                 load_weights(embedder, out / "soup" / "model")
             rows[name] = check(name, out / name)
@@ -678,7 +429,7 @@ def run_recipe(recipe: Recipe, *, callback: Callable[[str, int], None] | None = 
             if rank == 0:
                 _finish_stage(out, name, model_dir, rows[name], time.perf_counter() - t0)
         stage_seconds[name] = round(time.perf_counter() - t0, 1)
-        _barrier()
+        barrier()
 
     result = {"scores": rows, "baselines": {}, "seconds": stage_seconds}
     if rank == 0:
@@ -686,18 +437,18 @@ def run_recipe(recipe: Recipe, *, callback: Callable[[str, int], None] | None = 
             phase("bm25")
             bm25_path = out / "bm25.json"
             if not bm25_path.is_file():
-                _write_json_atomic(bm25_path, evaluator.bm25())
+                write_json(bm25_path, evaluator.bm25())
             result["baselines"] = {"BM25": json.loads(bm25_path.read_text())}
         result["table"] = (evaluator.kf_eval.results_table(rows, baselines=result["baselines"] or None)
                            if evaluator.kf_eval and rows else "(no MTEB tasks in the recipe)")
         result["final_model"] = str(_final_model(out))
         result["wall_seconds"] = round(time.perf_counter() - t_start, 1)
-        _write_json_atomic(out / "scores.json", {k: v for k, v in result.items() if k != "table"})
+        write_json(out / "scores.json", {k: v for k, v in result.items() if k != "table"})
         times = ", ".join(f"{k} {v:.0f} s" for k, v in stage_seconds.items())
         summary = (f"# kalm_fast run: {out}\n\nMTEB main scores (retrieval nDCG@10, classification accuracy, "
                    f"clustering V-measure) on the base model and after each stage.\n\n{result['table']}\n\n"
                    f"Stage times: {times}. Final model: `{result['final_model']}`.\n")
-        _write_text_atomic(out / "summary.md", summary)
+        write_text(out / "summary.md", summary)
     phase("done")
     return result
 
