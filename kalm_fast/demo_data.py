@@ -29,7 +29,7 @@ Files under ``out_dir``: ``pretrain.jsonl``, ``finetune.jsonl``; ``eval/retrieva
 (``corpus.jsonl`` {_id, text}, ``queries.jsonl`` {_id, text}, ``qrels.tsv`` with header ``query-id corpus-id score``);
 ``eval/classification/{train,test}.jsonl`` and ``eval/clustering/clustering.jsonl`` ({text, label}); ``manifest.json``
 (seed, Python version, counts, packages per side, instructions). :func:`train_tokenizer` trains the byte-level BPE
-tokenizer of ``--from-scratch`` on the training rows; :func:`bm25_baseline` scores mteb's BM25 on a retrieval task.
+tokenizer of ``--from-scratch`` on the training rows (mteb's BM25 baseline: ``kalm_fast.eval.bm25_baseline``).
 """
 
 from __future__ import annotations
@@ -640,7 +640,7 @@ def build_demo_data(
         build_seconds=time.perf_counter() - start)
 
 
-# -------------------------------------------------------------------------------------------- from-scratch + BM25
+# ------------------------------------------------------------------------------------------------- from scratch
 
 
 def train_tokenizer(data: DemoData | str | os.PathLike, out_dir: str | os.PathLike, *, vocab_size: int = 8192,
@@ -681,23 +681,6 @@ def train_tokenizer(data: DemoData | str | os.PathLike, out_dir: str | os.PathLi
     out = Path(out_dir)
     fast.save_pretrained(out)
     return out
-
-
-def bm25_baseline(task, *, cache_dir: str | os.PathLike | None = None) -> float:
-    """nDCG@10 of mteb's BM25 baseline (``mteb/baseline-bm25s``: bm25s with the stemmer and stop words of the task's
-    language) on an mteb retrieval task — the same evaluation code that scores the dense models, so the numbers are
-    comparable. ``task``: e.g. the local retrieval task of ``kalm_fast.eval`` on ``DemoData.retrieval_dir`` (its
-    eval_langs must say English for the English stemmer). Results are written under ``cache_dir`` when given,
-    nowhere otherwise; run with HF_HUB_OFFLINE=1 on machines without network."""
-    import mteb
-
-    if task.metadata.type != "Retrieval" or task.metadata.main_score != "ndcg_at_10":
-        raise ValueError(f"task must be a retrieval task scored by ndcg_at_10, got {task.metadata.type} "
-                         f"scored by {task.metadata.main_score}")
-    cache = mteb.ResultCache(cache_dir) if cache_dir is not None else None
-    result = mteb.evaluate(mteb.get_model("mteb/baseline-bm25s"), task, cache=cache, overwrite_strategy="always",
-                           show_progress_bar=False)
-    return float(result.task_results[0].get_score())
 
 
 if __name__ == "__main__":  # the clean interpreter started by harvest_entries: entries as JSON on stdout

@@ -19,7 +19,7 @@
 - ``demo_tasks`` / ``demo_instructions``: the tasks of a ``build_demo_data`` folder and their instructions.
 - ``named_tasks``: mteb's registered tasks; their data must already be in the Hugging Face cache (no download).
 - ``evaluate`` runs ``mteb.evaluate`` and returns ``{task name: main score}`` (and writes ``scores.json``);
-  ``results_table`` formats stages x tasks as markdown.
+  ``results_table`` formats stages x tasks as markdown; ``bm25_baseline`` scores mteb's BM25 on a retrieval task.
 """
 
 from __future__ import annotations
@@ -496,6 +496,21 @@ def evaluate(model, tasks, out_dir=None, *, instructions: dict[str, str] | None 
                   "seconds": round(time.perf_counter() - start, 3)}
         write_json(out / "scores.json", record)  # readers never see a half-written file
     return scores
+
+
+def bm25_baseline(task, *, cache_dir: str | os.PathLike | None = None) -> float:
+    """nDCG@10 of mteb's BM25 baseline (``mteb/baseline-bm25s``: bm25s with the stemmer and stop words of the task's
+    language) on an mteb retrieval task — the same evaluation code that scores the dense models, so the numbers are
+    comparable. ``task``: e.g. the local retrieval task of ``kalm_fast.eval`` on ``DemoData.retrieval_dir`` (its
+    eval_langs must say English for the English stemmer). Results are written under ``cache_dir`` when given,
+    nowhere otherwise; run with HF_HUB_OFFLINE=1 on machines without network."""
+    if task.metadata.type != "Retrieval" or task.metadata.main_score != "ndcg_at_10":
+        raise ValueError(f"task must be a retrieval task scored by ndcg_at_10, got {task.metadata.type} "
+                         f"scored by {task.metadata.main_score}")
+    cache = mteb.ResultCache(cache_dir) if cache_dir is not None else None
+    result = mteb.evaluate(mteb.get_model("mteb/baseline-bm25s"), task, cache=cache, overwrite_strategy="always",
+                           show_progress_bar=False)
+    return float(result.task_results[0].get_score())
 
 
 def results_table(rows: dict[str, dict[str, float]], *,

@@ -264,7 +264,7 @@ def _local_retrieval_task(folder: Path, name: str):
 
 
 def test_bm25_baseline(built, tmp_path):
-    from kalm_fast.demo_data import bm25_baseline
+    from kalm_fast.eval import bm25_baseline
 
     # Plumbing: queries that share rare words with exactly their own document score a perfect nDCG@10.
     toy = tmp_path / "toy"

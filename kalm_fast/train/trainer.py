@@ -300,7 +300,7 @@ class Evaluator:
         return float(scores[self.validation.name])
 
     def bm25(self) -> dict[str, float]:
-        from kalm_fast.demo_data import bm25_baseline
+        from kalm_fast.eval import bm25_baseline
 
         return {t.metadata.name: bm25_baseline(t) for t in self.tasks if t.metadata.type == "Retrieval"}
 
