@@ -4,7 +4,9 @@
     python -m bench.compile --search        # every candidate config x one variant per class (what --pin chooses from)
     python -m bench.compile --pin           # rewrite the PINNED tables of kernels/*.py from the committed tables
     python -m bench.compile --smoke         # pinned configs of a few variants, sm_80 + sm_90 (a few minutes)
+    python -m bench.compile --reduced       # the pinned matrix cut to fit 2 cores (what the committed tables hold)
     python -m bench.compile --estimate      # compiles and seconds a cold GPU process spends on the pinned configs
+    --resume skips rows already in the table; --arch/--op/--kernel narrow any mode; --jobs N parallel processes.
 
 How a compile mirrors the runtime: the real launcher (``attn_fwd``, ``_pool_fwd``, ``_infonce_bwd``, ...) is called
 on small CPU tensors with ``JITFunction.run`` replaced by a recorder, so the arguments are exactly the launcher's;
@@ -421,6 +423,8 @@ def verdict(r: dict) -> str:
         return "compile error"
     if r["shared_bytes"] > SHARED_MEMORY_OPTIN[r["arch"]]:
         return "shared memory"
+    if r["registers"] is None or r["spill_bytes"] is None:
+        return "no ptxas facts"
     if r["spill_bytes"]:
         return "spills"
     if r["uses_dot"] and r["dtype"] != "fp32" and not r["tensor_core_instructions"]:
@@ -488,7 +492,7 @@ def choose_pins(tables: list[list[dict]]):
     """For each pinned-table key (kernel kind, arch, class): the candidate configs that pass the bar in every row of
     every Triton version's table (any variant of the class, search or verification), ordered largest tile first
     (BLOCK_M x BLOCK_N, then BLOCK_K, then more stages, then fewer warps). Returns {(op, key): [row tuples]}."""
-    seen, failed, smem = {}, set(), {}
+    seen, failed, smem, spills, unfit = {}, set(), {}, {}, set()
     n_tables = len(tables)
     for t, rows in enumerate(tables):
         for r in rows:
@@ -505,14 +509,18 @@ def choose_pins(tables: list[list[dict]]):
                 key = (kind, r["arch"], dcls)
                 tup = (c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["num_warps"], c["num_stages"])
             seen.setdefault((op, key, tup), set()).add(t)
-            if verdict(r):
+            v = verdict(r)
+            if v:
                 failed.add((op, key, tup))
-            else:
+            if v in ("", "spills"):
                 smem[(op, key, tup)] = max(smem.get((op, key, tup), 0), r["shared_bytes"])
+                spills[(op, key, tup)] = max(spills.get((op, key, tup), 0), r["spill_bytes"])
+            else:
+                unfit.add((op, key, tup))
     pins = {}
     for kind, tile in FP32_FALLBACK.items():  # replaced below by any fp32 config that passed everywhere
         for arch in ("sm_80", "sm_90"):
-            for bd in (16, 32, 64, 128, 256):
+            for bd in (32, 64, 128, 256):
                 key = (kind, arch, bd, "fp32")
                 pins[("attention", key)] = [(*tile, smem.get(("attention", key, tile), 0))]
     for (op, key, tup), ts in seen.items():
@@ -523,6 +531,19 @@ def choose_pins(tables: list[list[dict]]):
         pins.setdefault((op, key), []).append((*tup, smem[(op, key, tup)]))
     for rows in pins.values():
         rows.sort(key=preference)
+    # a key where nothing passes (fp32: exact FMA dots spill a little at every tile): the config with the fewest spill
+    # bytes among those that compile within shared memory everywhere, so that the launcher always has a config
+    least: dict = {}
+    for (op, key, tup), ts in seen.items():
+        if (op, key) in pins and pins[(op, key)][0][:len(tup)] != FP32_FALLBACK.get(key[0]):
+            continue
+        if (op, key, tup) in unfit or len(ts) < n_tables:
+            continue
+        if (op, key) not in least or spills[(op, key, tup)] < least[(op, key)][0]:
+            least[(op, key)] = (spills[(op, key, tup)], (*tup, smem[(op, key, tup)]))
+    for k, (_, row) in least.items():
+        if k not in pins or (k[0] == "attention" and pins[k][0][:4] == FP32_FALLBACK[k[1][0]]):
+            pins[k] = [row]
     return pins
 
 
@@ -534,7 +555,16 @@ def preference(c: tuple):
     return (-c[0] * c[1], -c[2], -c[4], c[3])
 
 
-def search(archs, workers: int, out: Path, need: int = 2, only_passing: Path | None = None):
+def _sibling_failed(job, existing) -> bool:
+    """The same config failed for another variant of the job's class (GROUP 1 when searching GROUP 7): it cannot be
+    pinned for the class, so it is not compiled."""
+    k = row_key(base_row(job))
+    head = k[3].split()[0]
+    return any(verdict(r) for kk, r in existing.items()
+               if kk[:3] == k[:3] and kk[4] == k[4] and kk[3] != k[3] and kk[3].split()[0] == head)
+
+
+def search(archs, workers: int, out: Path, need: int = 2, only_passing: Path | None = None, kernels=None):
     """Rounds over the candidates of every (kernel, arch, dtype, class variant), best first (``preference``): each
     round compiles the next candidate of every class with fewer than ``need`` passing configs. Rows already in
     ``out`` count (a rerun resumes); ``only_passing``: candidates that failed in that table are never compiled."""
@@ -542,7 +572,7 @@ def search(archs, workers: int, out: Path, need: int = 2, only_passing: Path | N
     existing = {row_key(r): r for r in load_rows(out / "compile.jsonl")}
     failed_elsewhere = ({row_key(r) for r in load_rows(only_passing / "compile.jsonl") if verdict(r)}
                         if only_passing else set())
-    jobs = make_jobs(search_variants(), archs, search=True)
+    jobs = make_jobs(search_variants(), archs, search=True, kernels=kernels)
     classes: dict = {}
     for j in jobs:
         classes.setdefault((j["kernel"], j["arch"], j["variant"]["dtype"], variant_name(j["variant"])), []).append(j)
@@ -558,7 +588,7 @@ def search(archs, workers: int, out: Path, need: int = 2, only_passing: Path | N
                 if r is not None:
                     passes += not verdict(r)
                     continue
-                if row_key(base_row(j)) in failed_elsewhere:
+                if row_key(base_row(j)) in failed_elsewhere or _sibling_failed(j, existing):
                     continue
                 if passes < need:
                     batch.append(j)
@@ -575,6 +605,29 @@ def search(archs, workers: int, out: Path, need: int = 2, only_passing: Path | N
         write_rows(rows, out)
         all_rows += rows
     return all_rows, n_total, t_total
+
+
+def _class_key(r: dict):
+    """((op, table key), config tuple) of a row of a tabled kernel."""
+    kind, op = TABLED[r["kernel"]]
+    c = _parse_config(r["config"])
+    dcls = "fp32" if r["dtype"] == "fp32" else "16bit"
+    if op == "attention":
+        D = int(r["variant"].split()[0].split("=")[1])
+        return (op, (kind, r["arch"], max(32, 1 << (D - 1).bit_length()), dcls)), (
+            c["BLOCK_M"], c["BLOCK_N"], c["num_warps"], c["num_stages"])
+    return (op, (kind, r["arch"], dcls)), (c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["num_warps"], c["num_stages"])
+
+
+def mark_pinned(folder: Path, pins: dict):
+    """Re-mark the ``pinned`` column of a table after the pins changed (rows of other configs stay as facts)."""
+    rows = load_rows(folder / "compile.jsonl")
+    for r in rows:
+        if r["kernel"] in TABLED:
+            key, tup = _class_key(r)
+            r["pinned"] = key in pins and pins[key][0][:len(tup)] == tup
+    (folder / "compile.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "compile.md").write_text(markdown(rows))
 
 
 def write_pins(pins: dict):
@@ -614,7 +667,7 @@ def readme_table() -> str:
             g["by_v"].setdefault(v, []).append(r)
     lines = [f"| kernel | class | arch | pinned config | shared memory | registers | spill bytes "
              f"({' / '.join(versions)}) | tensor-core instr. |", "|---|---|---|---|---|---|---|---|"]
-    for (kernel, cls, arch), g in sorted(groups.items()):
+    for (kernel, cls, arch), g in sorted(groups.items(), key=lambda kv: (kv[0][0], int(kv[0][1][3:] or 0), kv[0][2])):
         rows = g["by_v"].get(main_v, [])
         if not rows:
             continue
@@ -662,8 +715,10 @@ def reduced_variants():
 
 def search_variants():
     # attention fp32 (exact FMA dots) is not searched: its compiles take minutes each on 2 cores (D=256: 5-8 minutes,
-    # 150 KB of spills at 32 x 128); it gets FP32_FALLBACK, whose facts the verification rows record
+    # 150 KB of spills at 32 x 128); it gets FP32_FALLBACK, whose facts the verification rows record. GROUP > 1 turns
+    # the dK/dV kernel's loop over the group's query heads into a real loop (more registers): searched at GROUP 7.
     return (attention_variants(head_dims=(32, 64, 128, 256), groups=(1,), dtypes=("bf16",))
+            + attention_variants(head_dims=(32, 64, 128, 256), groups=(7,), dtypes=("bf16",))
             + infonce_variants(dims=(1024,), mixes=(2,), dtypes=("bf16", "fp32"), in_batch=(True,)))
 
 
@@ -690,23 +745,32 @@ def main(argv=None) -> int:
     p.add_argument("--arch", action="append", choices=sorted(ARCHS), help="default: sm_80 and sm_90")
     p.add_argument("--op", action="append", choices=["attention", "pooling", "infonce"], help="default: all")
     p.add_argument("--kernel", action="append", help="only these kernels (repeatable)")
+    p.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="only these dtypes (repeatable)")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="parallel compile processes")
     p.add_argument("--out", type=Path, help="results folder (default bench/results/compile-triton<version>)")
     p.add_argument("--no-write", action="store_true")
+    p.add_argument("--resume", action="store_true", help="skip compiles whose row is already in the table")
     p.add_argument("--skip-failed-in", type=Path, help="with --search: skip configs that failed in this table folder")
     args = p.parse_args(argv)
+    # a fresh kernel cache: a cached kernel skips ptxas, whose log holds the registers and spills
+    os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="kalm_compile_cache_"))
     if args.pin:
         tables = [load_rows(d / "compile.jsonl") for d in sorted(RESULTS.glob("compile-triton*"))]
         names = ", ".join(d.name for d in sorted(RESULTS.glob("compile-triton*")))
         print(f"pinning from {len(tables)} tables: {names}")
-        write_pins(choose_pins(tables))
+        pins = choose_pins(tables)
+        write_pins(pins)
+        for d in sorted(RESULTS.glob("compile-triton*")):
+            mark_pinned(d, pins)
         return 0
     if args.readme:
         write_readme()
         return 0
     if args.estimate:
         n, s = estimate()
-        print(f"{n} pinned sm_90 compiles, {s:.0f} s of compile on 2 CPU cores")
+        print(f"pinned sm_90 matrix in the committed table: {n} kernel compiles, {s:.0f} s of compile measured on "
+              f"this project's CPUs one at a time ({s / max(n, 1):.1f} s each); a cold GPU process compiles only the "
+              f"variants it launches, one at a time")
         return 0
     archs = args.arch or ["sm_80", "sm_90"]
     if args.smoke:
@@ -719,12 +783,21 @@ def main(argv=None) -> int:
         variants = attention_variants() + pooling_variants() + infonce_variants()
     if args.op:
         variants = [v for v in variants if v["op"] in args.op]
+    if args.dtype:
+        variants = [v for v in variants if v["dtype"] in args.dtype]
     if args.search:
         out = args.out or results_dir()
-        rows, n_compiles, wall = search(archs, args.jobs, out, only_passing=args.skip_failed_in)
+        rows, n_compiles, wall = search(archs, args.jobs, out, only_passing=args.skip_failed_in,
+                                        kernels=set(args.kernel) if args.kernel else None)
         print(f"\nsearch: {n_compiles} compiles in {wall:.0f} s; table {out}")
         return 0
     jobs = make_jobs(variants, archs, search=False, kernels=set(args.kernel) if args.kernel else None)
+    if args.resume:  # rows already in the table (same kernel, arch, dtype, variant, config) are not compiled again
+        have = {row_key(r) for r in load_rows((args.out or results_dir()) / "compile.jsonl")}
+        jobs = [j for j in jobs if row_key(base_row(j)) not in have]
+        if not jobs:
+            print("nothing to compile")
+            return 0
     rows, n_compiles, wall = run_jobs(jobs, args.jobs)
     failing = [r for r in rows if r["pinned"] and verdict(r)]
     print(f"\n{len(rows)} rows, {n_compiles} compiles in {wall:.0f} s ({args.jobs} processes); "

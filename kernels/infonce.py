@@ -79,7 +79,20 @@ _INTERPRETER_CONFIG = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num
 # the CI's Triton and under Triton 3.6, best first: the first is the pinned config (the default), the rest are what
 # KALM_FAST_AUTOTUNE=1 tunes over. Written by ``python -m bench.compile --pin`` from the committed compile tables.
 # BEGIN PINNED
-PINNED = {}
+PINNED = {
+    ('dd', 'sm_80', '16bit'): [(128, 128, 64, 8, 3, 98304), (256, 64, 64, 8, 2, 81920)],
+    ('dd', 'sm_80', 'fp32'): [(32, 64, 32, 4, 2, 20480)],
+    ('dd', 'sm_90', '16bit'): [(128, 64, 128, 8, 3, 147456), (64, 128, 64, 8, 4, 98304)],
+    ('dd', 'sm_90', 'fp32'): [(32, 64, 32, 4, 2, 20480)],
+    ('dq', 'sm_80', '16bit'): [(64, 256, 64, 8, 2, 81920)],
+    ('dq', 'sm_80', 'fp32'): [(32, 64, 32, 4, 2, 16384)],
+    ('dq', 'sm_90', '16bit'): [(64, 256, 64, 8, 3, 147456)],
+    ('dq', 'sm_90', 'fp32'): [(32, 64, 32, 4, 2, 16384)],
+    ('fwd', 'sm_80', '16bit'): [(64, 128, 64, 8, 3, 49152)],
+    ('fwd', 'sm_80', 'fp32'): [(32, 64, 32, 4, 2, 12288)],
+    ('fwd', 'sm_90', '16bit'): [(128, 64, 128, 8, 3, 147456), (64, 128, 64, 8, 4, 98304)],
+    ('fwd', 'sm_90', 'fp32'): [(32, 64, 32, 4, 2, 12288)],
+}
 # END PINNED
 
 _KERNELS = {"fwd": "_infonce_fwd_kernel", "dq": "_infonce_dq_kernel", "dd": "_infonce_dd_kernel"}

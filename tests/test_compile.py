@@ -43,7 +43,7 @@ def test_smoke_slice_compiles_pinned_configs_for_sm90(tmp_path):
 def test_verdict():
     from bench.compile import verdict
 
-    ok = dict(ok=True, arch="sm_80", dtype="bf16", shared_bytes=166_912, spill_bytes=0, uses_dot=True,
+    ok = dict(ok=True, arch="sm_80", dtype="bf16", shared_bytes=166_912, registers=255, spill_bytes=0, uses_dot=True,
               tensor_core_instructions=8)
     assert verdict(ok) == ""
     assert verdict({**ok, "shared_bytes": 166_913}) == "shared memory"
@@ -51,6 +51,7 @@ def test_verdict():
     assert verdict({**ok, "tensor_core_instructions": 0}) == "no tensor cores"
     assert verdict({**ok, "dtype": "fp32", "tensor_core_instructions": 0}) == ""  # ieee fp32 dots use FMA by design
     assert verdict({**ok, "ok": False}) == "compile error"
+    assert verdict({**ok, "registers": None}) == "no ptxas facts"  # a cached kernel skipped ptxas: not a pass
 
 
 def test_gpu_session_dry_run():
