@@ -603,6 +603,7 @@ def search(archs, workers: int, out: Path, need: int = 2, only_passing: Path | N
         for r in rows:
             existing[row_key(r)] = r
         write_rows(rows, out)
+        (out / "partial.jsonl").unlink(missing_ok=True)  # merged into the table
         all_rows += rows
     return all_rows, n_total, t_total
 

@@ -5,8 +5,8 @@
 #   device run:  bash bench/gpu_session.sh            (timeout_s 570: the script keeps its own 530 s budget)
 #   here (CPU):  bash bench/gpu_session.sh --dry-run  (the plan, the kernels to compile, the estimated time)
 #
-# Order: compile smoke (pinned configs for sm_90 under the machine's Triton; fail fast), build the extension, GPU
-# tests on the pinned configs (the default, KALM_FAST_AUTOTUNE unset), every bench suite on the pinned configs, then
+# Order: the extension builds in the background; compile smoke (pinned configs for sm_90 under the machine's Triton;
+# fail fast), GPU tests on the pinned configs (the default, KALM_FAST_AUTOTUNE unset), every bench suite, then
 # the attention suite once more with KALM_FAST_AUTOTUNE=1 (at most 4 surviving configs per key; the chosen configs are
 # printed). Each step gets what is left of the budget, capped. Then, here: unpack $OUT/results.tgz over the checkout,
 # commit bench/results/<gpu-name>/ and fill the README's performance table from summary-pinned.md.
@@ -19,7 +19,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 BUDGET=530
 START=$SECONDS
 # step name, cap in seconds (what is left of the budget when smaller)
-STEPS=("compile smoke (sm_90, pinned)|60" "build kalm_fast._C for sm_90|150" "GPU tests, pinned configs|120"
+STEPS=("build kalm_fast._C for sm_90, in the background|240" "compile smoke (sm_90, pinned)|60"
+       "GPU tests of the Triton ops, pinned configs|150" "GPU tests of soup and model (after the build)|60"
        "bench, every suite, pinned configs|150" "bench attention, KALM_FAST_AUTOTUNE=1|50")
 
 left() { local l=$((BUDGET - (SECONDS - START))); [ "$1" -lt "$l" ] && echo "$1" || echo "$((l > 5 ? l : 5))"; }
@@ -42,33 +43,44 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__,
 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 
-# 1. compile smoke: the pinned configs compile for sm_90 with this Triton, no spills (exit 1 otherwise: stop here)
-if ! timeout "$(left 60)" python3 -m bench.compile --smoke --arch sm_90 --jobs 16 > "$OUT/compile_smoke.log" 2>&1; then
+# 1. the extension, sm_90 only (the machine's arch), in the background while the Triton steps run
+KALM_FAST_CUDA=1 KALM_FAST_CUDA_ARCHS=90 timeout 240 python3 -m pip install --no-build-isolation --no-deps -e . \
+    > "$OUT/build.log" 2>&1 &
+BUILD=$!
+
+# 2. compile smoke: the pinned configs compile for sm_90 with this Triton, no spills (exit 1 otherwise: stop here)
+if ! timeout "$(left 60)" python3 -m bench.compile --smoke --arch sm_90 --jobs 12 > "$OUT/compile_smoke.log" 2>&1; then
     tail -30 "$OUT/compile_smoke.log"
     echo "compile smoke failed: stopping (see compile_smoke.log)"
+    kill "$BUILD" 2>/dev/null
     exit 1
 fi
 tail -3 "$OUT/compile_smoke.log"
 
-# 2. the extension, sm_90 only (the machine's arch)
-if ! KALM_FAST_CUDA=1 KALM_FAST_CUDA_ARCHS=90 timeout "$(left 150)" python3 -m pip install --no-build-isolation \
-        --no-deps -e . > "$OUT/build.log" 2>&1; then
-    tail -40 "$OUT/build.log"
-    exit 1
-fi
+# 3. GPU tests of the Triton ops on the pinned configs (pytest -P imports the installed package: they wait for the
+#    build unless kalm_fast is already installed on the machine)
+BUILT=0
+wait_build() {
+    [ "$BUILT" = 1 ] && return
+    wait "$BUILD"; echo "build exit $? after $((SECONDS - START)) s"; tail -3 "$OUT/build.log"; BUILT=1
+}
+python3 -P -c "import kalm_fast.kernels" 2>/dev/null || wait_build
+env -u KALM_FAST_AUTOTUNE timeout "$(left 150)" python3 -P -m pytest -m gpu -q -p no:cacheprovider \
+    tests/test_attention.py tests/test_pooling.py tests/test_infonce.py tests/test_launch.py 2>&1 \
+    | tee "$OUT/gpu_tests.log" | tail -8
 
-# 3. GPU tests on the pinned configs
-env -u KALM_FAST_AUTOTUNE timeout "$(left 120)" python3 -P -m pytest -m gpu -q -p no:cacheprovider \
-    tests/test_attention.py tests/test_pooling.py tests/test_infonce.py tests/test_soup.py tests/test_model.py \
-    tests/test_launch.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
+# 4. soup and model (the soup's CUDA path needs the build)
+wait_build
+env -u KALM_FAST_AUTOTUNE timeout "$(left 60)" python3 -P -m pytest -m gpu -q -p no:cacheprovider \
+    tests/test_soup.py tests/test_model.py 2>&1 | tee -a "$OUT/gpu_tests.log" | tail -8
 
-# 4. every suite, pinned configs
+# 5. every suite, pinned configs
 env -u KALM_FAST_AUTOTUNE timeout "$(left 150)" python3 -m bench --device cuda --no-plots > "$OUT/bench.log" 2>&1
 tail -5 "$OUT/bench.log"
 GPU_DIR=$(ls -td bench/results/*/ | grep -v compile- | head -1)
 cp "$GPU_DIR/summary.md" "$GPU_DIR/summary-pinned.md" 2>/dev/null
 
-# 5. autotuning, inside the bench only and capped; the chosen configs are printed at the end of the log
+# 6. autotuning, inside the bench only and capped; the chosen configs are printed at the end of the log
 KALM_FAST_AUTOTUNE=1 timeout "$(left 50)" python3 -m bench --device cuda --suite attention --no-plots \
     > "$OUT/autotune.log" 2>&1
 grep "^autotuned" "$OUT/autotune.log"
