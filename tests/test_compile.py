@@ -16,6 +16,13 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# bench/ is a folder of the repository, not of the installed package: imported from the root, which then leaves
+# sys.path again (a top-level `kernels` must not stay importable; see test_bench)
+sys.path.insert(0, str(ROOT))
+try:
+    from bench.compile import verdict
+finally:
+    sys.path.remove(str(ROOT))
 
 
 def _env():
@@ -41,8 +48,6 @@ def test_smoke_slice_compiles_pinned_configs_for_sm90(tmp_path):
 
 
 def test_verdict():
-    from bench.compile import verdict
-
     ok = dict(ok=True, arch="sm_80", dtype="bf16", shared_bytes=166_912, registers=255, spill_bytes=0, uses_dot=True,
               tensor_core_instructions=8)
     assert verdict(ok) == ""

@@ -17,6 +17,13 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+# bench/ is a folder of the repository, not of the installed package: imported from the root, which then leaves
+# sys.path again (a top-level `kernels` must not stay importable; see test_bench)
+sys.path.insert(0, str(ROOT))
+try:
+    from bench.compile import TABLED, _parse_config, verdict
+finally:
+    sys.path.remove(str(ROOT))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -167,8 +174,6 @@ def test_committed_tables_pinned_rows_pass():
     """Every pinned bf16/fp16 row of every committed compile table (the CI's Triton and the GPU machine's 3.6):
     compiled, within the arch's shared memory, zero spill bytes, tensor cores when it multiplies. fp32 rows (exact FMA
     dots, small tiles) must compile within shared memory; their spill bytes are reported in the tables, not zero."""
-    from bench.compile import verdict
-
     tables = _committed_tables()
     assert len(tables) >= 2, "expected the compile tables of two Triton versions"
     for path in tables:
@@ -186,7 +191,6 @@ def test_committed_tables_pinned_rows_pass():
 
 def test_pinned_rows_are_the_tables_first_configs():
     """The pinned config the code launches is the one the committed tables verified (no silent drift)."""
-    from bench.compile import TABLED, _parse_config
     from kalm_fast.kernels import attention, infonce
 
     for path in _committed_tables():
