@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from kalm_fast.demo import cpu_model
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 COLUMNS = [
@@ -42,18 +44,6 @@ def device_name(device: str) -> str:
     if str(device).startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name(torch.device(device))
     return f"cpu-{cpu_model_slug()}-{os.cpu_count()}c"
-
-
-def cpu_model() -> str:
-    """lscpu's "Model name" (/proc/cpuinfo), else the architecture."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 def cpu_model_slug() -> str:

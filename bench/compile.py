@@ -484,6 +484,20 @@ def _parse_config(s: str) -> dict:
     return {k: int(v) for k, v in (p.split("=") for p in s.split())}
 
 
+def pinned_key(r: dict) -> tuple[str, tuple, tuple]:
+    """(op, key of the op's PINNED table, config tuple as the table stores it) of a compile row whose kernel is in
+    TABLED. Attention keys carry the padded head dim: (kind, arch, BLOCK_D, dtype class); InfoNCE's (kind, arch,
+    dtype class)."""
+    kind, op = TABLED[r["kernel"]]
+    c = _parse_config(r["config"])
+    dcls = "fp32" if r["dtype"] == "fp32" else "16bit"
+    if op == "attention":
+        D = int(r["variant"].split()[0].split("=")[1])
+        return op, (kind, r["arch"], max(16, 1 << (D - 1).bit_length()), dcls), (
+            c["BLOCK_M"], c["BLOCK_N"], c["num_warps"], c["num_stages"])
+    return op, (kind, r["arch"], dcls), (c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["num_warps"], c["num_stages"])
+
+
 # attention fp32 (not searched): small tiles for every head dim
 FP32_FALLBACK = {"fwd": (32, 32, 4, 2), "dkdv": (16, 32, 4, 2), "dq": (32, 32, 4, 2)}
 
@@ -498,16 +512,7 @@ def choose_pins(tables: list[list[dict]]):
         for r in rows:
             if r["kernel"] not in TABLED:
                 continue
-            kind, op = TABLED[r["kernel"]]
-            c = _parse_config(r["config"])
-            dcls = "fp32" if r["dtype"] == "fp32" else "16bit"
-            if op == "attention":
-                D = int(r["variant"].split()[0].split("=")[1])
-                key = (kind, r["arch"], max(16, 1 << (D - 1).bit_length()), dcls)
-                tup = (c["BLOCK_M"], c["BLOCK_N"], c["num_warps"], c["num_stages"])
-            else:
-                key = (kind, r["arch"], dcls)
-                tup = (c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["num_warps"], c["num_stages"])
+            op, key, tup = pinned_key(r)
             seen.setdefault((op, key, tup), set()).add(t)
             v = verdict(r)
             if v:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shutil
 import time
 from importlib import resources
@@ -75,17 +76,21 @@ def machine_probe(model_path, *, max_length: int = 128, batch: int = 16) -> dict
     return {"gemm_gflops": round(2 * 1024**3 / best / 1e9, 1), "step_seconds": round(step, 3), "cpu": cpu_name()}
 
 
-def cpu_name() -> str:
-    """lscpu's "Model name" (from /proc/cpuinfo), and the core count."""
-    name = "unknown CPU"
+def cpu_model() -> str:
+    """lscpu's "Model name" (from /proc/cpuinfo), else the architecture (bench results are filed under it too)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"{name}, {os.cpu_count()} cores"
+    return platform.machine()
+
+
+def cpu_name() -> str:
+    """The CPU model and the core count."""
+    return f"{cpu_model()}, {os.cpu_count()} cores"
 
 
 class Progress:

@@ -1,7 +1,10 @@
 """Shared test set-up. Without CUDA the Triton kernels run in the interpreter: TRITON_INTERPRET must be set before
 any @triton.jit decorator runs, i.e. before kalm_fast.kernels is imported, hence here."""
 
+import importlib
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +14,19 @@ if not torch.cuda.is_available():
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def import_bench(name: str):
+    """``bench.<name>`` (or ``bench`` for ""): bench/ is a folder of the repository, not part of the installed
+    package, so it is imported from the root, which then leaves sys.path again -- left there it would make the
+    repository's top-level `kernels` folder importable, which transformers mistakes for the kernel hub (test_build
+    checks that it is not)."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        return importlib.import_module(f"bench.{name}" if name else "bench")
+    finally:
+        sys.path.remove(str(ROOT))
 
 
 def pytest_collection_modifyitems(config, items):

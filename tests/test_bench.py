@@ -9,22 +9,14 @@ Gradients: 1e-4 of each tensor's largest entry (measured <= 2e-6).
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, import_bench
 
-ROOT = Path(__file__).resolve().parents[1]
-# bench/ is a folder of the repository, not part of the installed package: import it from the root, then take the
-# root off sys.path again -- left there it would make the repository's top-level `kernels` folder importable, which
-# transformers mistakes for the kernel hub (test_build checks that it is not)
-sys.path.insert(0, str(ROOT))
-try:
-    from bench import bench_train_step as ts
-    from bench import plots
-    from bench.__main__ import SUITES
-finally:
-    sys.path.remove(str(ROOT))
+ts = import_bench("bench_train_step")
+plots = import_bench("plots")
+SUITES = import_bench("__main__").SUITES
 
 
 @pytest.fixture

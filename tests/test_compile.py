@@ -13,16 +13,10 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-# bench/ is a folder of the repository, not of the installed package: imported from the root, which then leaves
-# sys.path again (a top-level `kernels` must not stay importable; see test_bench)
-sys.path.insert(0, str(ROOT))
-try:
-    from bench.compile import verdict
-finally:
-    sys.path.remove(str(ROOT))
+from conftest import ROOT, import_bench
+
+verdict = import_bench("compile").verdict
 
 
 def _env():

@@ -11,19 +11,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, import_bench
 
-ROOT = Path(__file__).resolve().parent.parent
-# bench/ is a folder of the repository, not of the installed package: imported from the root, which then leaves
-# sys.path again (a top-level `kernels` must not stay importable; see test_bench)
-sys.path.insert(0, str(ROOT))
-try:
-    from bench.compile import TABLED, _parse_config, verdict
-finally:
-    sys.path.remove(str(ROOT))
+_compile = import_bench("compile")
+TABLED, pinned_key, verdict = _compile.TABLED, _compile.pinned_key, _compile.verdict
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -198,16 +192,9 @@ def test_pinned_rows_are_the_tables_first_configs():
             r = json.loads(line)
             if not (r["pinned"] and r["kernel"] in TABLED):
                 continue
-            kind, op = TABLED[r["kernel"]]
-            c = _parse_config(r["config"])
-            dcls = "fp32" if r["dtype"] == "fp32" else "16bit"
-            if op == "attention":
-                D = int(r["variant"].split()[0].split("=")[1])
-                first = attention.PINNED[(kind, r["arch"], max(16, 1 << (D - 1).bit_length()), dcls)][0]
-                assert first[:4] == (c["BLOCK_M"], c["BLOCK_N"], c["num_warps"], c["num_stages"]), (path, r)
-            else:
-                first = infonce.PINNED[(kind, r["arch"], dcls)][0]
-                assert first[:5] == (c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["num_warps"], c["num_stages"])
+            op, key, tup = pinned_key(r)
+            first = (attention if op == "attention" else infonce).PINNED[key][0]
+            assert first[:len(tup)] == tup, (path, r)
 
 
 def test_two_processes_same_bits(tmp_path):

@@ -277,27 +277,22 @@ class Evaluator:
                                      batch_size=self.recipe.eval.batch_size,
                                      max_length=self.recipe.model.max_length)
 
-    def _cached(self, kind: str, embedder: Embedder, instructions: bool, run: Callable[[], dict]) -> dict:
-        key = (kind, instructions, weights_fingerprint(embedder.model))
-        if key not in self._seen:
-            self._seen[key] = run()
-        return self._seen[key]
-
     def scores(self, embedder: Embedder, out: Path | None, *, instructions: bool = True) -> dict[str, float]:
         if not self.tasks:
             return {}
-        fresh = []
-        scores = self._cached("tasks", embedder, instructions,
-                              lambda: fresh.append(1) or self._run(embedder, self.tasks, out, instructions))
-        if not fresh and out is not None:  # the same model was scored before: its record, written for this row too
+        key = ("tasks", instructions, weights_fingerprint(embedder.model))
+        if key not in self._seen:
+            self._seen[key] = self._run(embedder, self.tasks, out, instructions)
+        elif out is not None:  # the same model was scored before: its record, written for this row too
             Path(out).mkdir(parents=True, exist_ok=True)
-            write_json(Path(out) / "scores.json", {"scores": scores, "reused": "same weights scored before"})
-        return dict(scores)
+            write_json(Path(out) / "scores.json", {"scores": self._seen[key], "reused": "same weights scored before"})
+        return dict(self._seen[key])
 
     def validation_score(self, embedder: Embedder) -> float:
-        scores = self._cached("validation", embedder, True,
-                              lambda: self._run(embedder, [self.validation_task], None))
-        return float(scores[self.validation.name])
+        key = ("validation", True, weights_fingerprint(embedder.model))
+        if key not in self._seen:
+            self._seen[key] = self._run(embedder, [self.validation_task], None)
+        return float(self._seen[key][self.validation.name])
 
     def bm25(self) -> dict[str, float]:
         from kalm_fast.eval import bm25_baseline
