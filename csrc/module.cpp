@@ -93,6 +93,39 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("entries"), py::arg("divisor"), py::arg("num_threads") = 0,
       "For each (acc, comp, dst, n, dtype): dst = (acc (+ comp)) / divisor, rounded to nearest even in dtype.");
+  m.def(
+      "cpu_soup",
+      [](const std::vector<std::tuple<std::uintptr_t, int64_t, int>>& outputs,
+         const std::vector<std::tuple<std::uintptr_t, int>>& sources, const std::vector<float>& weights,
+         float divisor, bool compensated, int num_threads) {
+        check_scalar("divisor", divisor);
+        for (float w : weights) check_scalar("weight", w);
+        const size_t K = weights.size();
+        if (sources.size() != outputs.size() * K) {
+          throw std::invalid_argument("cpu_soup: need one source per output and weight (" +
+                                      std::to_string(outputs.size() * K) + "), got " + std::to_string(sources.size()));
+        }
+        std::vector<kalm_fast::SoupEntry> e;
+        std::vector<kalm_fast::SoupSource> s;
+        e.reserve(outputs.size());
+        s.reserve(sources.size());
+        for (size_t j = 0; j < outputs.size(); ++j) {
+          const auto [dst, n, dtype] = outputs[j];
+          for (size_t k = 0; k < K; ++k) {
+            const auto [src, sdtype] = sources[j * K + k];
+            check_entry(EntryTuple{dst, 0, src, n, sdtype}, j);
+            s.push_back({reinterpret_cast<const void*>(src), sdtype});
+          }
+          check_entry(EntryTuple{dst, 0, dst, n, dtype}, j);
+          e.push_back({reinterpret_cast<void*>(dst), n, dtype});
+        }
+        py::gil_scoped_release release;
+        kalm_fast::cpu_soup(e, s, weights, divisor, compensated, num_threads);
+      },
+      py::arg("outputs"), py::arg("sources"), py::arg("weights"), py::arg("divisor"), py::arg("compensated"),
+      py::arg("num_threads") = 0,
+      "Fused soup of a chunk: for each output (dst, n, dtype) with sources[j*K:(j+1)*K] = (src, dtype) of the K "
+      "inputs, dst = RNE(sum_k weights[k] * src_k / divisor); the same bits as cpu_accumulate over k, then cpu_cast.");
 
 #ifdef KALM_FAST_WITH_CUDA
   m.attr("compiled_with_cuda") = true;

@@ -182,7 +182,50 @@ void cast_piece(const CastEntry& e, int64_t off, int64_t n, float divisor) {
   }
 }
 
+constexpr int64_t kTile = 2048;  // fp32 sum + compensation of a tile: 16 KB, within L1
+
+// Entry j of a fused soup, elements [off, off + n): K accumulate steps and the cast on L1-resident tiles.
+template <bool kCompensated>
+void soup_piece(const SoupEntry& e, const SoupSource* srcs, const std::vector<float>& weights, float divisor,
+                int64_t off, int64_t n) {
+  alignas(64) float acc[kTile];
+  alignas(64) float comp[kTile];
+  const size_t K = weights.size();
+  const int64_t dst_size = e.dtype == kF32 ? 4 : 2;
+  for (int64_t t = 0; t < n; t += kTile) {
+    const int64_t m = std::min(kTile, n - t);
+    for (size_t k = 0; k < K; ++k) {
+      const int64_t src_size = srcs[k].dtype == kF32 ? 4 : 2;
+      const AccumulateEntry a{acc, kCompensated ? comp : nullptr,
+                              static_cast<const char*>(srcs[k].src) + (off + t) * src_size, m, srcs[k].dtype};
+      accumulate_piece<kCompensated>(a, 0, m, weights[k], k == 0);
+    }
+    const CastEntry c{acc, kCompensated ? comp : nullptr, static_cast<char*>(e.dst) + (off + t) * dst_size, m,
+                      e.dtype};
+    cast_piece(c, 0, m, divisor);
+  }
+}
+
 }  // namespace
+
+void cpu_soup(const std::vector<SoupEntry>& entries, const std::vector<SoupSource>& srcs,
+              const std::vector<float>& weights, float divisor, bool compensated, int num_threads) {
+  if (weights.empty()) return;
+  int64_t total = 0;
+  const std::vector<int64_t> starts = prefix_starts(entries, &total);
+  const SoupSource* base = srcs.data();
+  const size_t K = weights.size();
+  parallel_for(total, num_threads, [&](int64_t begin, int64_t end) {
+    for_pieces(entries, starts, begin, end, [&](const SoupEntry& e, int64_t off, int64_t n) {
+      const SoupSource* s = base + (&e - entries.data()) * K;
+      if (compensated) {
+        soup_piece<true>(e, s, weights, divisor, off, n);
+      } else {
+        soup_piece<false>(e, s, weights, divisor, off, n);
+      }
+    });
+  });
+}
 
 void cpu_accumulate(const std::vector<AccumulateEntry>& entries, float weight, bool first, int num_threads) {
   int64_t total = 0;

@@ -250,6 +250,39 @@ def test_upcast_is_exact_for_every_16_bit_pattern():
         assert acc[nan].isnan().all(), dtype
 
 
+@pytest.mark.parametrize("compensated", [False, True])
+def test_one_pass_cpu_soup_equals_accumulate_then_cast(compensated):
+    """kalm_fast._C.cpu_soup (every input of a chunk summed and cast on L1 tiles) gives the bits of accumulate over
+    the inputs, then cast: random bit patterns of every dtype (NaN, Inf, subnormals included), entries whose sizes
+    are not multiples of the tile, weights with and without a low part; and soup() on CPU takes that path."""
+    kernels = K._Kernels(torch.device("cpu"))
+    assert kernels.fused, "kalm_fast._C lacks cpu_soup: rebuild it"
+    g = torch.Generator().manual_seed(3)
+
+    def pattern(n, dtype):
+        if dtype == F32:
+            return torch.randint(-2**31, 2**31, (n,), generator=g, dtype=torch.int64).to(torch.int32).view(F32)
+        return torch.randint(-2**15, 2**15, (n,), generator=g, dtype=torch.int32).to(torch.int16).view(dtype)
+
+    sizes, dtypes = [5000, 1, 2048, 70001], [BF16, F16, F32, BF16]
+    weights = [1.0, 0.3, 0.7, 1 / 3]
+    inputs = [[pattern(n, dtypes[(j + k) % 4]) for k in range(4)] for j, n in enumerate(sizes)]
+    for out_dtype in (BF16, F16, F32):
+        got = [torch.empty(n, dtype=out_dtype) for n in sizes]
+        kernels.soup(list(zip(got, inputs)), weights, 2.75, compensated)
+        for j, n in enumerate(sizes):
+            acc, comp = torch.empty(n), torch.empty(n) if compensated else None
+            for k, w in enumerate(weights):
+                kernels.accumulate([(acc, comp, inputs[j][k])], w, first=k == 0)
+            want = torch.empty(n, dtype=out_dtype)
+            kernels.cast([(acc, comp, want)], 2.75)
+            ints = torch.int32 if out_dtype == F32 else torch.int16
+            assert torch.equal(got[j].view(ints), want.view(ints)), (out_dtype, n)
+    streamer = importlib.import_module("kalm_fast.soup._stream")._Streamer([], {}, 1.0, torch.device("cpu"), 1 << 20,
+                                                                           compensated)
+    assert streamer.fused
+
+
 def test_torch_fallback_equals_extension(mixed, tmp_path, disable_ext):
     paths, states = mixed
     ext_out = soup(paths, tmp_path / "ext.safetensors", weights=WEIGHTS)

@@ -15,8 +15,10 @@ error no longer grows with the number of checkpoints nor with cancellation betwe
 Memory: ``soup`` streams element chunks (``_CHUNK_CPU`` elements, several small tensors per chunk, large tensors
 split): each input's bytes are read with ``os.preadv`` at the offsets of the safetensors header into a few reused
 staging buffers (no mmap, so no file pages stay mapped) by a background thread while the previous chunk is
-accumulated, and a second thread writes the previous output chunk. Peak RSS is the interpreter + torch plus seven
-chunk-sized buffers (<= 28 MB on CPU), whatever the model size.
+computed, and a second thread writes the previous output chunk. On CPU every input's piece of a chunk is staged, then
+summed and cast in one pass over L1-sized tiles (``kalm_fast._C.cpu_soup``: no chunk-sized fp32 accumulator goes
+through memory). Peak RSS is the interpreter + torch plus <= 28 MB of buffers on CPU (the chunk shrinks with the
+number of inputs), whatever the model size.
 
 Kernels: ``kalm_fast._C`` (C++ threads on CPU; one CUDA launch for many tensors on GPU, with host reads and H2D copies
 overlapped with compute through pinned buffers, a copy stream and events). Without the extension the same code runs on

@@ -75,6 +75,21 @@ class _Kernels:
         else:
             self.ext.cpu_accumulate(self._entries(items), weight, first, torch.get_num_threads())
 
+    @property
+    def fused(self) -> bool:
+        """Whether ``soup`` runs: the extension's one-pass CPU soup (absent from builds older than issue 13)."""
+        return self.ext is not None and self.device.type == "cpu" and hasattr(self.ext, "cpu_soup")
+
+    def soup(self, items, weights: list[float], divisor: float, compensated: bool) -> None:
+        """items (dst, [x_0, ..., x_K-1]): dst = RNE(sum_k weights[k] x_k / divisor), the same bits as accumulate
+        over k then cast, in one pass over L1-sized tiles (CPU extension only, see ``fused``)."""
+        outputs, sources = [], []
+        for dst, xs in items:
+            if dst.numel():
+                outputs.append((dst.data_ptr(), dst.numel(), self._code(dst.dtype)))
+                sources += [(x.data_ptr(), self._code(x.dtype)) for x in xs]
+        self.ext.cpu_soup(outputs, sources, weights, divisor, compensated, torch.get_num_threads())
+
     def cast(self, items, divisor: float) -> None:
         if self.ext is None:
             div = torch.tensor(divisor, dtype=torch.float32, device=self.device)

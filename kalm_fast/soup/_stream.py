@@ -24,6 +24,9 @@ _CHUNK_CUDA = 1 << 22
 _STAGE_SLOTS = 3  # host staging buffers: one being accumulated (or copied to the GPU), two being read ahead
 _ALIGN_BYTES = 64  # staging offsets of segments: 16-byte vector loads on the GPU, whole cache lines on the CPU
 _ALIGN_ELEMS = 16  # accumulator offsets of segments (64 bytes of fp32)
+# The one-pass CPU soup (kalm_fast._C.cpu_soup) holds every input's chunk at once, double-buffered: 2 K staging
+# buffers + 2 output buffers of (chunk + 16) * 4 bytes, kept within this budget by a smaller chunk for many inputs.
+_FUSED_BUDGET = 28 << 20
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -137,11 +140,22 @@ class _Streamer:
                  device: torch.device, chunk: int, compensated: bool):
         self.sources, self.out_dtypes, self.divisor, self.device = sources, out_dtypes, divisor, device
         self.kernels = _Kernels(device)
+        self.compensated = compensated
+        # CPU with the extension: every input's chunk staged, then summed and cast in one pass on L1-sized tiles
+        # (kalm_fast._C.cpu_soup). Otherwise one input at a time into a chunk-sized fp32 accumulator, then the cast.
+        self.fused = self.kernels.fused
         cuda = device.type == "cuda"
+        slots = _STAGE_SLOTS
+        if self.fused:
+            slots = 2 * max(1, len(self.active))
+            fit = _FUSED_BUDGET // ((slots + 2) * 4) - _ALIGN_ELEMS
+            chunk = max(_ALIGN_ELEMS * 1024, min(chunk, fit // _ALIGN_ELEMS * _ALIGN_ELEMS))
+        self.chunk = chunk
         nbytes = (chunk + _ALIGN_ELEMS) * 4  # bounds a group's staging bytes in any dtype (see _stage_offsets)
-        self.stage = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda) for _ in range(_STAGE_SLOTS)]
-        self.acc = torch.empty(chunk + _ALIGN_ELEMS, dtype=torch.float32, device=device)
-        self.comp = torch.empty_like(self.acc) if compensated else None
+        self.stage = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda) for _ in range(slots)]
+        if not self.fused:
+            self.acc = torch.empty(chunk + _ALIGN_ELEMS, dtype=torch.float32, device=device)
+            self.comp = torch.empty_like(self.acc) if compensated else None
         # two host output buffers: one being written to disk while the next group is cast into the other
         self.out_host = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda) for _ in range(2)]
         if cuda:
@@ -189,6 +203,27 @@ class _Streamer:
                 self.step += 1
             else:
                 reader.release(slot)
+
+    def soup_group(self, group: Sequence[_Segment], reader: _ReadAhead, slot: int) -> list[tuple[int, int]]:
+        """The fused CPU step: waits for every input's chunk, sums and casts them into out_host[slot] in one pass;
+        returns (offset, nbytes) of each segment there."""
+        active = self.active
+        slots = [reader.next() for _ in active]
+        layouts = [self._stage_offsets(group, src) for src in active]
+        out = self.out_host[slot]
+        items, spans, off = [], [], 0
+        for j, s in enumerate(group):
+            dtype = self.out_dtypes[s.name]
+            nbytes = s.count * dtype.itemsize
+            xs = [self.stage[sl][o:o + nb].view(_FLOAT[t.dtype]) for sl, (t, o, nb) in
+                  zip(slots, (layout[j] for layout in layouts))]
+            items.append((out[off:off + nbytes].view(dtype), xs))
+            spans.append((off, nbytes))
+            off += _round_up(nbytes, _ALIGN_BYTES)
+        self.kernels.soup(items, [src.weight for src in active], self.divisor, self.compensated)
+        for sl in slots:
+            reader.release(sl)
+        return spans
 
     def _acc(self, s: _Segment) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The segment's accumulator and compensation (None for plain sums)."""
