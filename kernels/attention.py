@@ -12,12 +12,25 @@ softmax_scale * log2(e) so that every exponential is an exp2):
                               sequence's key/value blocks with an online softmax; stores out and lse.
   _attn_bwd_preprocess_kernel delta = rowsum(dO * O) - dlse, per token and query head.
   _attn_bwd_dkdv_kernel       one program = BLOCK_N key/value rows of one sequence and one kv head; loops over all
-                              query blocks of the sequence and all query heads of the GQA group, so dK/dV are owned by
-                              exactly one program: no atomics, deterministic.
+                              query blocks of the sequence and the query heads of the GQA group, so dK/dV are owned by
+                              exactly one program: no atomics, deterministic. When that grid would be under two waves
+                              (few tokens, few kv heads: ``dkdv_plan``), the group's query heads are split over
+                              ``splits`` programs that write fp32 partials, and
+  _attn_bwd_dkdv_reduce_kernel adds them in split order (deterministic) and casts.
   _attn_bwd_dq_kernel         one program = BLOCK_M query rows of one query head; loops over the key/value blocks.
 Grids are (blocks of max_seqlen, heads, sequences); a program whose block starts past its sequence's end exits, so
-zero-length sequences cost one early exit per program and have no rows. Row masks are applied only on a sequence's
-last (partial) block; head dims that are not powers of two are padded to BLOCK_D with a column mask.
+zero-length sequences cost one early exit per program and have no rows. The sequence axis is walked through
+``seq_order``, the sequences sorted by length, longest first (stable: ties keep batch order), so the programs of the
+longest sequences start first and the short ones fill the tail instead of a long one running alone at the end (every
+program of a sequence does the same work: the whole sequence is its loop). Row masks are applied only on a
+sequence's last (partial) block; head dims that are not powers of two are padded to BLOCK_D with a column mask.
+
+16-byte loads for any head dim: Triton marks an integer argument divisible by 16 or not at all, so with D = 40, 56
+or 72 the head stride D carried no alignment and every load fell back to 2-byte scalars (160 ld.global.b16 in the
+forward at D = 40, sm_90). The launchers pass token and head strides in units of STRIDE_UNIT elements (16 bytes, or
+the largest power of two dividing every stride) and the kernels multiply them back by the constexpr: Triton then
+knows each row starts 16-byte aligned, and the column mask (offs_d < D, constant over runs of 8) keeps 16-byte
+vectors (cp.async 16 B / ld.global.v4 at D = 40).
 
 No recompilation per length: max_seqlen only sizes the grid; the autotune key holds its power-of-two bucket, passed as a
 plain int argument (>= 16, so Triton's divisibility specialization sees one case).
@@ -106,15 +119,20 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, lo, 
 
 @triton.jit(do_not_specialize=["stride_lh"])  # lse/delta (Hq, T): T changes every call
 def _attn_fwd_kernel(
-    Q, K, V, Out, Lse, cu_seqlens, sm_scale,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
+    Q, K, V, Out, Lse, cu_seqlens, seq_order, sm_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,  # in STRIDE_UNITs
+    stride_lh,
     seqlen_bucket,  # autotune key only (power-of-two bucket of max_seqlen)
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, STRIDE_UNIT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_h = tl.program_id(1)
-    pid_b = tl.program_id(2)
+    pid_b = tl.load(seq_order + tl.program_id(2))  # longest sequences first
+    stride_qt, stride_qh, stride_kt, stride_kh = (stride_qt * STRIDE_UNIT, stride_qh * STRIDE_UNIT,
+                                                  stride_kt * STRIDE_UNIT, stride_kh * STRIDE_UNIT)
+    stride_vt, stride_vh, stride_ot, stride_oh = (stride_vt * STRIDE_UNIT, stride_vh * STRIDE_UNIT,
+                                                  stride_ot * STRIDE_UNIT, stride_oh * STRIDE_UNIT)
     seq_start = tl.load(cu_seqlens + pid_b)
     seqlen = tl.load(cu_seqlens + pid_b + 1) - seq_start
     start_m = pid_m * BLOCK_M
@@ -173,10 +191,13 @@ def _attn_fwd_kernel(
 @triton.jit(do_not_specialize=["T", "stride_lh"])  # T changes every call
 def _attn_bwd_preprocess_kernel(Out, DO, DLse, Delta, T, stride_ot, stride_oh, stride_dot, stride_doh, stride_lh,
                                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-                                HAS_DLSE: tl.constexpr):
-    """delta[h, t] = sum_d O[t, h, d] * dO[t, h, d] - dlse[h, t] (step 5), fp32 (Hq, T)."""
+                                STRIDE_UNIT: tl.constexpr, HAS_DLSE: tl.constexpr):
+    """delta[h, t] = sum_d O[t, h, d] * dO[t, h, d] - dlse[h, t] (step 5), fp32 (Hq, T). O/dO strides in
+    STRIDE_UNITs."""
     pid_t = tl.program_id(0)
     pid_h = tl.program_id(1)
+    stride_ot, stride_oh = stride_ot * STRIDE_UNIT, stride_oh * STRIDE_UNIT
+    stride_dot, stride_doh = stride_dot * STRIDE_UNIT, stride_doh * STRIDE_UNIT
     rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (rows < T)[:, None] & (offs_d < HEAD_DIM)[None, :]
@@ -220,18 +241,37 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, st
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["stride_lh"])  # lse/delta (Hq, T): T changes every call
+# per-call sizes: lse/delta (Hq, T) and the partials' split stride T * Hkv * D change with T, the split plan with the
+# batch
+@triton.jit(do_not_specialize=["stride_lh", "stride_ds", "num_splits", "heads_per_split"])
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, Lse, Delta, DK, DV, cu_seqlens, sm_scale,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-    stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
+    Q, K, V, DO, Lse, Delta, DK, DV, cu_seqlens, seq_order, sm_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,  # in STRIDE_UNITs
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh,  # in STRIDE_UNITs
+    stride_lh,
+    stride_ds, num_splits, heads_per_split,  # SPLIT: DK/DV are fp32 partials (splits, T, Hkv, D), split stride
     seqlen_bucket,  # autotune key only
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, STRIDE_UNIT: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
-    pid_kv = tl.program_id(1)
-    pid_b = tl.program_id(2)
+    if SPLIT:  # program (kv head, split) sums the query heads [g_lo, g_hi) of the group
+        pid_kv = tl.program_id(1) // num_splits
+        split = tl.program_id(1) % num_splits
+        g_lo = split * heads_per_split
+        g_hi = tl.minimum(g_lo + heads_per_split, GROUP)
+    else:
+        pid_kv = tl.program_id(1)
+        g_lo = 0
+        g_hi = GROUP
+    pid_b = tl.load(seq_order + tl.program_id(2))  # longest sequences first
+    stride_qt, stride_qh, stride_kt, stride_kh = (stride_qt * STRIDE_UNIT, stride_qh * STRIDE_UNIT,
+                                                  stride_kt * STRIDE_UNIT, stride_kh * STRIDE_UNIT)
+    stride_vt, stride_vh, stride_dot, stride_doh = (stride_vt * STRIDE_UNIT, stride_vh * STRIDE_UNIT,
+                                                    stride_dot * STRIDE_UNIT, stride_doh * STRIDE_UNIT)
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh = (stride_dkt * STRIDE_UNIT, stride_dkh * STRIDE_UNIT,
+                                                      stride_dvt * STRIDE_UNIT, stride_dvh * STRIDE_UNIT)
     seq_start = tl.load(cu_seqlens + pid_b)
     seqlen = tl.load(cu_seqlens + pid_b + 1) - seq_start
     start_n = pid_n * BLOCK_N
@@ -250,7 +290,7 @@ def _attn_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     qk_scale = sm_scale * LOG2E
     m_full = (seqlen // BLOCK_M) * BLOCK_M
-    for g in range(GROUP):  # every query head that reads this kv head: the GQA sum stays inside the program
+    for g in range(g_lo, g_hi):  # query heads that read this kv head: the GQA sum stays inside the program
         pid_h = pid_kv * GROUP + g
         q_base = Q + row0 * stride_qt + pid_h * stride_qh
         do_base = DO + row0 * stride_dot + pid_h * stride_doh
@@ -262,11 +302,34 @@ def _attn_bwd_dkdv_kernel(
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
                                       m_full, seqlen, seqlen, qk_scale, offs_m, offs_d, HEAD_DIM, BLOCK_D, BLOCK_M,
                                       True, UPCAST, DOT_PRECISION)
-    dk *= sm_scale
+    if SPLIT:  # unscaled fp32 partial of this split's query heads; the reduce kernel adds the splits and scales
+        DK += split.to(tl.int64) * stride_ds
+        DV += split.to(tl.int64) * stride_ds
+    else:
+        dk *= sm_scale
     dk_ptrs = DK + row0 * stride_dkt + pid_kv * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :]
     dv_ptrs = DV + row0 * stride_dvt + pid_kv * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :]
     _store_tile(dk_ptrs, dk, offs_n, seqlen, offs_d, HEAD_DIM, BLOCK_D)
     _store_tile(dv_ptrs, dv, offs_n, seqlen, offs_d, HEAD_DIM, BLOCK_D)
+
+
+@triton.jit(do_not_specialize=["n", "num_splits"])  # per-call sizes
+def _attn_bwd_dkdv_reduce_kernel(DKp, DVp, DK, DV, n, num_splits, sm_scale, BLOCK: tl.constexpr):
+    """dK = s * sum_split DKp[split], dV = sum_split DVp[split] over n = T * Hkv * D contiguous elements, the splits
+    added in index order (deterministic), then cast to dK/dV's dtype."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    pk = DKp + offs
+    pv = DVp + offs
+    dk = tl.load(pk, mask=mask, other=0.0)
+    dv = tl.load(pv, mask=mask, other=0.0)
+    for _ in range(1, num_splits):
+        pk += n
+        pv += n
+        dk += tl.load(pk, mask=mask, other=0.0)
+        dv += tl.load(pv, mask=mask, other=0.0)
+    tl.store(DK + offs, (dk * sm_scale).to(DK.dtype.element_ty), mask=mask)
+    tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -294,16 +357,22 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride
 
 @triton.jit(do_not_specialize=["stride_lh"])  # lse/delta (Hq, T): T changes every call
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, Lse, Delta, DQ, cu_seqlens, sm_scale,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-    stride_dqt, stride_dqh, stride_lh,
+    Q, K, V, DO, Lse, Delta, DQ, cu_seqlens, seq_order, sm_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,  # in STRIDE_UNITs
+    stride_dqt, stride_dqh,  # in STRIDE_UNITs
+    stride_lh,
     seqlen_bucket,  # autotune key only
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, STRIDE_UNIT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_h = tl.program_id(1)
-    pid_b = tl.program_id(2)
+    pid_b = tl.load(seq_order + tl.program_id(2))  # longest sequences first
+    stride_qt, stride_qh, stride_kt, stride_kh = (stride_qt * STRIDE_UNIT, stride_qh * STRIDE_UNIT,
+                                                  stride_kt * STRIDE_UNIT, stride_kh * STRIDE_UNIT)
+    stride_vt, stride_vh, stride_dot, stride_doh = (stride_vt * STRIDE_UNIT, stride_vh * STRIDE_UNIT,
+                                                    stride_dot * STRIDE_UNIT, stride_doh * STRIDE_UNIT)
+    stride_dqt, stride_dqh = stride_dqt * STRIDE_UNIT, stride_dqh * STRIDE_UNIT
     seq_start = tl.load(cu_seqlens + pid_b)
     seqlen = tl.load(cu_seqlens + pid_b + 1) - seq_start
     start_m = pid_m * BLOCK_M
@@ -489,22 +558,85 @@ def _meta(q: torch.Tensor) -> dict:
     )
 
 
+def stride_unit(*tensors: torch.Tensor) -> int:
+    """Elements per stride unit (module docstring): the largest power of two, at most 16 bytes, that divides every
+    token and head stride of ``tensors`` (8 for 16-bit tensors with D % 8 == 0, 4 for fp32 with D % 4 == 0)."""
+    unit = 16 // tensors[0].element_size()
+    while unit > 1 and any(st % unit for x in tensors for st in x.stride()[:-1]):
+        unit //= 2
+    return unit
+
+
+def _strides(unit: int, *tensors: torch.Tensor) -> list[int]:
+    """(token stride, head stride) of each tensor in units of ``unit`` elements, flattened."""
+    return [st // unit for x in tensors for st in x.stride()[:2]]
+
+
 def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
     """The kernels need unit stride along the head dim only (any token/head strides)."""
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _batch_chunks(cu_seqlens: torch.Tensor):
-    """Slices of cu_seqlens with at most _MAX_GRID_YZ sequences each (offsets stay absolute)."""
-    B = cu_seqlens.numel() - 1
-    for b0 in range(0, B, _MAX_GRID_YZ):
-        yield cu_seqlens[b0:min(B, b0 + _MAX_GRID_YZ) + 1]
+def longest_first(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """int32 (B,): sequence indices by length, longest first; a stable sort, so ties keep batch order and the order
+    is the same in every run. Computed on cu_seqlens' device (no host sync)."""
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    return torch.sort(lengths, descending=True, stable=True).indices.to(torch.int32)
+
+
+def _order_chunks(order: torch.Tensor):
+    """Slices of the sequence order with at most _MAX_GRID_YZ sequences each (grid dim 2 limit)."""
+    for b0 in range(0, order.numel(), _MAX_GRID_YZ):
+        yield order[b0:b0 + _MAX_GRID_YZ]
+
+
+WAVES = 2  # dK/dV grids under this many waves of programs split the GQA group (dkdv_plan)
+
+
+def dkdv_plan(T: int, B: int, max_seqlen: int, Hkv: int, group: int, block_n: int, num_sms: int) -> dict:
+    """Launch plan of the dK/dV pass, from host integers only (pure).
+
+    One program per (key block, kv head, sequence) has work; their number is at most
+    ``min(cdiv(max_seqlen, block_n) * B, cdiv(T, block_n) + B) * Hkv`` (each sequence's blocks, the last one partial).
+    When even that bound is under WAVES waves (``WAVES * num_sms`` programs) and the group has more than one query
+    head, the group's query heads are split over the fewest programs per (key block, kv head) that reach WAVES waves,
+    at most one per query head; each split writes fp32 partials that ``_attn_bwd_dkdv_reduce_kernel`` adds in split
+    order. Returns dict(splits, heads_per_split, programs (upper bound, splits included), waves).
+    """
+    blocks = min(triton.cdiv(max_seqlen, block_n) * B, triton.cdiv(T, block_n) + B) if B else 0
+    programs = blocks * Hkv
+    heads_per_split = group
+    if 0 < programs < WAVES * num_sms and group > 1:
+        needed = min(group, triton.cdiv(WAVES * num_sms, programs))
+        # the most heads per split that still gives `needed` splits (whole heads: cdiv(group, h) splits)
+        heads_per_split = max(h for h in range(1, group + 1) if triton.cdiv(group, h) >= needed)
+    splits = triton.cdiv(group, heads_per_split)
+    return dict(splits=splits, heads_per_split=heads_per_split, programs=programs * splits,
+                waves=programs * splits / max(num_sms, 1))
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """SMs of a CUDA device; 1 elsewhere (the interpreter runs programs one by one: splitting only costs there)."""
+    if device.type != "cuda":
+        return 1
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _block_n(kernel) -> int:
+    """BLOCK_N of the pinned config, or of the autotuner's first config (the pinned one): the dK/dV plan's tile."""
+    return kernel.config["BLOCK_N"] if isinstance(kernel, _Pinned) else kernel.configs[0].kwargs["BLOCK_N"]
 
 
 @input_guard
-def attn_fwd(q, k, v, cu_seqlens, max_seqlen: int, softmax_scale: float):
+def attn_fwd(q, k, v, cu_seqlens, max_seqlen: int, softmax_scale: float, order=None):
     """Forward launcher. q (T, Hq, D), k/v (T, Hkv, D), cu_seqlens int32 (B+1,) -> out (T, Hq, D) in q's dtype,
-    lse (Hq, T) fp32 (natural log of the scaled scores' sum of exponentials)."""
+    lse (Hq, T) fp32 (natural log of the scaled scores' sum of exponentials). ``order``: ``longest_first(cu_seqlens)``
+    when the caller has it."""
     q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
     cu_seqlens = cu_seqlens.contiguous()
     T, Hq, _ = q.shape
@@ -512,59 +644,78 @@ def attn_fwd(q, k, v, cu_seqlens, max_seqlen: int, softmax_scale: float):
     lse = torch.empty((Hq, T), dtype=torch.float32, device=q.device)
     if T == 0:
         return out, lse
+    order = longest_first(cu_seqlens) if order is None else order
     meta = _meta(q)
+    unit = stride_unit(q, k, v, out)
     kernel = _launchable("fwd", q, meta["BLOCK_D"])
-    for cu in _batch_chunks(cu_seqlens):
-        grid = lambda m, cu=cu: (triton.cdiv(max_seqlen, m["BLOCK_M"]), Hq, cu.numel() - 1)
+    for chunk in _order_chunks(order):
+        grid = lambda m, nb=chunk.numel(): (triton.cdiv(max_seqlen, m["BLOCK_M"]), Hq, nb)
         kernel[grid](
-            q, k, v, out, lse, cu, softmax_scale,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            out.stride(0), out.stride(1), lse.stride(0),
-            _seqlen_bucket(max_seqlen), GROUP=Hq // k.shape[1], **meta,
+            q, k, v, out, lse, cu_seqlens, chunk, softmax_scale,
+            *_strides(unit, q, k, v, out), lse.stride(0),
+            _seqlen_bucket(max_seqlen), GROUP=Hq // k.shape[1], STRIDE_UNIT=unit, **meta,
         )
     return out, lse
 
 
 @input_guard
-def attn_bwd(do, q, k, v, out, lse, cu_seqlens, max_seqlen: int, softmax_scale: float, dlse=None):
+def attn_bwd(do, q, k, v, out, lse, cu_seqlens, max_seqlen: int, softmax_scale: float, dlse=None, *, order=None,
+             dkdv_splits=None):
     """Backward launcher: dO (T, Hq, D) and optionally dlse (Hq, T) -> dq, dk, dv in the dtypes of q, k, v.
-    Deterministic: every gradient element is written by exactly one program."""
+    Deterministic: every gradient element is written by exactly one program (dK/dV partials: one program per split,
+    added in split order). ``dkdv_splits`` overrides ``dkdv_plan``'s split count (tests, compile tables)."""
     do, q, k, v, out = (_rows_contiguous(x) for x in (do, q, k, v, out))
     cu_seqlens = cu_seqlens.contiguous()
     T, Hq, D = q.shape
     Hkv = k.shape[1]
+    group = Hq // Hkv
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if T == 0:
         return dq, dk, dv
+    order = longest_first(cu_seqlens) if order is None else order
     meta = _meta(q)
     bucket = _seqlen_bucket(max_seqlen)
+    unit = stride_unit(do, q, k, v, out, dq, dk, dv)
     delta = torch.empty_like(lse)  # (Hq, T) fp32
     if dlse is not None:
         dlse = dlse.float().contiguous()
     block_t = 8192 // meta["BLOCK_D"]  # 8192-element tiles of O and dO: 64 fp32 values per thread each
     _attn_bwd_preprocess_kernel[(triton.cdiv(T, block_t), Hq)](
         out, do, dlse if dlse is not None else delta, delta, T,  # DLse is not read without HAS_DLSE
-        out.stride(0), out.stride(1), do.stride(0), do.stride(1), lse.stride(0),
-        HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_T=block_t, HAS_DLSE=dlse is not None,
+        *_strides(unit, out, do), lse.stride(0),
+        HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_T=block_t, STRIDE_UNIT=unit, HAS_DLSE=dlse is not None,
     )
     dkdv_kernel = _launchable("dkdv", q, meta["BLOCK_D"])
     dq_kernel = _launchable("dq", q, meta["BLOCK_D"])
-    for cu in _batch_chunks(cu_seqlens):
-        nb = cu.numel() - 1
-        dkdv_kernel[lambda m, nb=nb: (triton.cdiv(max_seqlen, m["BLOCK_N"]), Hkv, nb)](
-            q, k, v, do, lse, delta, dk, dv, cu, softmax_scale,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0),
-            bucket, GROUP=Hq // Hkv, **meta,
+    B = cu_seqlens.numel() - 1
+    if dkdv_splits is None:
+        plan = dkdv_plan(T, B, max_seqlen, Hkv, group, _block_n(dkdv_kernel), num_sms(q.device))
+    else:
+        plan = dict(splits=min(dkdv_splits, group), heads_per_split=triton.cdiv(group, min(dkdv_splits, group)))
+        plan["splits"] = triton.cdiv(group, plan["heads_per_split"])
+    splits, per = plan["splits"], plan["heads_per_split"]
+    if splits > 1:  # fp32 partials (splits, T, Hkv, D), strides as dk's (contiguous) plus the split stride
+        dk_out, dv_out = (torch.empty((splits, *k.shape), dtype=torch.float32, device=k.device) for _ in range(2))
+    else:
+        dk_out, dv_out = dk, dv
+    for chunk in _order_chunks(order):
+        nb = chunk.numel()
+        dkdv_kernel[lambda m, nb=nb: (triton.cdiv(max_seqlen, m["BLOCK_N"]), Hkv * splits, nb)](
+            q, k, v, do, lse, delta, dk_out, dv_out, cu_seqlens, chunk, softmax_scale,
+            *_strides(unit, q, k, v, do, dk, dv), lse.stride(0), dk.numel(), splits, per,
+            bucket, GROUP=group, STRIDE_UNIT=unit, SPLIT=splits > 1, **meta,
         )
         dq_kernel[lambda m, nb=nb: (triton.cdiv(max_seqlen, m["BLOCK_M"]), Hq, nb)](
-            q, k, v, do, lse, delta, dq, cu, softmax_scale,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), lse.stride(0),
-            bucket, GROUP=Hq // Hkv, **meta,
+            q, k, v, do, lse, delta, dq, cu_seqlens, chunk, softmax_scale,
+            *_strides(unit, q, k, v, do, dq), lse.stride(0),
+            bucket, GROUP=group, STRIDE_UNIT=unit, **meta,
         )
+    if splits > 1:
+        n, block = dk.numel(), 2048
+        _attn_bwd_dkdv_reduce_kernel[(triton.cdiv(n, block),)](dk_out, dv_out, dk, dv, n, splits, softmax_scale,
+                                                               BLOCK=block, num_warps=4)
     return dq, dk, dv
 
 
@@ -576,8 +727,9 @@ def attn_bwd(do, q, k, v, out, lse, cu_seqlens, max_seqlen: int, softmax_scale: 
 class _FlashAttnVarlenFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, max_seqlen, softmax_scale):
-        out, lse = attn_fwd(q, k, v, cu_seqlens, max_seqlen, softmax_scale)
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+        order = longest_first(cu_seqlens)
+        out, lse = attn_fwd(q, k, v, cu_seqlens, max_seqlen, softmax_scale, order=order)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, order)
         ctx.max_seqlen = max_seqlen
         ctx.softmax_scale = softmax_scale
         ctx.set_materialize_grads(False)  # an unused lse gets no zero-filled gradient
@@ -585,10 +737,11 @@ class _FlashAttnVarlenFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+        q, k, v, out, lse, cu_seqlens, order = ctx.saved_tensors
         if dout is None:  # only lse was used downstream
             dout = torch.zeros_like(out)
-        dq, dk, dv = attn_bwd(dout, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.softmax_scale, dlse)
+        dq, dk, dv = attn_bwd(dout, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.softmax_scale, dlse,
+                              order=order)
         return dq, dk, dv, None, None, None
 
 

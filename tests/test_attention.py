@@ -306,6 +306,120 @@ def test_backward_is_deterministic():
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# scheduling (issue 12): GQA dK/dV partials, longest sequences first, 16-byte stride units
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_dkdv_plan_fills_two_waves():
+    """Qwen2-0.5B (14 query / 2 kv heads) with 4 x 1,024 tokens: 128 dK/dV programs on 132 SMs without splits; the
+    plan splits the group into the fewest programs that reach two waves (each split one or more query heads)."""
+    from kalm_fast.kernels.attention import dkdv_plan
+
+    plan = dkdv_plan(T=4096, B=4, max_seqlen=1024, Hkv=2, group=7, block_n=64, num_sms=132)
+    assert plan["splits"] == 3 and plan["heads_per_split"] == 3
+    assert plan["programs"] == 4 * 16 * 2 * 3 >= 2 * 132 and plan["waves"] >= 2
+    fewer = dkdv_plan(T=4096, B=4, max_seqlen=1024, Hkv=2, group=2, block_n=64, num_sms=132)
+    assert fewer["splits"] == 2 and fewer["heads_per_split"] == 1  # one split per query head, the most there is
+    tiny = dkdv_plan(T=8, B=1, max_seqlen=8, Hkv=2, group=7, block_n=64, num_sms=132)
+    assert tiny["splits"] == 7 and tiny["heads_per_split"] == 1  # per query head
+    # enough programs already, no GQA, no token: one program owns its rows as before
+    assert dkdv_plan(T=65536, B=64, max_seqlen=1024, Hkv=2, group=7, block_n=64, num_sms=132)["splits"] == 1
+    assert dkdv_plan(T=4096, B=4, max_seqlen=1024, Hkv=2, group=1, block_n=64, num_sms=132)["splits"] == 1
+    assert dkdv_plan(T=0, B=3, max_seqlen=0, Hkv=2, group=7, block_n=64, num_sms=132)["splits"] == 1
+    # the program bound uses T when max_seqlen would overcount (one long sequence among short ones)
+    mixed = dkdv_plan(T=2048 + 63 * 8, B=64, max_seqlen=2048, Hkv=2, group=7, block_n=64, num_sms=132)
+    assert mixed["programs"] == (triton_cdiv(2048 + 63 * 8, 64) + 64) * 2 * mixed["splits"]
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+def test_dkdv_plan_is_minimal():
+    """Over a sweep, the split count reaches two waves when the group allows it, and one split fewer would not."""
+    from kalm_fast.kernels.attention import dkdv_plan
+
+    for T in (1, 100, 1000, 4096, 9000, 20000):
+        for group in (1, 2, 4, 7, 8):
+            p = dkdv_plan(T=T, B=1, max_seqlen=T, Hkv=2, group=group, block_n=64, num_sms=132)
+            base = triton_cdiv(T, 64) * 2
+            assert p["programs"] == base * p["splits"]
+            assert p["splits"] * p["heads_per_split"] >= group > (p["splits"] - 1) * p["heads_per_split"]
+            if base >= 264:
+                assert p["splits"] == 1
+            elif p["splits"] < group:  # two waves, and one more head per split would fall under them
+                assert base * p["splits"] >= 264
+                assert base * triton_cdiv(group, p["heads_per_split"] + 1) < 264
+
+
+@pytest.mark.parametrize("splits", [2, 3], ids=["uneven-2", "per-head-3"])
+def test_dkdv_partials_match_reference_and_are_deterministic(splits):
+    """GQA group of 3: two splits (2 + 1 query heads) and one per query head give dK/dV within the fp32 bound of the
+    float64 truth, like the unsplit pass, and two runs are bitwise equal."""
+    from kalm_fast.kernels import attention
+
+    q, k, v, cu, max_seqlen = _inputs((97, 0, 130), 6, 2, 64, torch.float32)
+    dout = torch.randn(q.shape, device=DEVICE)
+    dlse = torch.randn(q.shape[1], q.shape[0], device=DEVICE)
+    scale = q.shape[-1] ** -0.5
+    out, lse = attention.attn_fwd(q.detach(), k.detach(), v.detach(), cu, max_seqlen, scale)
+    runs = [attention.attn_bwd(dout, q.detach(), k.detach(), v.detach(), out, lse, cu, max_seqlen, scale, dlse,
+                               dkdv_splits=s) for s in (1, splits, splits)]
+    truth, bound = bounds.attention(q, k, v, cu, dout, dlse, scale)
+    for grads in runs:
+        for name, got in zip(("dq", "dk", "dv"), grads):
+            bounds.assert_within(name, got, truth[name], bound[name])
+    assert torch.equal(runs[0][0], runs[1][0])  # dq does not depend on the dK/dV split
+    for a, b in zip(runs[1], runs[2]):
+        assert torch.equal(a, b)
+
+
+def test_planned_splits_through_the_api(monkeypatch):
+    """On a (pretend) 132-SM device a small GQA batch takes the partials path by itself; fp16 under the 2x rule."""
+    from kalm_fast.kernels import attention
+
+    monkeypatch.setattr(attention, "num_sms", lambda device: 132)
+    launches = []
+    reduce_kernel = attention._attn_bwd_dkdv_reduce_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return reduce_kernel[grid]
+
+    monkeypatch.setattr(attention, "_attn_bwd_dkdv_reduce_kernel", Spy())
+    q, k, v, cu, max_seqlen = _inputs((97, 128), 4, 2, 80, torch.float16)
+    dout = torch.randn(q.shape, device=DEVICE)
+    kalm = _kalm(q, k, v, cu, max_seqlen, dout)
+    assert launches, "the dK/dV partials were not used"
+    _check(kalm, _oracle(q, k, v, cu, max_seqlen, dout), _torch_attention(q, k, v, cu, dout), torch.float16)
+
+
+def test_longest_first_order():
+    from kalm_fast.kernels.attention import longest_first
+
+    cu = _cu_seqlens([3, 0, 40, 17, 40, 3])
+    assert longest_first(cu).tolist() == [2, 4, 3, 0, 5, 1]  # ties keep batch order
+    assert longest_first(cu).dtype == torch.int32
+    assert longest_first(_cu_seqlens([])).numel() == 0
+
+
+def test_stride_units():
+    """16 bytes of elements when every token and head stride allows it (D = 40: the head stride 40 is not a multiple
+    of 16, yet each head row starts 80 bytes = 5 x 16 B apart), else the largest power of two that divides them."""
+    from kalm_fast.kernels.attention import stride_unit
+
+    x = lambda *shape, dt=torch.bfloat16: torch.empty(*shape, dtype=dt)
+    assert stride_unit(x(10, 14, 40), x(10, 2, 40)) == 8
+    assert stride_unit(x(10, 14, 40, dt=torch.float32)) == 4
+    assert stride_unit(x(10, 14, 36)) == 4
+    assert stride_unit(x(10, 1, 36), x(10, 2, 44)) == 4
+    assert stride_unit(x(10, 3, 33)) == 1
+    qkv = x(10, 2 + 2 * 1, 40)
+    assert stride_unit(*qkv.split([2, 1, 1], dim=1)) == 8
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # input checks of the public boundary
 # ----------------------------------------------------------------------------------------------------------------
 

@@ -58,3 +58,31 @@ def test_gpu_session_dry_run():
                        cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "compile smoke" in r.stdout and "kernel compiles" in r.stdout and "budget 530 s" in r.stdout
+
+
+def test_head_dim_40_keeps_16_byte_loads():
+    """D = 40 (head stride 40, not a multiple of 16): the attention kernels still load q/k/v/dO tiles with 16-byte
+    vectors (cp.async of 16 bytes, ld.global.v4), no 2-byte scalar loads (issue 12: before the stride units, the
+    forward compiled to 160 ld.global.b16 for sm_90)."""
+    code = r"""
+import collections, json, re, sys
+import triton
+from bench import compile as bc
+v = dict(op="attention", D=40, GROUP=2, dtype="bf16")
+out = {}
+for kernel in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel"):
+    src, target, options, _ = bc.job_source(dict(kernel=kernel, arch="sm_90", variant=v, config=None))
+    ptx = triton.compile(src, target=target, options=options.__dict__).asm["ptx"]
+    loads = collections.Counter(re.findall(r"\bld\.global(?:\.\w+)*", ptx))
+    copies = collections.Counter(int(n, 0) for n in re.findall(
+        r"cp\.async\.c[ag]\.shared\.global \[[^\]]*\], \[[^\]]*\], (0x[0-9a-f]+|\d+)", ptx))
+    out[kernel] = dict(loads=dict(loads), copies={str(k): n for k, n in copies.items()})
+print(json.dumps(out))
+"""
+    r = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    facts = json.loads(r.stdout.strip().splitlines()[-1])
+    for kernel, f in facts.items():
+        assert not any(".b16" in name or ".v2" in name for name in f["loads"]), (kernel, f)
+        assert f["copies"].get("16", 0) >= 16, (kernel, f)  # the q/k/v (dO) tiles: 16-byte copies
+        assert set(f["copies"]) <= {"16", "4"}, (kernel, f)  # 4 bytes: the lse/delta rows (fp32, one per thread)
