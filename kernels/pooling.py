@@ -11,7 +11,17 @@ tile is one contiguous span of BLOCK_T * H elements: fully coalesced, vectorized
 token axis instead: when B alone cannot fill the GPU, each sequence is cut into ``num_splits`` token ranges
 (flash-decoding's split-KV), chosen from B, T and the SM count without a host sync; the partial sums
 (B, num_splits, H) fp32 are added in split order by a small combine kernel, so results are deterministic.
-Tokens whose mask is false are never read.
+
+Keeping HBM busy (planned, from the compile facts in bench/results/compile-triton*/): a tile is 4,096 elements at
+4 warps (32 per thread), and the token loop is software-pipelined (``tl.range(..., num_stages=NUM_STAGES)``: the
+row loads become 16-byte cp.async copies into NUM_STAGES - 1 shared-memory buffers, issued that many tiles ahead).
+The pooling mask is applied after the row load (``tl.where`` on the loaded tile), so the row load never waits on the
+mask load; rows of unpooled tokens are read and discarded (they are instruction tokens: a few percent of the bytes).
+NUM_STAGES gives each program 32 KB of tiles in flight (bf16: 5 stages of 8 KB, fp32: 3 stages of 16 KB), and four
+programs fit an SM (<= 128 registers a thread at 4 warps, 4 x 33 KB of shared memory within sm_80's 164 KB; the
+launcher targets 4 programs per SM): 128 KB in flight per SM, against ~32 KB before (two 8-warp programs holding one
+16 KB tile each in registers). By Little's law an H200 (4.8 TB/s over 132 SMs, ~1 us loaded latency) needs ~36 KB
+per SM.
 
 Saved for the backward: p_hat (B, H) fp32, the mean over valid tokens of the normalized rows *before* the affine
 weight/bias, and the valid-token count n (B,) fp32. Per-token mean/rstd are not stored: the backward must read x
@@ -43,18 +53,22 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from kalm_fast.heads import L2_EPS
 from kalm_fast.kernels.utils import input_guard, interpreting, next_power_of_2
-from kalm_fast.reference import L2_EPS
 
 _NORM_CODE = {None: 0, "rmsnorm": 1, "layernorm": 2}
 
-# Elements of one [BLOCK_T, BLOCK_H] tile: 8192 fp32 at 8 warps is 32 registers a thread for the tile (and as many
-# for the forward accumulator), leaving room for two resident programs per SM. The interpreter's cost is per tile
+# Elements of one [BLOCK_T, BLOCK_H] tile: 4096 at 4 warps is 32 fp32 registers a thread for the tile (and as many
+# for the forward accumulator), so four programs fit an SM's 64K registers. The interpreter's cost is per tile
 # operation, not per element, so it gets far bigger tiles.
-_TILE_ELEMS = 8192
+_TILE_ELEMS = 4096
 _TILE_ELEMS_INTERPRET = 65536
+# Shared memory for the pipelined token loop's tile buffers, per program: with NUM_STAGES stages Triton keeps
+# NUM_STAGES - 1 tiles in flight, each in its own buffer. 32 KB a program leaves four programs per SM within sm_80's
+# 164 KB: NUM_STAGES = 1 + 32 KB // tile bytes (2..5), bf16 5 stages (8 KB tiles), fp32 3 stages (16 KB tiles).
+_STAGE_BYTES = 32 * 1024
 # Split sequences until there are this many programs per SM (B alone is often below the SM count at inference) ...
-_PROGRAMS_PER_SM = 2
+_PROGRAMS_PER_SM = 4
 # ... but keep at least this many tiles per split on an average sequence: shorter splits cost more (partials write,
 # program start-up, the combine) than their parallelism gains.
 _MIN_TILES_PER_SPLIT = 4
@@ -77,12 +91,12 @@ def _split_range(cu_ptr, seq, split, num_splits, BLOCK_T: tl.constexpr):
 
 
 @triton.jit
-def _valid_tokens(mask_ptr, offs_t, hi, HAS_MASK: tl.constexpr):
-    """[BLOCK_T] bool: token inside the range and, with a mask, pooled."""
-    valid = offs_t < hi
+def _pooled(mask_ptr, offs_t, in_range, HAS_MASK: tl.constexpr):
+    """[BLOCK_T] bool: token inside the range and, with a mask, pooled. Applied to rows already loaded: the row load
+    does not wait on this one."""
     if HAS_MASK:
-        valid = valid & (tl.load(mask_ptr + offs_t, mask=valid, other=0) != 0)
-    return valid
+        return in_range & (tl.load(mask_ptr + offs_t, mask=in_range, other=0) != 0)
+    return in_range
 
 
 @triton.jit
@@ -132,6 +146,7 @@ def _pool_fwd_kernel(
     H, stride_x, num_splits, eps, l2_eps,
     NORM: tl.constexpr, HAS_MASK: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     NORMALIZE: tl.constexpr, SPLIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     seq = tl.program_id(0)
     split = tl.program_id(1)
@@ -141,15 +156,16 @@ def _pool_fwd_kernel(
     # per tile row sums of x_hat, reduced over tokens once after the loop (no cross-thread reduction per tile)
     acc = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
     cnt = tl.zeros([BLOCK_T], dtype=tl.float32)
-    for t0 in range(lo, hi, BLOCK_T):
+    for t0 in tl.range(lo, hi, BLOCK_T, num_stages=NUM_STAGES):  # NUM_STAGES - 1 tiles in flight (cp.async)
         offs_t = t0 + tl.arange(0, BLOCK_T)
-        valid = _valid_tokens(mask_ptr, offs_t, hi, HAS_MASK)
+        in_range = offs_t < hi
         # fp32 right after the load: the norm statistics need it, and the interpreter's bf16 arithmetic is wrong
         x = tl.load(x_ptr + offs_t.to(tl.int64)[:, None] * stride_x + offs_h[None, :],
-                    mask=valid[:, None] & hmask[None, :], other=0.0).to(tl.float32)  # [BLOCK_T, BLOCK_H]
+                    mask=in_range[:, None] & hmask[None, :], other=0.0).to(tl.float32)  # [BLOCK_T, BLOCK_H]
+        valid = _pooled(mask_ptr, offs_t, in_range, HAS_MASK)
         if NORM != 0:
             x, _ = _normalize_rows(x, hmask, H, eps, NORM)
-        acc += x
+        acc += tl.where(valid[:, None], x, 0.0)
         cnt += valid.to(tl.float32)
     psum = tl.sum(acc, axis=0)  # [BLOCK_H]
     n = tl.sum(cnt, axis=0)
@@ -189,7 +205,7 @@ def _pool_bwd_kernel(
     H, stride_x, stride_dx, stride_g, num_splits, eps, l2_eps,
     NORM: tl.constexpr, HAS_MASK: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     NORMALIZE: tl.constexpr, WRITE_DX: tl.constexpr, WRITE_DP: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     seq = tl.program_id(0)
     split = tl.program_id(1)
@@ -221,15 +237,17 @@ def _pool_bwd_kernel(
         if NORM == 2:
             u_mean = tl.sum(u, axis=0) / H
         lo, hi = _split_range(cu_ptr, seq, split, num_splits, BLOCK_T)
-        for t0 in range(lo, hi, BLOCK_T):
+        for t0 in tl.range(lo, hi, BLOCK_T, num_stages=NUM_STAGES):
             offs_t = t0 + tl.arange(0, BLOCK_T)
-            valid = _valid_tokens(mask_ptr, offs_t, hi, HAS_MASK)
+            in_range = offs_t < hi
             rows = offs_t.to(tl.int64)[:, None]
             if NORM == 0:  # step 6
+                valid = _pooled(mask_ptr, offs_t, in_range, HAS_MASK)
                 dx = tl.where(valid[:, None], u[None, :], 0.0)
             else:
                 x = tl.load(x_ptr + rows * stride_x + offs_h[None, :],
-                            mask=valid[:, None] & hmask[None, :], other=0.0).to(tl.float32)
+                            mask=in_range[:, None] & hmask[None, :], other=0.0).to(tl.float32)
+                valid = _pooled(mask_ptr, offs_t, in_range, HAS_MASK)
                 x_hat, r = _normalize_rows(x, hmask, H, eps, NORM)
                 c = tl.sum(u[None, :] * x_hat, axis=1) / H  # mean(u * x_hat) per token, [BLOCK_T]
                 if NORM == 1:  # step 4
@@ -238,7 +256,7 @@ def _pool_bwd_kernel(
                     dx = r[:, None] * (u[None, :] - u_mean - x_hat * c[:, None])
                 dx = tl.where(valid[:, None], dx, 0.0)
             tl.store(dx_ptr + rows * stride_dx + offs_h[None, :], dx.to(dx_ptr.dtype.element_ty),
-                     mask=(offs_t < hi)[:, None] & hmask[None, :])
+                     mask=in_range[:, None] & hmask[None, :])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -246,8 +264,9 @@ def _pool_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _tile(H: int, block_t: int | None) -> tuple[int, int, int]:
-    """(BLOCK_T, BLOCK_H, num_warps) for hidden size H; ``block_t`` (a power of two) overrides the heuristic."""
+def _tile(H: int, block_t: int | None, elem_size: int = 2) -> tuple[int, int, int, int]:
+    """(BLOCK_T, BLOCK_H, num_warps, num_stages) for hidden size H and hidden's element size in bytes; ``block_t``
+    (a power of two) overrides the heuristic."""
     block_h = next_power_of_2(H)
     if block_t is None:
         budget = _TILE_ELEMS_INTERPRET if interpreting() else _TILE_ELEMS
@@ -255,7 +274,8 @@ def _tile(H: int, block_t: int | None) -> tuple[int, int, int]:
     elif block_t < 1 or block_t & (block_t - 1):
         raise ValueError(f"block_t must be a power of two, got {block_t}")
     num_warps = min(16, max(4, block_t * block_h // 1024))
-    return block_t, block_h, num_warps
+    num_stages = min(5, max(2, 1 + _STAGE_BYTES // (block_t * block_h * elem_size)))
+    return block_t, block_h, num_warps, num_stages
 
 
 @functools.cache
@@ -283,7 +303,7 @@ def _pool_fwd(hidden, cu_seqlens, mask, norm, weight, bias, eps, normalize, *, n
     None, weight/bias (H,) or None. Returns out (B, H) in hidden's dtype, p_hat (B, H) fp32 and count (B,) fp32."""
     T, H = hidden.shape
     B = cu_seqlens.numel() - 1
-    BLOCK_T, BLOCK_H, num_warps = _tile(H, block_t)
+    BLOCK_T, BLOCK_H, num_warps, num_stages = _tile(H, block_t, hidden.element_size())
     splits = num_splits or _num_splits(B, T, BLOCK_T, hidden.device)
     out = hidden.new_empty(B, H)
     p_hat = torch.empty(B, H, dtype=torch.float32, device=hidden.device)
@@ -295,7 +315,7 @@ def _pool_fwd(hidden, cu_seqlens, mask, norm, weight, bias, eps, normalize, *, n
         _pool_fwd_kernel[(B, 1)](
             hidden, cu_seqlens, mask, weight, bias, out, p_hat, count, None, None,
             H, hidden.stride(0), 1, eps, L2_EPS,
-            SPLIT=False, BLOCK_T=BLOCK_T, BLOCK_H=BLOCK_H, num_warps=num_warps, **flags,
+            SPLIT=False, BLOCK_T=BLOCK_T, BLOCK_H=BLOCK_H, NUM_STAGES=num_stages, num_warps=num_warps, **flags,
         )
         return out, p_hat, count
     part = torch.empty(B, splits, H, dtype=torch.float32, device=hidden.device)
@@ -303,7 +323,7 @@ def _pool_fwd(hidden, cu_seqlens, mask, norm, weight, bias, eps, normalize, *, n
     _pool_fwd_kernel[(B, splits)](
         hidden, cu_seqlens, mask, weight, bias, None, None, None, part, pcnt,
         H, hidden.stride(0), splits, eps, L2_EPS,
-        SPLIT=True, BLOCK_T=BLOCK_T, BLOCK_H=BLOCK_H, num_warps=num_warps, **flags,
+        SPLIT=True, BLOCK_T=BLOCK_T, BLOCK_H=BLOCK_H, NUM_STAGES=num_stages, num_warps=num_warps, **flags,
     )
     _pool_fwd_combine_kernel[(B,)](
         part, pcnt, weight, bias, out, p_hat, count, H, splits, L2_EPS,
@@ -323,7 +343,7 @@ def _pool_bwd(grad_out, hidden, cu_seqlens, mask, norm, weight, bias, eps, norma
     need_db = need_db and bias is not None
     if not (need_dx or need_dw or need_db):
         return None, None, None
-    BLOCK_T, BLOCK_H, num_warps = _tile(H, block_t)
+    BLOCK_T, BLOCK_H, num_warps, num_stages = _tile(H, block_t, hidden.element_size())
     splits = (num_splits or _num_splits(B, T, BLOCK_T, hidden.device)) if need_dx else 1
     dx = torch.empty(T, H, dtype=hidden.dtype, device=hidden.device) if need_dx else None
     dp = torch.empty(B, H, dtype=torch.float32, device=hidden.device) if (need_dw or need_db) else None
@@ -331,7 +351,8 @@ def _pool_bwd(grad_out, hidden, cu_seqlens, mask, norm, weight, bias, eps, norma
         _pool_bwd_kernel[(B, splits)](
             hidden, cu_seqlens, mask, weight, bias, p_hat, count, grad_out, dx, dp,
             H, hidden.stride(0), H, grad_out.stride(0), splits, eps, L2_EPS,
-            WRITE_DX=need_dx, WRITE_DP=dp is not None, BLOCK_T=BLOCK_T, BLOCK_H=BLOCK_H, num_warps=num_warps,
+            WRITE_DX=need_dx, WRITE_DP=dp is not None, BLOCK_T=BLOCK_T, BLOCK_H=BLOCK_H, NUM_STAGES=num_stages,
+            num_warps=num_warps,
             **_flags(norm, mask, weight, bias, normalize),
         )
     elif dp is not None:

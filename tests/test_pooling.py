@@ -222,6 +222,33 @@ def test_backward_is_deterministic():
         assert torch.equal(a, b), f"{name} differs between two identical runs"
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered", "ignore:overflow encountered")
+@pytest.mark.parametrize("norm", [None, "rmsnorm", "layernorm"])
+def test_unpooled_rows_are_loaded_then_discarded(norm):
+    """The mask is applied after the row load (the load does not wait on the mask): rows of unpooled tokens are read,
+    so NaN and inf there must not leak into the output or into any gradient (bitwise equal to clean rows)."""
+    hidden, cu, mask, weight, bias, grad = varlen_batch(384)
+    w, b = affine(norm is not None, norm == "layernorm", weight, bias)
+    dirty = hidden.clone()
+    dirty[~mask] = torch.tensor([float("nan"), float("inf"), -float("inf")]).repeat(384 // 3)
+    fn = lambda x, w_, b_: pooling.varlen_pool(x, cu, mask, norm, w_, b_, EPS, True, num_splits=2, block_t=16)
+    clean, poisoned = fwd_bwd(fn, hidden, w, b, grad), fwd_bwd(fn, dirty, w, b, grad)
+    for name, a, c in zip(NAMES, clean, poisoned):
+        if a is not None:
+            assert torch.equal(a, c), name
+
+
+@pytest.mark.parametrize("H,elem_size", [(384, 2), (896, 2), (1024, 2), (4096, 2), (1024, 4), (4096, 4)])
+def test_tile_plan_keeps_32kb_in_flight_per_program(H, elem_size, monkeypatch):
+    """GPU tile plan: 4,096-element tiles at 4 warps (32 elements a thread), and NUM_STAGES - 1 pipelined tile
+    buffers of 32 KB in all per program: with 4 programs per SM, 128 KB of loads in flight per SM."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the GPU plan, not the interpreter's big tiles
+    block_t, block_h, warps, stages = pooling._tile(H, None, elem_size)
+    assert block_h >= H and block_t * block_h == 4096 and warps == 4
+    assert (stages - 1) * block_t * block_h * elem_size == 32 * 1024
+    assert pooling._PROGRAMS_PER_SM * (stages - 1) * block_t * block_h * elem_size == 128 * 1024
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # public API (kalm_fast.ops) on the Triton path
 # ----------------------------------------------------------------------------------------------------------------
