@@ -87,7 +87,8 @@ setup(
     ext_modules=[CMakeExtension("kalm_fast._C")],
     cmdclass={"build_ext": CMakeBuild},
     install_requires=["torch>=2.4", "numpy", "safetensors>=0.4", "tqdm>=4.60", "triton>=3.0; platform_system=='Linux'"],
-    extras_require={"train": TRAIN, "dev": DEV},
+    # the bench's peers (issue 13), never in "dev": CI stays light and every peer's row says when it is missing
+    extras_require={"train": TRAIN, "dev": DEV, "peers": ["mergekit", "inf-cl", "sentence-transformers>=3"]},
     entry_points={"console_scripts": ["kalm-fast=kalm_fast.cli:main"]},
     zip_safe=False,
 )

@@ -6,7 +6,10 @@
 For each length mix (equal 512, uniform 16-512, long tail up to 4096) and head dim (64, 128): fwd, bwd and fwd+bwd
 time, TFLOP/s and peak memory per provider. kalm_fast runs on the packed batch (``kalm_fast.ops.attention_varlen``,
 the unchecked dispatch the model glue calls: no host sync); SDPA runs on the padded (B, S, H, D) batch with a key
-padding mask (none when all lengths are equal); flash-attn / flash-attn-4 on the packed batch when importable.
+padding mask (none when all lengths are equal). Peers on the packed batch, each skipped with a one-line row saying why
+when it cannot run here: torch's own ``torch.nn.attention.varlen.varlen_attn`` (CUDA only), flash-attn 2
+(``flash_attn``) and flash-attn-4 (``flash_attn.cute``) when importable. Before a packed provider is timed its output
+is compared with ``reference.attention_varlen`` (fp32) on the same inputs; a mismatch fails its row.
 FLOPs follow flash-attention's convention on the *real* lengths for every provider, fwd = sum_b 4 s_b^2 H D,
 bwd = 2.5 fwd: the padded providers do more work for the same result, and that shows as lower TFLOP/s. Each kalm_fast
 row's note gives its speedup over the best SDPA backend of the same mix, head dim and mode (Triton path only). A
@@ -15,7 +18,6 @@ backend that refuses the mask or the shape, or runs out of memory, gets a failed
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import importlib.util
 import os
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench import common
-from kalm_fast import ops
+from kalm_fast import ops, reference
 
 SUITE = "attention"
 MODES = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}  # FLOPs as multiples of the forward's
@@ -140,16 +142,72 @@ def _flash_attn_provider(module: str):
     return make
 
 
+def varlen_attn_provider(lengths, H, D, dtype, device):
+    from torch.nn.attention.varlen import varlen_attn
+
+    q, k, v, cu, dout = _packed(lengths, H, D, dtype, device)
+    max_seqlen = max(lengths)
+    return (lambda: varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen)), (q, k, v), dout
+
+
+PACKED = ("kalm_fast", "kalm_fast-autotune", "varlen_attn", "flash-attn", "flash-attn-4")
+
+
+def _check_packed(name: str, fwd, inputs, lengths) -> None:
+    """A packed provider's forward against reference.attention_varlen in fp32, before it is timed."""
+    q, k, v = inputs
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lengths).cumsum(0)
+    with torch.no_grad():
+        got = fwd().float()
+        want = reference.attention_varlen(q.float(), k.float(), v.float(), cu.to(q.device), max(lengths)).float()
+    tol = 1e-4 if q.dtype == torch.float32 else 2e-2  # bf16: the output's rounding and bf16 P @ V
+    err = (got - want).abs().max().item()
+    if not err <= tol:
+        raise AssertionError(f"{name} differs from reference.attention_varlen by {err:.3g} (> {tol}): not timed")
+
+
+def _module_reason(module: str) -> str:
+    try:
+        importlib.import_module(module)
+    except Exception as e:  # ImportError, or a CUDA-only package failing at import
+        first = str(e).splitlines()[0][:80] if str(e) else ""
+        return f"skipped, {module} is not importable ({type(e).__name__}: {first})"
+    return ""
+
+
+def peers(device: str) -> tuple[dict, dict[str, str]]:
+    """(name -> provider) of the peers that can run here, and (name -> one-line reason) of those that cannot."""
+    out, skipped = {}, {}
+    cuda = str(device).startswith("cuda")
+    reason = _module_reason("torch.nn.attention.varlen")
+    if not reason and not cuda:
+        reason = "skipped, torch's varlen_attn runs on CUDA only"
+    if reason:
+        skipped["varlen_attn"] = reason
+    else:
+        out["varlen_attn"] = varlen_attn_provider
+    for name, module in (("flash-attn", "flash_attn"), ("flash-attn-4", "flash_attn.cute")):
+        reason = "" if importlib.util.find_spec(module.split(".")[0]) else \
+            f"skipped, {module.split('.')[0]} is not installed"
+        if not reason:
+            reason = _module_reason(module)
+        if not reason and not cuda:
+            reason = f"skipped, {name} runs on CUDA only"
+        if name == "flash-attn-4" and reason and os.environ.get("KALM_FAST_GPU_SESSION"):
+            reason += " (its nvidia-cutlass-dsl wheels, ~96 MB, exceed one transfer to the GPU machine)"
+        if reason:
+            skipped[name] = reason
+        else:
+            out[name] = _flash_attn_provider(module)
+    return out, skipped
+
+
 def providers(device: str) -> dict:
     # KALM_FAST_AUTOTUNE=1 (bench/gpu_session.sh's second pass): the autotuned kernels, reported under their own name
     out = {"kalm_fast-autotune" if os.environ.get("KALM_FAST_AUTOTUNE") == "1" else "kalm_fast": kalm_fast_provider}
     out.update({name: sdpa_provider(backend, name) for name, backend in SDPA_BACKENDS.items()})
-    if str(device).startswith("cuda"):
-        for name, module in (("flash-attn", "flash_attn"), ("flash-attn-4", "flash_attn.cute")):
-            if importlib.util.find_spec(module.split(".")[0]) is not None:
-                with contextlib.suppress(ImportError):
-                    importlib.import_module(module)
-                    out[name] = _flash_attn_provider(module)
+    out.update(peers(device)[0])
     return out
 
 
@@ -183,7 +241,8 @@ def run(*, smoke: bool, device: str) -> list[dict]:
     warmup, rep = (1, 3) if smoke else (5, 30)
     kalm_note = "" if ops.use_triton(torch.empty(0, device=device)) else \
         "torch path (off GPU the Triton interpreter is no speed test)"
-    rows = []
+    rows = [common.failed_row(SUITE, "attention_varlen", name, "-", "-", dtype, device, ImportError(reason))
+            for name, reason in peers(device)[1].items()]
     for mix, lengths in length_mixes(smoke):
         for D in head_dims:
             shape = f"{mix} B={len(lengths)} T={sum(lengths)} Smax={max(lengths)} H={H} D={D}"
@@ -193,6 +252,8 @@ def run(*, smoke: bool, device: str) -> list[dict]:
                 for mode, factor in MODES.items():
                     try:
                         fwd, inputs, dout = make(lengths, H, D, dtype, device)
+                        if name in PACKED:
+                            _check_packed(name, fwd, inputs, lengths)
                         fn = _mode_fn(mode, fwd, inputs, dout)
                         times = common.bench_ms(fn, device, warmup=warmup, rep=rep)
                         peak = common.peak_memory_mb(fn, device)

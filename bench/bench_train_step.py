@@ -16,6 +16,12 @@ the same token ids and lengths, in one run on one device:
              (``config.is_causal = False`` and ``is_causal=False``), queries and documents each one batch padded to
              its longest sequence, torch masked mean + ``F.normalize``, the naive torch loss
              (``reference.focal_infonce_naive``: the B x N logits in fp32), one full-batch backward.
+  st_cached_mnrl  sentence-transformers' ``CachedMultipleNegativesRankingLoss`` (GradCache, scale 1/tau = 50) on a
+             ``SentenceTransformer`` of the same weights (saved, then loaded by its ``Transformer`` module, SDPA made
+             bidirectional) with mean pooling: the columns anchor, positive, 7 negatives as ST expects them, padded
+             per column, mini-batches of at most ``chunk_tokens`` real tokens (``mini_batch_num_tokens``). Its loss is
+             plain InfoNCE (gamma = 0: ST has no focal term), the cost otherwise the same; skipped with a one-line
+             reason when sentence-transformers is not importable.
 Model: a Qwen2-0.5B-size config (hidden 896, 24 layers, 14 query / 2 key-value heads, MLP 4864, vocab 151936, rope
 theta 1e6) with random weights, bf16 weights and AdamW state on CUDA (no autocast, so every kernel sees bf16). Off
 CUDA a 4-layer hidden-256 Qwen2 in fp32 (the full one takes minutes a step on a CPU); --smoke a 2-layer hidden-64 one
@@ -55,7 +61,7 @@ SUITE = "train_step"
 OP = "train_step"
 G, TEMPERATURE, GAMMA = 8, 0.02, 0.5
 LR = 1e-5
-PROVIDERS = ("hf_sdpa", "kalm_fast")  # hf_sdpa first: its max batch sets kalm_fast's search cap
+PROVIDERS = ("hf_sdpa", "kalm_fast", "st_cached_mnrl")  # hf_sdpa first: its max batch sets the others' search cap
 MAX_BATCH_CAP, CAP_OVER_BASELINE, SMOKE_CAP = 4096, 16, 4
 
 
@@ -210,10 +216,84 @@ def kalm_fast_pipeline(embedder, batch: Batch, device, chunk_tokens: int) -> Cal
     return loss_backward
 
 
+def st_model(model, size: Size, device, dtype):
+    """A SentenceTransformer (Transformer + mean Pooling) holding a copy of ``model``'s weights, bidirectional."""
+    import tempfile
+
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.models import Pooling, Transformer
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    with tempfile.TemporaryDirectory(prefix="kalm-bench-st-") as folder:
+        model.save_pretrained(folder)
+        # token ids go straight to the model: a one-token tokenizer only satisfies the Transformer module's loader
+        tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<pad>": 0}, unk_token="<pad>")),
+                                      pad_token="<pad>")
+        tok.save_pretrained(folder)
+        transformer = Transformer(folder, model_kwargs={"attn_implementation": "sdpa", "dtype": dtype})
+    transformer.auto_model.config.is_causal = False
+    st = SentenceTransformer(modules=[transformer, Pooling(size.config["hidden_size"], "mean")], device=str(device))
+    return st.to(dtype=dtype).train()
+
+
+def st_cached_mnrl_pipeline(st, batch: Batch, device, chunk_tokens: int) -> Callable[[], torch.Tensor]:
+    """sentence-transformers' CachedMultipleNegativesRankingLoss on the columns (anchor, positive, negatives...)."""
+    from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss
+
+    loss_mod = CachedMultipleNegativesRankingLoss(st, scale=1 / TEMPERATURE, mini_batch_size=batch.B * G + batch.B,
+                                                  mini_batch_num_tokens=chunk_tokens)
+    B = batch.B
+    offsets = [sum(batch.lengths[:i]) for i in range(len(batch.lengths))]
+
+    def column(indices):
+        lengths = [batch.lengths[i] for i in indices]
+        ids = torch.zeros(len(indices), max(lengths), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, i in enumerate(indices):
+            ids[r, :lengths[r]] = batch.ids[offsets[i]:offsets[i] + lengths[r]]
+            mask[r, :lengths[r]] = 1
+        return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+    features = [column(range(B))] + [column([B + i * G + j for i in range(B)]) for j in range(G)]
+    labels = torch.zeros(B, dtype=torch.long, device=device)
+    _check_st(st, loss_mod, features, labels, batch, device)
+
+    def loss_backward():
+        loss = loss_mod([dict(f) for f in features], labels)
+        loss.backward()
+        return loss.detach()
+
+    return loss_backward
+
+
+def _check_st(st, loss_mod, features, labels, batch: Batch, device) -> None:
+    """Before st_cached_mnrl is timed: its embeddings equal hf_sdpa's (same weights, both bidirectional, mean pool,
+    normalized) and its loss equals the reference InfoNCE (gamma = 0) on them, or it is not the same computation."""
+    B = batch.B
+    with torch.no_grad():
+        emb = [F.normalize(st(dict(f))["sentence_embedding"].float(), dim=-1) for f in features]
+        q = emb[0]
+        docs = torch.stack(emb[1:], dim=1).reshape(B * G, -1)  # document i*G + j is column j+1's row i
+        hidden = st[0].auto_model(**features[0], use_cache=False, is_causal=False).last_hidden_state.float()
+        m = features[0]["attention_mask"].to(hidden.dtype)[..., None]
+        q_hf = F.normalize((hidden * m).sum(1) / m.sum(1), dim=-1)
+        want = reference.focal_infonce_naive(q, docs, _pos_idx(B, device), G, True, TEMPERATURE, 0.0)
+        got = loss_mod.loss([dict(f) for f in features], labels)
+    tol = 1e-4 if q.dtype == torch.float32 and st[0].auto_model.dtype == torch.float32 else 3e-2
+    emb_err = (q - q_hf).abs().max().item()
+    loss_err = abs(got.item() - want.item()) / max(1.0, abs(want.item()))
+    if emb_err > tol or loss_err > tol:
+        raise AssertionError(f"st_cached_mnrl differs from the reference: embeddings by {emb_err:.2e}, "
+                             f"loss {got.item():.6f} vs {want.item():.6f}")
+
+
 def make_step(provider: str, module, batch: Batch, device, size: Size, optimizer) -> Callable[[], torch.Tensor]:
     """One training step of ``provider`` on ``batch``: forward, loss, backward, AdamW, gradients freed -> loss."""
     if provider == "kalm_fast":
         loss_backward = kalm_fast_pipeline(module, batch, device, size.chunk_tokens)
+    elif provider == "st_cached_mnrl":
+        loss_backward = st_cached_mnrl_pipeline(module, batch, device, size.chunk_tokens)
     elif provider == "hf_sdpa":
         loss_backward = hf_sdpa_pipeline(module, batch, device)
     else:
@@ -280,7 +360,10 @@ class Setup:
 
 def _setup(provider: str, size: Size, device, dtype) -> Setup:
     model = build_model(size, device, dtype)
-    module = kalm_fast_embedder(model) if provider == "kalm_fast" else model
+    if provider == "st_cached_mnrl":
+        model = module = st_model(model, size, device, dtype)
+    else:
+        module = kalm_fast_embedder(model) if provider == "kalm_fast" else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01, fused=_cuda(device))
     return Setup(provider, module, optimizer)
 
@@ -294,6 +377,12 @@ def _provider_note(provider: str, batch: Batch, size: Size, device) -> str:
         n = len(_chunks(batch.lengths, size.chunk_tokens))
         path = "triton" if ops.use_triton(torch.empty(0, device=device)) else "torch path"
         return f"varlen + fused pool + fused loss ({path}), GradCache {n} chunk(s) of <= {size.chunk_tokens} tokens"
+    if provider == "st_cached_mnrl":
+        import sentence_transformers
+
+        return (f"sentence-transformers {sentence_transformers.__version__} CachedMultipleNegativesRankingLoss "
+                f"(GradCache, mini-batches of <= {size.chunk_tokens} tokens), SDPA on padded columns, mean pool, "
+                "InfoNCE gamma 0")
     return "SDPA on padded batches, torch pool + naive loss, full-batch backward"
 
 
@@ -385,13 +474,18 @@ def _run(smoke: bool, device: str) -> list[dict]:
     step_rows, batch_rows = {}, {}
     step_B, hf_max = size.step_batch, 0
     for provider in PROVIDERS:
+        missing = _missing(provider)
+        if missing:
+            step_rows[provider] = common.failed_row(SUITE, OP, provider, "step", f"B={step_B} G={G}", dtype, device,
+                                                    ImportError(missing))
+            continue
         s = _setup(provider, size, device, dtype)
         step_rows[provider], step_B = _step_row_fitting(s, step_B, size, device, dtype, smoke)
         _free(device, s.optimizer)
         if search:
             if smoke:
                 cap = SMOKE_CAP
-            elif provider == "kalm_fast":
+            elif provider != "hf_sdpa":
                 cap = min(MAX_BATCH_CAP, CAP_OVER_BASELINE * max(hf_max, 1))
             else:
                 cap = MAX_BATCH_CAP
@@ -405,7 +499,18 @@ def _run(smoke: bool, device: str) -> list[dict]:
         del s
         _free(device)
     _note_ratios(step_rows, batch_rows)
-    return [step_rows[p] for p in PROVIDERS] + [batch_rows[p] for p in PROVIDERS if p in batch_rows]
+    return [step_rows[p] for p in PROVIDERS if p in step_rows] + [batch_rows[p] for p in PROVIDERS if p in batch_rows]
+
+
+def _missing(provider: str) -> str:
+    """Why a peer provider cannot run here ("" when it can)."""
+    if provider != "st_cached_mnrl":
+        return ""
+    try:
+        import sentence_transformers  # noqa: F401
+    except ImportError as e:
+        return f"skipped, sentence-transformers is not importable ({e})"
+    return ""
 
 
 def _note_ratios(step_rows: dict, batch_rows: dict) -> None:
@@ -413,6 +518,9 @@ def _note_ratios(step_rows: dict, batch_rows: dict) -> None:
     kalm, hf = step_rows.get("kalm_fast"), step_rows.get("hf_sdpa")
     if kalm and hf and kalm.get("tokens_per_s") and hf.get("tokens_per_s"):
         kalm["note"] += f"; {kalm['tokens_per_s'] / hf['tokens_per_s']:.2f}x tokens/s vs hf_sdpa"
+    st = step_rows.get("st_cached_mnrl")
+    if kalm and st and kalm.get("tokens_per_s") and st.get("tokens_per_s"):
+        kalm["note"] += f", {kalm['tokens_per_s'] / st['tokens_per_s']:.2f}x vs st_cached_mnrl"
     kalm, hf = batch_rows.get("kalm_fast"), batch_rows.get("hf_sdpa")
     if kalm and hf and kalm.get("max_batch") and hf.get("max_batch"):
         kalm["note"] += f"; {kalm['max_batch'] / hf['max_batch']:.1f}x max batch vs hf_sdpa"

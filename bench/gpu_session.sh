@@ -5,6 +5,7 @@
 #   device run:  bash bench/gpu_session.sh            (timeout_s 570: the script keeps its own 530 s budget)
 #   here (CPU):  bash bench/gpu_session.sh --dry-run  (the plan, the kernels to compile, the estimated time)
 #
+# Peers (issue 13): run bench/peer_wheels.sh here first and pass `.whl` in the run's carry (6.5 MB of wheels).
 # Order: the extension builds in the background; compile smoke (pinned configs for sm_90 under the machine's Triton;
 # fail fast), GPU tests on the pinned configs (the default, KALM_FAST_AUTOTUNE unset), every bench suite, then
 # the attention suite once more with KALM_FAST_AUTOTUNE=1 (at most 4 surviving configs per key; the chosen configs are
@@ -42,6 +43,17 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__,
 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
+
+# 0. the peers shipped as wheels (bench/peer_wheels.sh here, `.whl` in the run's carry): inf-cl, mergekit
+export KALM_FAST_GPU_SESSION=1
+if ls .whl/*.whl > /dev/null 2>&1; then
+    python3 -m pip install --no-index --no-deps .whl/*.whl > "$OUT/peers.log" 2>&1
+    for m in inf_cl mergekit.merge; do
+        python3 -c "import $m" >> "$OUT/peers.log" 2>&1 && echo "peer $m: importable" || echo "peer $m: not importable"
+    done | tee -a "$OUT/gpu.txt"
+else
+    echo "no .whl folder: inf-cl and mergekit rows will say they are not installed" | tee -a "$OUT/gpu.txt"
+fi
 
 # 1. the extension, sm_90 only (the machine's arch), in the background while the Triton steps run
 KALM_FAST_CUDA=1 KALM_FAST_CUDA_ARCHS=90 timeout 240 python3 -m pip install --no-build-isolation --no-deps -e . \

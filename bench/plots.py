@@ -1,5 +1,6 @@
 """PNG plots of one bench run (matplotlib, headless): one figure per (suite, metric), a line per provider; the
-train step suite gets one bar chart (tokens/s and max batch per provider)."""
+soup suite gets bars of time and peak RSS per provider, the train step suite bars of tokens/s, peak memory and max
+batch per provider (issue 13: the peers side by side)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,11 @@ PLOTS = {
         ("infonce_time_vs_batch", lambda r: r["mode"] == "fwd+bwd" and "D=1024" in r["shape"]
          and "M=2" in r["shape"], _regex(r"\bB=(\d+)"), "median_ms", "batch size B (G=8, D=1024, M=2)",
          "fwd+bwd time (ms)", True),
+        # gamma 0, M 0: what Inf-CL computes, so kalm_fast, torch_naive and inf-cl share the axes
+        ("infonce_g0_memory_vs_batch", lambda r: r["mode"] == "fwd+bwd g0", _regex(r"\bB=(\d+)"), "peak_mem_mb",
+         "batch size B (G=8, D=1024, gamma=0, M=0)", "fwd+bwd peak memory (MB)", True),
+        ("infonce_g0_time_vs_batch", lambda r: r["mode"] == "fwd+bwd g0", _regex(r"\bB=(\d+)"), "median_ms",
+         "batch size B (G=8, D=1024, gamma=0, M=0)", "fwd+bwd time (ms)", True),
     ],
     "pooling": [
         ("pooling_gbps_vs_size", lambda r: r["mode"] == "fwd" and r["op"] != "copy", _pool_mb, "gbps",
@@ -91,26 +97,50 @@ def write_plots(all_rows: dict[str, list[dict]], out_dir: Path) -> list[Path]:
             plt.close(fig)
             written.append(path)
     written += _train_step_bars(all_rows.get("train_step", []), out_dir, plt)
+    written += _soup_bars(all_rows.get("soup", []), out_dir, plt)
     return written
 
 
-def _train_step_bars(rows, out_dir: Path, plt) -> list[Path]:
-    """tokens/s of the "step" rows and the "max_batch" rows' largest batch, a bar per provider that ran."""
-    panels = [(mode, col, label) for mode, col, label in
-              (("step", "tokens_per_s", "tokens/s (same batch)"), ("max_batch", "max_batch", "largest batch B"))
-              if any(r["mode"] == mode and r.get(col) not in ("", None) for r in rows)]
+def _bars(rows, panels, title: str, path: Path, plt) -> list[Path]:
+    """One bar panel per (row filter, column, scale, y label); a bar per provider whose row has the column."""
+    panels = [(keep, col, scale, label) for keep, col, scale, label in panels
+              if any(keep(r) and r.get(col) not in ("", None) for r in rows)]
     if not panels:
         return []
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
-    for ax, (mode, col, label) in zip(axes[0], panels):
-        bars = [(r["provider"], float(r[col])) for r in rows if r["mode"] == mode and r.get(col) not in ("", None)]
-        ax.bar([p for p, _ in bars], [v for _, v in bars], color=["C0", "C1", "C2", "C3"][: len(bars)])
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(4.5, 0.9 * len(rows)) * len(panels) / 1.6 + 2, 4.2),
+                             squeeze=False)
+    for ax, (keep, col, scale, label) in zip(axes[0], panels):
+        bars = [(r["provider"], float(r[col]) * scale) for r in rows if keep(r) and r.get(col) not in ("", None)]
+        ax.bar([p for p, _ in bars], [v for _, v in bars], color=[f"C{i % 10}" for i in range(len(bars))])
+        for i, (_, v) in enumerate(bars):
+            ax.annotate(f"{v:.3g}", (i, v), ha="center", va="bottom", fontsize=7)
         ax.set_ylabel(label)
+        ax.tick_params(axis="x", labelrotation=30, labelsize=7)
         ax.grid(True, axis="y", alpha=0.3)
-    first = rows[0]
-    fig.suptitle(f"train step — {first['device_name']} — {first['dtype']}", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path = out_dir / "train_step.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return [path]
+
+
+def _soup_bars(rows, out_dir: Path, plt) -> list[Path]:
+    """Time to a soup on disk and peak RSS per provider (the soup_files rows)."""
+    rows = [r for r in rows if r["op"] == "soup_files"]
+    if not rows:
+        return []
+    files = lambda r: r["median_ms"] not in ("", None)
+    title = f"soup from files — {rows[0]['device_name']} — {rows[0]['shape']}"
+    return _bars(rows, [(files, "median_ms", 1e-3, "time until on disk (s)"),
+                        (files, "peak_mem_mb", 1.0, "peak RSS (MB)")], title, out_dir / "soup.png", plt)
+
+
+def _train_step_bars(rows, out_dir: Path, plt) -> list[Path]:
+    """tokens/s and peak memory of the "step" rows and the "max_batch" rows' largest batch, a bar per provider."""
+    if not rows:
+        return []
+    step = lambda r: r["mode"] == "step" and r["median_ms"] not in ("", None)
+    panels = [(step, "tokens_per_s", 1.0, "tokens/s (same batch)"), (step, "peak_mem_mb", 1.0, "peak memory (MB)"),
+              (lambda r: r["mode"] == "max_batch", "max_batch", 1.0, "largest batch B")]
+    title = f"train step — {rows[0]['device_name']} — {rows[0]['dtype']}"
+    return _bars(rows, panels, title, out_dir / "train_step.png", plt)

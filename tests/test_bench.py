@@ -7,6 +7,7 @@ ulp-level difference in an embedding is amplified 50x in a logit. Loss: atol = r
 Gradients: 1e-4 of each tensor's largest entry (measured <= 2e-6).
 """
 
+import importlib
 import subprocess
 import sys
 
@@ -16,6 +17,20 @@ from conftest import ROOT, import_bench
 
 ts = import_bench("bench_train_step")
 plots = import_bench("plots")
+targets = import_bench("targets")
+attention = import_bench("bench_attention")
+infonce = import_bench("bench_infonce")
+
+
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+HAS_ST = _importable("sentence_transformers")
 SUITES = import_bench("__main__").SUITES
 
 
@@ -88,7 +103,8 @@ def test_train_step_smoke_rows_and_plot(tmp_path):
     threads = torch.get_num_threads()
     rows = ts.run(smoke=True, device="cpu")
     by = {(r["provider"], r["mode"]): r for r in rows}
-    assert set(by) == {(p, m) for p in ("kalm_fast", "hf_sdpa") for m in ("step", "max_batch")}
+    providers = ("kalm_fast", "hf_sdpa") + (("st_cached_mnrl",) if HAS_ST else ())
+    assert set(by) == {(p, m) for p in providers for m in ("step", "max_batch")}
     for (_, mode), r in by.items():
         assert r["suite"] == "train_step" and r["median_ms"] != "" and r["tokens_per_s"] > 0, r
         if mode == "max_batch":
@@ -120,3 +136,66 @@ def test_train_step_out_of_memory_is_a_limit_not_a_failure(monkeypatch):
     assert by["hf_sdpa", "max_batch"]["max_batch"] == 1
     assert by["kalm_fast", "max_batch"]["max_batch"] == ts.SMOKE_CAP
     assert "4.0x max batch vs hf_sdpa" in by["kalm_fast", "max_batch"]["note"]
+
+
+@pytest.mark.skipif(not HAS_ST, reason="sentence-transformers is not installed")
+def test_st_cached_mnrl_is_checked_against_the_reference(one_thread):
+    """The sentence-transformers peer's embeddings equal hf_sdpa's and its loss the reference InfoNCE (gamma 0)
+    before it is timed; a model that is not the same (here: causal attention) is refused."""
+    batch = ts.make_batch(2, ts.SMOKE, seed=1)
+    st = ts.st_model(ts.build_model(ts.SMOKE, "cpu", torch.float32), ts.SMOKE, "cpu", torch.float32)
+    ts.st_cached_mnrl_pipeline(st, batch, "cpu", 64)  # checks, raises on a mismatch
+    st[0].auto_model.config.is_causal = True
+    with pytest.raises(AssertionError, match="differs from the reference"):
+        ts.st_cached_mnrl_pipeline(st, batch, "cpu", 64)
+
+
+def test_peers_that_cannot_run_here_get_a_one_line_reason():
+    if not torch.cuda.is_available():
+        _, skipped = attention.peers("cpu")
+        assert skipped["varlen_attn"] == "skipped, torch's varlen_attn runs on CUDA only"
+        assert {"flash-attn", "flash-attn-4"} <= skipped.keys()
+        assert infonce.inf_cl_reason("cpu").startswith("skipped, inf")
+    assert all("\n" not in why for why in attention.peers("cpu")[1].values())
+
+
+def test_packed_attention_peer_is_checked_before_timing():
+    lengths = [5, 9, 3]
+    fwd, inputs, _ = attention.kalm_fast_provider(lengths, 2, 16, torch.float32, "cpu")
+    attention._check_packed("kalm_fast", fwd, inputs, lengths)
+    with pytest.raises(AssertionError, match="not timed"):
+        attention._check_packed("wrong", lambda: fwd() + 1e-2, inputs, lengths)
+
+
+def _row(suite, provider, op="x", mode="fwd+bwd", shape="", ms=1.0, **kw):
+    return {"suite": suite, "op": op, "provider": provider, "mode": mode, "shape": shape, "median_ms": ms,
+            "device_name": kw.pop("device_name", "NVIDIA H200"), "note": kw.pop("note", ""), **kw}
+
+
+def test_targets_judge_against_every_peer():
+    soup = [_row("soup", "kalm_fast", "soup_files", ms=2000.0, peak_mem_mb=250, note="RSS target 1031 MB met"),
+            _row("soup", "naive-load-all", "soup_files", ms=6000.0),
+            _row("soup", "torch-per-tensor", "soup_files", ms=1900.0),
+            _row("soup", "mergekit-linear", "soup_files", ms="", note="ImportError: skipped, mergekit ...")]
+    _, measured, verdict = targets.check_soup_files({"soup": soup})
+    assert verdict == "not met" and "0.95x vs torch-per-tensor" in measured and "mergekit-linear: " in measured
+    shape = "uniform-16-512 B=64 T=1 Smax=512 H=16 D=128"
+    att = [_row("attention", "kalm_fast", shape=shape, ms=1.0), _row("attention", "varlen_attn", shape=shape, ms=1.1),
+           _row("attention", "sdpa-flash", shape=shape, ms=3.0)]
+    assert targets.check_attention_varlen_attn({"attention": att})[2] == "met"
+    assert targets.check_attention_mixed({"attention": att})[2] == "met"  # 3.0x vs the best SDPA backend
+    step = [_row("train_step", p, mode="step", tokens_per_s=t) for p, t in
+            (("kalm_fast", 300.0), ("hf_sdpa", 100.0), ("st_cached_mnrl", 200.0))]
+    _, measured, verdict = targets.check_train_step({"train_step": step})
+    assert verdict == "not met" and "vs st_cached_mnrl: 1.50x tokens/s" in measured
+    g0 = [_row("infonce", p, mode="fwd+bwd g0", shape="B=16384 N=131072 D=1024 M=0 gamma=0", ms=ms, peak_mem_mb=1)
+          for p, ms in (("kalm_fast", 10.0), ("inf-cl", 20.0))]
+    assert targets.check_infonce_vs_inf_cl({"infonce": g0})[2] == "met"
+
+
+def test_soup_and_train_step_bar_plots(tmp_path):
+    rows = [_row("soup", p, "soup_files", shape="3x1MB", ms=ms, peak_mem_mb=mb, dtype="bfloat16")
+            for p, ms, mb in (("kalm_fast", 100.0, 230.0), ("torch-per-tensor", 120.0, 900.0))]
+    rows.append(_row("soup", "mergekit-linear", "soup_files", shape="3x1MB", ms="", dtype="bfloat16"))
+    paths = plots.write_plots({"soup": rows}, tmp_path)
+    assert paths == [tmp_path / "soup.png"] and paths[0].stat().st_size > 0

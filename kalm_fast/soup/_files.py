@@ -65,8 +65,9 @@ def soup(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, *, weig
     compensated: exact products (bf16/fp16 inputs) and compensated (Kahan-Babuska-Neumaier) sums, so cancellation
         cannot hurt: an output element is within 1/2 ulp of its dtype + 2^-22 relative of the exact weighted mean
         (of the weights rounded to fp32: exact for uniform ones); measured cost on a 2-core AMD EPYC (AVX2): the
-        one-pass CPU kernel takes 1.3x the time of plain sums (0.32 s vs 0.25 s for 3 x 0.63 GB of bf16), a few
-        per cent of a whole soup, whose time goes to reading, writing and fsync (bench/soup_phases.py).
+        one-pass CPU kernel takes 1.3x the time of plain sums (0.32 s vs 0.25 s for 3 x 0.63 GB of bf16), ~0.1 s
+        of a ~3 s soup of 3 x 1.05 GB, whose time goes to reading, writing and fsync (bench/soup_phases.py); two
+        end-to-end runs there gave -12% and +17% for compensation, within the noise of a shared 2-core box.
         False: plain fp32 sums, off by up to
         (n + 4) 2^-24 sum_i w_i |x_i| / sum_i w_i more: several 16-bit ulps where the mean is much smaller than the
         terms (10 of 524M elements in the 3 x 1 GB benchmark).
