@@ -10,6 +10,11 @@ Providers, measured side by side in one run on one device:
   torch_naive    ``reference.focal_infonce_naive``, the oracle, eager: the full B x N logit matrix in fp32.
   torch.compile  the oracle compiled (CUDA, D = 1024, M = 2, B <= 16k: each shape compiles for about a minute).
   matmul         ``torch.matmul`` of two n x n matrices (bf16 on CUDA, fp32 on CPU): the peak of this run.
+  inf-cl         Inf-CL's tiled contrastive loss (``inf_cl.cal_flash_loss``, Triton, CUDA only; fp32 logits) on the
+                 configuration it supports: gamma = 0 and M = 0 (plain InfoNCE, in-batch negatives, query i's
+                 positive at document i*G), at the same B as the others; its rows come with kalm_fast, torch_naive
+                 and torch.compile at gamma = 0 (mode suffix "g0"), and its loss and gradients are checked against
+                 torch_naive's before it is timed. Without inf_cl or CUDA: one row saying why.
 Shapes (in-batch negatives, G = 8 so N = 8B, gamma = 0.5, tau = 0.02, explicit lambdas): CUDA bf16 with
 B in {1k, 4k, 16k, 64k}, D in {768, 1024}, M in {0, 2}; CPU fp32 with B = 2048, D = 256, M in {0, 2}. A provider that
 fails (out of memory) gets a row whose note is the error.
@@ -62,11 +67,16 @@ def _inputs(B, D, M, dtype, device):
     return q, d, lam
 
 
-def _loss_fn(provider, B, M, lam, device):
-    """loss(q, d) of a provider; every provider computes the same SPEC 4.3 loss."""
-    args = (torch.arange(B, device=device) * G, G, True, TEMPERATURE, GAMMA, M, lam, "mean")
+def _loss_fn(provider, B, M, lam, device, gamma=GAMMA):
+    """loss(q, d) of a provider; every provider computes the same SPEC 4.3 loss (inf-cl: only at gamma = 0, M = 0)."""
+    args = (torch.arange(B, device=device) * G, G, True, TEMPERATURE, gamma, M, lam, "mean")
+    if provider == "inf-cl":
+        from inf_cl import cal_flash_loss
+
+        labels = torch.arange(B, device=device) * G
+        return lambda q, d: cal_flash_loss(q, d, labels, scale=1 / TEMPERATURE, head_dim=min(256, q.shape[1])).mean()
     if provider == "kalm_fast":
-        return lambda q, d: ops.focal_infonce(q, d, group_size=G, temperature=TEMPERATURE, gamma=GAMMA, num_mix=M,
+        return lambda q, d: ops.focal_infonce(q, d, group_size=G, temperature=TEMPERATURE, gamma=gamma, num_mix=M,
                                               mix_lambda=lam)
     if provider == "torch_chunked":
         return lambda q, d: reference.focal_infonce_chunked(q, d, *args)
@@ -171,6 +181,54 @@ def _shape_rows(B, D, M, device, smoke, peak_tflops):
     return rows
 
 
+def inf_cl_reason(device) -> str:
+    """Why the inf-cl peer cannot run here ("" when it can)."""
+    try:
+        import inf_cl  # noqa: F401
+    except Exception as e:  # ImportError, or triton missing
+        first = str(e).splitlines()[0][:80] if str(e) else ""
+        return f"skipped, inf_cl is not importable ({type(e).__name__}: {first})"
+    if not _cuda(device):
+        return "skipped, inf-cl's Triton kernels run on CUDA only"
+    return ""
+
+
+def _peer_rows(B, D, device, smoke, peak_tflops):
+    """gamma = 0, M = 0 (what Inf-CL computes): inf-cl beside kalm_fast, torch_naive and torch.compile, inf-cl's
+    loss and gradients checked against torch_naive's first."""
+    dtype = torch.bfloat16 if _cuda(device) else torch.float32
+    N = B * G
+    shape = f"B={B} N={N} D={D} M=0 gamma=0"
+    q, d, _ = _inputs(B, D, 0, dtype, device)
+    want = torch.autograd.grad(_loss_fn("torch_naive", B, 0, None, device, 0.0)(q, d), (q, d))
+    got = torch.autograd.grad(_loss_fn("inf-cl", B, 0, None, device, 0.0)(q, d), (q, d))
+    for name, a, b in zip(("dq", "dd"), got, want):
+        err = ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+        if err > 2e-2:
+            raise AssertionError(f"inf-cl's {name} differs from torch_naive's by {err:.3g} of its largest entry")
+    rows = []
+    providers = ["inf-cl", "kalm_fast", "torch_naive"] + (["torch.compile"] if not smoke and B <= 16384 else [])
+    for provider in providers:
+        for mode, flops in (("fwd", 2 * B * N * D), ("fwd+bwd", 8 * B * N * D)):
+            try:
+                q, d, _ = _inputs(B, D, 0, dtype, device)
+                step = _step(_loss_fn(provider, B, 0, None, device, 0.0), q, d, mode)
+                peak = common.peak_memory_mb(step, device)
+                times = _time(step, device)
+            except Exception as error:  # out of memory: reported, not dropped
+                rows.append(common.failed_row(SUITE, OP, provider, mode + " g0", shape, dtype, device, error))
+                continue
+            finally:
+                torch.cuda.empty_cache()
+            rows.append(common.row(SUITE, OP, provider, mode + " g0", shape, dtype, device, times, flops=flops,
+                                   peak_mem_mb=peak, note=f"{flops / (times[0] * 1e-3) / 1e12 / peak_tflops:.0%} of "
+                                   "matmul; gamma 0, M 0: the configuration inf-cl supports"))
+    return rows
+
+
+PEER_B = (4096, 16384, 65536)  # inf-cl's rows (D = 1024): the loss-memory-vs-B picture
+
+
 def run(*, smoke: bool, device: str) -> list[dict]:
     torch.manual_seed(0)
     matmul = _matmul_row(device, smoke)
@@ -178,6 +236,17 @@ def run(*, smoke: bool, device: str) -> list[dict]:
     shapes = SMOKE_SHAPES if smoke else (GPU_SHAPES if _cuda(device) else CPU_SHAPES)
     for B, D, M in shapes:
         rows += _shape_rows(B, D, M, device, smoke, matmul["tflops"])
+    reason = inf_cl_reason(device)
+    if reason:
+        rows.append(common.failed_row(SUITE, OP, "inf-cl", "-", "gamma=0 M=0", torch.float32, device,
+                                      ImportError(reason)))
+    else:
+        for B in ((64,) if smoke else PEER_B):
+            try:
+                rows += _peer_rows(B, 32 if smoke else 1024, device, smoke, matmul["tflops"])
+            except Exception as error:  # the check failed: no timing of a peer that computes something else
+                rows.append(common.failed_row(SUITE, OP, "inf-cl", "-", f"B={B} gamma=0 M=0", torch.bfloat16,
+                                              device, error))
     return rows
 
 
