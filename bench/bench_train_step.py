@@ -46,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
+import os
 import time
 import types
 from collections.abc import Callable
@@ -392,6 +393,8 @@ def _step_row(s: Setup, batch: Batch, size: Size, device, dtype, smoke: bool) ->
     times = common.bench_ms(step, device, warmup=warmup, rep=rep)
     peak = common.peak_memory_mb(step, device)
     note = f"{size.name}; {_provider_note(s.provider, batch, size, device)}"
+    if not _cuda(device):  # a shared CPU: the load the figure was taken under
+        note += f"; load avg {os.getloadavg()[0]:.2f}"
     return common.row(SUITE, OP, s.provider, "step", _shape(batch), dtype, device, times, peak_mem_mb=peak,
                       tokens_per_s=batch.tokens / (times[0] * 1e-3), note=note)
 

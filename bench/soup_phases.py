@@ -8,8 +8,10 @@ second, page cache warm: every input is read once before timing):
   read-pread      os.preadv of every input's tensor bytes into a reused chunk-sized buffer (what the soup does)
   read-mmap-copy  the same bytes copied out of an mmap of the file (what safetensors safe_open + .float() costs)
   convert         bf16 -> fp32 of a chunk by torch (x.float())
-  accumulate      kalm_fast._C acc (+)= w * x over chunks, plain and compensated, K inputs
+  accumulate      kalm_fast._C acc (+)= w * x over chunks, plain and compensated, K inputs (the path before the
+                  one-pass kernel, and the CUDA path's shape)
   cast            kalm_fast._C RNE(acc / W) into bf16 over chunks, plain and compensated
+  cpu_soup        kalm_fast._C.cpu_soup, what soup() runs on CPU: the K inputs of a chunk summed and cast in one pass
   write           os.write of the output bytes into a new file; fsync separately
   soup            end to end (kalm_fast.soup.soup), plain and compensated, which overlaps the phases on threads
 GB/s counts the bytes a phase reads plus the bytes it writes (read: file bytes only).
@@ -125,6 +127,16 @@ def measure(inputs: list[Path], reps: int = 3, threads: int | None = None) -> li
 
         add(f"cast-{'compensated' if compensated else 'plain'}", _best(cast, reps),
             n_chunks * chunk * (4 + (4 if compensated else 0) + 2))
+
+    xs = [torch.randn(n_chunks * chunk).mul_(0.02).to(torch.bfloat16) for _ in range(k)]  # k distinct inputs
+    for compensated in (False, True):
+        def one_pass(compensated=compensated, xs=xs):
+            for j in range(n_chunks):
+                kern.soup([(out, [x[j * chunk:(j + 1) * chunk] for x in xs])], [w] * k, float(k), compensated)
+
+        add(f"cpu_soup-{'compensated' if compensated else 'plain'}", _best(one_pass, reps),
+            n_chunks * chunk * (2 * k + 2), f"the soup's one-pass kernel: {k} distinct inputs summed and cast")
+    del xs
 
     out_bytes = in_bytes // k
     tmpdir = Path(tempfile.mkdtemp(prefix="kalm-soup-phases-", dir=inputs[0].parent))
