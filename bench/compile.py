@@ -70,8 +70,12 @@ PAUSE_FILE = os.environ.get("KALM_FAST_COMPILE_PAUSE_FILE", "")  # while it exis
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def attention_variants(head_dims=(32, 64, 80, 96, 128, 256), groups=(1, 7), dtypes=("bf16", "fp16", "fp32")):
-    return [dict(op="attention", D=D, GROUP=g, dtype=dt) for D, g, dt in itertools.product(head_dims, groups, dtypes)]
+def attention_variants(head_dims=(32, 40, 64, 80, 96, 128, 256), groups=(1, 7), dtypes=("bf16", "fp16", "fp32"),
+                       dkdv_splits=(1, 7)):
+    """D = 40: a head stride that is not a multiple of 16 (16-byte loads through stride units). dkdv_splits > 1: the
+    dK/dV pass with GQA partials (the count is a runtime argument: any split > 1 is the same compile)."""
+    return [dict(op="attention", D=D, GROUP=g, dtype=dt, **({"dkdv_splits": s} if s > 1 else {}))
+            for D, g, dt, s in itertools.product(head_dims, groups, dtypes, dkdv_splits) if s == 1 or s <= g]
 
 
 def pooling_variants(hidden=(384, 896, 1024, 4096), dtypes=("bf16", "fp32")):
@@ -89,7 +93,7 @@ def infonce_variants(dims=(256, 896, 1024), mixes=(0, 2), dtypes=("bf16", "fp16"
 
 def variant_name(v: dict) -> str:
     if v["op"] == "attention":
-        return f"D={v['D']} GROUP={v['GROUP']}"
+        return f"D={v['D']} GROUP={v['GROUP']}" + (f" dkdv_splits={v['dkdv_splits']}" if "dkdv_splits" in v else "")
     if v["op"] == "pooling":
         return f"H={v['H']} mask={int(v['mask'])} norm={v['norm'] or 'none'} splits={v['splits']}"
     return f"D={v['D']} num_mix={v['num_mix']} in_batch={int(v['in_batch'])}"
@@ -151,7 +155,8 @@ def capture(v: dict, arch: str, config: tuple | None):
             cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
             lse = torch.zeros(Hq, T)
             attention.attn_fwd(q, k, vv, cu, max(lengths), D ** -0.5)
-            attention.attn_bwd(do, q, k, vv, out, lse, cu, max(lengths), D ** -0.5, dlse=torch.zeros(Hq, T))
+            attention.attn_bwd(do, q, k, vv, out, lse, cu, max(lengths), D ** -0.5, dlse=torch.zeros(Hq, T),
+                               dkdv_splits=v.get("dkdv_splits"))
         elif v["op"] == "pooling":
             lengths, H = v.get("lengths", (60, 77)), v["H"]
             T, nb = sum(lengths), len(lengths)
@@ -724,7 +729,7 @@ def search_variants():
     # 150 KB of spills at 32 x 128); it gets FP32_FALLBACK, whose facts the verification rows record. GROUP > 1 turns
     # the dK/dV kernel's loop over the group's query heads into a real loop (more registers): searched at GROUP 7.
     return (attention_variants(head_dims=(32, 64, 128, 256), groups=(1,), dtypes=("bf16",))
-            + attention_variants(head_dims=(32, 64, 128, 256), groups=(7,), dtypes=("bf16",))
+            + attention_variants(head_dims=(32, 64, 128, 256), groups=(7,), dtypes=("bf16",), dkdv_splits=(1,))
             + infonce_variants(dims=(1024,), mixes=(2,), dtypes=("bf16", "fp32"), in_batch=(True,)))
 
 

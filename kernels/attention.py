@@ -14,9 +14,9 @@ softmax_scale * log2(e) so that every exponential is an exp2):
   _attn_bwd_dkdv_kernel       one program = BLOCK_N key/value rows of one sequence and one kv head; loops over all
                               query blocks of the sequence and the query heads of the GQA group, so dK/dV are owned by
                               exactly one program: no atomics, deterministic. When that grid would be under two waves
-                              (few tokens, few kv heads: ``dkdv_plan``), the group's query heads are split over
-                              ``splits`` programs that write fp32 partials, and
-  _attn_bwd_dkdv_reduce_kernel adds them in split order (deterministic) and casts.
+                              (few tokens, few kv heads: ``dkdv_plan``), one program per query head instead writes
+                              that head's fp32 partial of dK/dV, and
+  _attn_bwd_dkdv_reduce_kernel adds the GROUP partials in head order (deterministic), scales and casts.
   _attn_bwd_dq_kernel         one program = BLOCK_M query rows of one query head; loops over the key/value blocks.
 Grids are (blocks of max_seqlen, heads, sequences); a program whose block starts past its sequence's end exits, so
 zero-length sequences cost one early exit per program and have no rows. The sequence axis is walked through
@@ -241,30 +241,26 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, st
     return dk, dv
 
 
-# per-call sizes: lse/delta (Hq, T) and the partials' split stride T * Hkv * D change with T, the split plan with the
-# batch
-@triton.jit(do_not_specialize=["stride_lh", "stride_ds", "num_splits", "heads_per_split"])
+# per-call sizes: lse/delta (Hq, T) and the partials' head stride T * Hkv * D change with T
+@triton.jit(do_not_specialize=["stride_lh", "stride_ds"])
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, Lse, Delta, DK, DV, cu_seqlens, seq_order, sm_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,  # in STRIDE_UNITs
     stride_dkt, stride_dkh, stride_dvt, stride_dvh,  # in STRIDE_UNITs
     stride_lh,
-    stride_ds, num_splits, heads_per_split,  # SPLIT: DK/DV are fp32 partials (splits, T, Hkv, D), split stride
+    stride_ds,  # SPLIT: DK/DV are fp32 partials (GROUP, T, Hkv, D), one per query head; the head stride
     seqlen_bucket,  # autotune key only
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, STRIDE_UNIT: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
-    if SPLIT:  # program (kv head, split) sums the query heads [g_lo, g_hi) of the group
-        pid_kv = tl.program_id(1) // num_splits
-        split = tl.program_id(1) % num_splits
-        g_lo = split * heads_per_split
-        g_hi = tl.minimum(g_lo + heads_per_split, GROUP)
+    if SPLIT:  # program (kv head, g) owns query head g of the group: no loop over heads
+        pid_kv = tl.program_id(1) // GROUP
+        h0 = tl.program_id(1)  # = pid_kv * GROUP + g
     else:
         pid_kv = tl.program_id(1)
-        g_lo = 0
-        g_hi = GROUP
+        h0 = pid_kv * GROUP
     pid_b = tl.load(seq_order + tl.program_id(2))  # longest sequences first
     stride_qt, stride_qh, stride_kt, stride_kh = (stride_qt * STRIDE_UNIT, stride_qh * STRIDE_UNIT,
                                                   stride_kt * STRIDE_UNIT, stride_kh * STRIDE_UNIT)
@@ -290,8 +286,9 @@ def _attn_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     qk_scale = sm_scale * LOG2E
     m_full = (seqlen // BLOCK_M) * BLOCK_M
-    for g in range(g_lo, g_hi):  # query heads that read this kv head: the GQA sum stays inside the program
-        pid_h = pid_kv * GROUP + g
+    # the query heads h0, h0 + 1, ... that read this kv head: the GQA sum stays inside the program (constant bounds)
+    for g in range(1 if SPLIT else GROUP):
+        pid_h = h0 + g
         q_base = Q + row0 * stride_qt + pid_h * stride_qh
         do_base = DO + row0 * stride_dot + pid_h * stride_doh
         lse_base = Lse + pid_h.to(tl.int64) * stride_lh + row0
@@ -302,9 +299,9 @@ def _attn_bwd_dkdv_kernel(
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
                                       m_full, seqlen, seqlen, qk_scale, offs_m, offs_d, HEAD_DIM, BLOCK_D, BLOCK_M,
                                       True, UPCAST, DOT_PRECISION)
-    if SPLIT:  # unscaled fp32 partial of this split's query heads; the reduce kernel adds the splits and scales
-        DK += split.to(tl.int64) * stride_ds
-        DV += split.to(tl.int64) * stride_ds
+    if SPLIT:  # unscaled fp32 partial of this query head; the reduce kernel adds the heads in order and scales
+        DK += (tl.program_id(1) % GROUP).to(tl.int64) * stride_ds
+        DV += (tl.program_id(1) % GROUP).to(tl.int64) * stride_ds
     else:
         dk *= sm_scale
     dk_ptrs = DK + row0 * stride_dkt + pid_kv * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :]
@@ -315,8 +312,8 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit(do_not_specialize=["n", "num_splits"])  # per-call sizes
 def _attn_bwd_dkdv_reduce_kernel(DKp, DVp, DK, DV, n, num_splits, sm_scale, BLOCK: tl.constexpr):
-    """dK = s * sum_split DKp[split], dV = sum_split DVp[split] over n = T * Hkv * D contiguous elements, the splits
-    added in index order (deterministic), then cast to dK/dV's dtype."""
+    """dK = s * sum_g DKp[g], dV = sum_g DVp[g] over n = T * Hkv * D contiguous elements, the num_splits (GROUP)
+    per-query-head partials added in head order (deterministic), then cast to dK/dV's dtype."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     pk = DKp + offs
@@ -590,7 +587,7 @@ def _order_chunks(order: torch.Tensor):
         yield order[b0:b0 + _MAX_GRID_YZ]
 
 
-WAVES = 2  # dK/dV grids under this many waves of programs split the GQA group (dkdv_plan)
+WAVES = 2  # dK/dV grids under this many waves of programs get per-query-head partials (dkdv_plan)
 
 
 def dkdv_plan(T: int, B: int, max_seqlen: int, Hkv: int, group: int, block_n: int, num_sms: int) -> dict:
@@ -599,20 +596,15 @@ def dkdv_plan(T: int, B: int, max_seqlen: int, Hkv: int, group: int, block_n: in
     One program per (key block, kv head, sequence) has work; their number is at most
     ``min(cdiv(max_seqlen, block_n) * B, cdiv(T, block_n) + B) * Hkv`` (each sequence's blocks, the last one partial).
     When even that bound is under WAVES waves (``WAVES * num_sms`` programs) and the group has more than one query
-    head, the group's query heads are split over the fewest programs per (key block, kv head) that reach WAVES waves,
-    at most one per query head; each split writes fp32 partials that ``_attn_bwd_dkdv_reduce_kernel`` adds in split
-    order. Returns dict(splits, heads_per_split, programs (upper bound, splits included), waves).
+    head, each (key block, kv head) gets one program per query head (``group`` splits) writing fp32 partials that
+    ``_attn_bwd_dkdv_reduce_kernel`` adds in head order. (Splits of several heads each looped over a runtime range of
+    heads, which spilled 12-52 bytes at the pinned tiles on sm_90: per-head programs have no head loop.)
+    Returns dict(splits (1 or group), programs (upper bound, splits included), waves).
     """
     blocks = min(triton.cdiv(max_seqlen, block_n) * B, triton.cdiv(T, block_n) + B) if B else 0
     programs = blocks * Hkv
-    heads_per_split = group
-    if 0 < programs < WAVES * num_sms and group > 1:
-        needed = min(group, triton.cdiv(WAVES * num_sms, programs))
-        # the most heads per split that still gives `needed` splits (whole heads: cdiv(group, h) splits)
-        heads_per_split = max(h for h in range(1, group + 1) if triton.cdiv(group, h) >= needed)
-    splits = triton.cdiv(group, heads_per_split)
-    return dict(splits=splits, heads_per_split=heads_per_split, programs=programs * splits,
-                waves=programs * splits / max(num_sms, 1))
+    splits = group if 0 < programs < WAVES * num_sms and group > 1 else 1
+    return dict(splits=splits, programs=programs * splits, waves=programs * splits / max(num_sms, 1))
 
 
 @functools.cache
@@ -663,7 +655,8 @@ def attn_bwd(do, q, k, v, out, lse, cu_seqlens, max_seqlen: int, softmax_scale: 
              dkdv_splits=None):
     """Backward launcher: dO (T, Hq, D) and optionally dlse (Hq, T) -> dq, dk, dv in the dtypes of q, k, v.
     Deterministic: every gradient element is written by exactly one program (dK/dV partials: one program per split,
-    added in split order). ``dkdv_splits`` overrides ``dkdv_plan``'s split count (tests, compile tables)."""
+    added in head order). ``dkdv_splits`` overrides ``dkdv_plan``: 1 no partials, > 1 per-query-head partials
+    (tests, compile tables)."""
     do, q, k, v, out = (_rows_contiguous(x) for x in (do, q, k, v, out))
     cu_seqlens = cu_seqlens.contiguous()
     T, Hq, D = q.shape
@@ -691,12 +684,10 @@ def attn_bwd(do, q, k, v, out, lse, cu_seqlens, max_seqlen: int, softmax_scale: 
     dq_kernel = _launchable("dq", q, meta["BLOCK_D"])
     B = cu_seqlens.numel() - 1
     if dkdv_splits is None:
-        plan = dkdv_plan(T, B, max_seqlen, Hkv, group, _block_n(dkdv_kernel), num_sms(q.device))
+        splits = dkdv_plan(T, B, max_seqlen, Hkv, group, _block_n(dkdv_kernel), num_sms(q.device))["splits"]
     else:
-        plan = dict(splits=min(dkdv_splits, group), heads_per_split=triton.cdiv(group, min(dkdv_splits, group)))
-        plan["splits"] = triton.cdiv(group, plan["heads_per_split"])
-    splits, per = plan["splits"], plan["heads_per_split"]
-    if splits > 1:  # fp32 partials (splits, T, Hkv, D), strides as dk's (contiguous) plus the split stride
+        splits = group if dkdv_splits > 1 else 1
+    if splits > 1:  # fp32 partials (GROUP, T, Hkv, D), strides as dk's (contiguous) plus the head stride
         dk_out, dv_out = (torch.empty((splits, *k.shape), dtype=torch.float32, device=k.device) for _ in range(2))
     else:
         dk_out, dv_out = dk, dv
@@ -704,7 +695,7 @@ def attn_bwd(do, q, k, v, out, lse, cu_seqlens, max_seqlen: int, softmax_scale: 
         nb = chunk.numel()
         dkdv_kernel[lambda m, nb=nb: (triton.cdiv(max_seqlen, m["BLOCK_N"]), Hkv * splits, nb)](
             q, k, v, do, lse, delta, dk_out, dv_out, cu_seqlens, chunk, softmax_scale,
-            *_strides(unit, q, k, v, do, dk, dv), lse.stride(0), dk.numel(), splits, per,
+            *_strides(unit, q, k, v, do, dk, dv), lse.stride(0), dk.numel(),
             bucket, GROUP=group, STRIDE_UNIT=unit, SPLIT=splits > 1, **meta,
         )
         dq_kernel[lambda m, nb=nb: (triton.cdiv(max_seqlen, m["BLOCK_M"]), Hq, nb)](

@@ -17,11 +17,13 @@ Keeping HBM busy (planned, from the compile facts in bench/results/compile-trito
 row loads become 16-byte cp.async copies into NUM_STAGES - 1 shared-memory buffers, issued that many tiles ahead).
 The pooling mask is applied after the row load (``tl.where`` on the loaded tile), so the row load never waits on the
 mask load; rows of unpooled tokens are read and discarded (they are instruction tokens: a few percent of the bytes).
-NUM_STAGES gives each program 32 KB of tiles in flight (bf16: 5 stages of 8 KB, fp32: 3 stages of 16 KB), and four
-programs fit an SM (<= 128 registers a thread at 4 warps, 4 x 33 KB of shared memory within sm_80's 164 KB; the
-launcher targets 4 programs per SM): 128 KB in flight per SM, against ~32 KB before (two 8-warp programs holding one
-16 KB tile each in registers). By Little's law an H200 (4.8 TB/s over 132 SMs, ~1 us loaded latency) needs ~36 KB
-per SM.
+NUM_STAGES gives each program 24 KB (bf16: 4 stages, 3 buffers of 8 KB) or 32 KB (fp32: 3 stages, 2 of 16 KB) of
+tiles in flight, and four programs fit an SM (<= 128 registers a thread at 4 warps, 4 x 33 KB of shared memory within
+sm_80's 164 KB; the launcher targets 4 programs per SM): 96 KB (bf16) / 128 KB (fp32) in flight per SM, against
+~32 KB before (two 8-warp programs holding one 16 KB tile each in registers). A fifth bf16 stage spilled 4 bytes
+under Triton 3.6 on sm_80 (RMSNorm forward). LayerNorm is the exception: x, x_hat, u and dx live at once in the
+backward (146-168 registers in the compile tables; the sm_80 forward under Triton 3.6: 144), so 3 programs fit:
+72 KB (bf16) in flight. By Little's law an H200 (4.8 TB/s over 132 SMs, ~1 us loaded latency) needs ~36 KB per SM.
 
 Saved for the backward: p_hat (B, H) fp32, the mean over valid tokens of the normalized rows *before* the affine
 weight/bias, and the valid-token count n (B,) fp32. Per-token mean/rstd are not stored: the backward must read x
@@ -65,7 +67,8 @@ _TILE_ELEMS = 4096
 _TILE_ELEMS_INTERPRET = 65536
 # Shared memory for the pipelined token loop's tile buffers, per program: with NUM_STAGES stages Triton keeps
 # NUM_STAGES - 1 tiles in flight, each in its own buffer. 32 KB a program leaves four programs per SM within sm_80's
-# 164 KB: NUM_STAGES = 1 + 32 KB // tile bytes (2..5), bf16 5 stages (8 KB tiles), fp32 3 stages (16 KB tiles).
+# 164 KB: NUM_STAGES = 1 + 32 KB // tile bytes within 2..4, bf16 4 stages (8 KB tiles: 5 spilled under Triton 3.6),
+# fp32 3 stages (16 KB tiles).
 _STAGE_BYTES = 32 * 1024
 # Split sequences until there are this many programs per SM (B alone is often below the SM count at inference) ...
 _PROGRAMS_PER_SM = 4
@@ -274,7 +277,7 @@ def _tile(H: int, block_t: int | None, elem_size: int = 2) -> tuple[int, int, in
     elif block_t < 1 or block_t & (block_t - 1):
         raise ValueError(f"block_t must be a power of two, got {block_t}")
     num_warps = min(16, max(4, block_t * block_h // 1024))
-    num_stages = min(5, max(2, 1 + _STAGE_BYTES // (block_t * block_h * elem_size)))
+    num_stages = min(4, max(2, 1 + _STAGE_BYTES // (block_t * block_h * elem_size)))
     return block_t, block_h, num_warps, num_stages
 
 

@@ -311,18 +311,13 @@ def test_backward_is_deterministic():
 
 
 def test_dkdv_plan_fills_two_waves():
-    """Qwen2-0.5B (14 query / 2 kv heads) with 4 x 1,024 tokens: 128 dK/dV programs on 132 SMs without splits; the
-    plan splits the group into the fewest programs that reach two waves (each split one or more query heads)."""
+    """Qwen2-0.5B (14 query / 2 kv heads) with 4 x 1,024 tokens: 128 dK/dV programs on 132 SMs, under one wave; the
+    plan gives one program per query head (7 partials per kv head): 896 programs, 6.8 waves."""
     from kalm_fast.kernels.attention import dkdv_plan
 
     plan = dkdv_plan(T=4096, B=4, max_seqlen=1024, Hkv=2, group=7, block_n=64, num_sms=132)
-    assert plan["splits"] == 3 and plan["heads_per_split"] == 3
-    assert plan["programs"] == 4 * 16 * 2 * 3 >= 2 * 132 and plan["waves"] >= 2
-    fewer = dkdv_plan(T=4096, B=4, max_seqlen=1024, Hkv=2, group=2, block_n=64, num_sms=132)
-    assert fewer["splits"] == 2 and fewer["heads_per_split"] == 1  # one split per query head, the most there is
-    tiny = dkdv_plan(T=8, B=1, max_seqlen=8, Hkv=2, group=7, block_n=64, num_sms=132)
-    assert tiny["splits"] == 7 and tiny["heads_per_split"] == 1  # per query head
-    # enough programs already, no GQA, no token: one program owns its rows as before
+    assert plan["splits"] == 7 and plan["programs"] == 4 * 16 * 2 * 7 and plan["waves"] >= 2
+    # enough programs already, no GQA, no token: one program owns its rows and sums its group, as before
     assert dkdv_plan(T=65536, B=64, max_seqlen=1024, Hkv=2, group=7, block_n=64, num_sms=132)["splits"] == 1
     assert dkdv_plan(T=4096, B=4, max_seqlen=1024, Hkv=2, group=1, block_n=64, num_sms=132)["splits"] == 1
     assert dkdv_plan(T=0, B=3, max_seqlen=0, Hkv=2, group=7, block_n=64, num_sms=132)["splits"] == 1
@@ -335,36 +330,32 @@ def triton_cdiv(a, b):
     return -(-a // b)
 
 
-def test_dkdv_plan_is_minimal():
-    """Over a sweep, the split count reaches two waves when the group allows it, and one split fewer would not."""
+def test_dkdv_plan_threshold():
+    """Over a sweep: partials exactly when the unsplit grid is under two waves (264 programs on 132 SMs) and the
+    group has more than one head."""
     from kalm_fast.kernels.attention import dkdv_plan
 
-    for T in (1, 100, 1000, 4096, 9000, 20000):
+    for T in (1, 100, 1000, 4096, 8448, 8449, 9000, 20000):
         for group in (1, 2, 4, 7, 8):
             p = dkdv_plan(T=T, B=1, max_seqlen=T, Hkv=2, group=group, block_n=64, num_sms=132)
             base = triton_cdiv(T, 64) * 2
+            assert p["splits"] == (group if base < 264 and group > 1 else 1), (T, group, p)
             assert p["programs"] == base * p["splits"]
-            assert p["splits"] * p["heads_per_split"] >= group > (p["splits"] - 1) * p["heads_per_split"]
-            if base >= 264:
-                assert p["splits"] == 1
-            elif p["splits"] < group:  # two waves, and one more head per split would fall under them
-                assert base * p["splits"] >= 264
-                assert base * triton_cdiv(group, p["heads_per_split"] + 1) < 264
 
 
-@pytest.mark.parametrize("splits", [2, 3], ids=["uneven-2", "per-head-3"])
-def test_dkdv_partials_match_reference_and_are_deterministic(splits):
-    """GQA group of 3: two splits (2 + 1 query heads) and one per query head give dK/dV within the fp32 bound of the
-    float64 truth, like the unsplit pass, and two runs are bitwise equal."""
+@pytest.mark.parametrize("Hq", [6, 2], ids=["group-3", "group-1"])
+def test_dkdv_partials_match_reference_and_are_deterministic(Hq):
+    """Per-query-head partials (GQA group of 3) give dK/dV within the fp32 bound of the float64 truth, like the
+    unsplit pass, and two runs are bitwise equal; without GQA (group 1) there is nothing to split."""
     from kalm_fast.kernels import attention
 
-    q, k, v, cu, max_seqlen = _inputs((97, 0, 130), 6, 2, 64, torch.float32)
+    q, k, v, cu, max_seqlen = _inputs((97, 0, 130), Hq, 2, 64, torch.float32)
     dout = torch.randn(q.shape, device=DEVICE)
     dlse = torch.randn(q.shape[1], q.shape[0], device=DEVICE)
     scale = q.shape[-1] ** -0.5
     out, lse = attention.attn_fwd(q.detach(), k.detach(), v.detach(), cu, max_seqlen, scale)
     runs = [attention.attn_bwd(dout, q.detach(), k.detach(), v.detach(), out, lse, cu, max_seqlen, scale, dlse,
-                               dkdv_splits=s) for s in (1, splits, splits)]
+                               dkdv_splits=s) for s in (1, 3, 3)]
     truth, bound = bounds.attention(q, k, v, cu, dout, dlse, scale)
     for grads in runs:
         for name, got in zip(("dq", "dk", "dv"), grads):

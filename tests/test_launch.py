@@ -121,11 +121,13 @@ def _counts(variant: dict, sizes: list[dict]) -> dict[str, int]:
 @pytest.mark.parametrize("variant,sizes", [
     (dict(op="attention", D=128, GROUP=2, dtype="bf16"),
      [dict(lengths=x) for x in ((37, 100), (1,), (16,), (64, 64), (2048, 5, 3), (0, 999))]),
+    (dict(op="attention", D=40, GROUP=4, dtype="bf16"),  # GQA partials: split count, heads per split, T vary
+     [dict(lengths=x, dkdv_splits=s) for x, s in (((37, 100), 2), ((1,), 3), ((64, 64), 4), ((0, 999), 2))]),
     (dict(op="pooling", H=1024, mask=True, norm="rmsnorm", dtype="bf16"),
      [dict(lengths=x, splits=s) for x, s in (((60, 77), 2), ((1,), 3), ((16, 16), 8), ((500, 3, 7), 5))]),
     (dict(op="infonce", D=1024, num_mix=2, dtype="bf16", in_batch=False),
      [dict(B=b, G=g) for b, g in ((37, 4), (1, 8), (64, 8), (1000, 1), (33, 3))]),
-], ids=["attention", "pooling", "infonce"])
+], ids=["attention", "attention-dkdv-splits", "pooling", "infonce"])
 def test_one_compiled_variant_per_kernel(variant, sizes):
     """Batch sizes, token counts, group sizes and split counts are runtime bounds (do_not_specialize): one
     specialization per kernel whatever they are (Triton would otherwise compile again for 1, multiples of 16, rest)."""
@@ -195,6 +197,28 @@ def test_pinned_rows_are_the_tables_first_configs():
             op, key, tup = pinned_key(r)
             first = (attention if op == "attention" else infonce).PINNED[key][0]
             assert first[:len(tup)] == tup, (path, r)
+
+
+# per SM: 64K registers, 2,048 threads, shared memory (sm_80 164 KB, sm_90 228 KB) with 1 KB reserved per block
+SM_SHARED = {"sm_80": 167_936, "sm_90": 233_472}
+
+
+def test_pooling_fits_four_programs_per_sm():
+    """Issue 12: the pooling kernels' pinned launches (4 warps, pipelined tile buffers) leave room for 4 resident
+    programs per SM in every committed table -- registers (allocated in multiples of 8 a thread), threads and shared
+    memory -- the residency behind the planned 96 KB (bf16) / 128 KB (fp32) of loads in flight per SM
+    (kernels/pooling.py). LayerNorm (the backward holds x, x_hat, u and dx at once: ~150-170 registers) fits 3."""
+    for path in _committed_tables():
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        pool = [r for r in rows if r["pinned"] and r["kernel"] in ("_pool_fwd_kernel", "_pool_bwd_kernel")]
+        assert pool, path
+        for r in pool:
+            need = 3 if "norm=layernorm" in r["variant"] else 4
+            warps = int(r["config"].split("num_warps=")[1].split()[0])
+            regs = -(-r["registers"] // 8) * 8
+            resident = min(65536 // (warps * 32 * regs), 2048 // (warps * 32),
+                           SM_SHARED[r["arch"]] // (r["shared_bytes"] + 1024))
+            assert warps == 4 and resident >= need, (path.parent.name, resident, r)
 
 
 def test_two_processes_same_bits(tmp_path):
