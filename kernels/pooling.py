@@ -23,7 +23,7 @@ sm_80's 164 KB; the launcher targets 4 programs per SM): 96 KB (bf16) / 128 KB (
 ~32 KB before (two 8-warp programs holding one 16 KB tile each in registers). A fifth bf16 stage spilled 4 bytes
 under Triton 3.6 on sm_80 (RMSNorm forward). LayerNorm is the exception: x, x_hat, u and dx live at once in the
 backward (146-168 registers in the compile tables; the sm_80 forward under Triton 3.6: 144), so 3 programs fit:
-72 KB (bf16) in flight. By Little's law an H200 (4.8 TB/s over 132 SMs, ~1 us loaded latency) needs ~36 KB per SM.
+72 KB (bf16) in flight; so does Triton 3.6's masked RMSNorm forward at H = 384 (8 x 512 tiles, 136-139 registers). By Little's law an H200 (4.8 TB/s over 132 SMs, ~1 us loaded latency) needs ~36 KB per SM.
 
 Saved for the backward: p_hat (B, H) fp32, the mean over valid tokens of the normalized rows *before* the affine
 weight/bias, and the valid-token count n (B,) fp32. Per-token mean/rstd are not stored: the backward must read x
