@@ -14,6 +14,18 @@ import math
 import torch
 import torch.nn.functional as F
 
+from kalm_fast.heads import (  # noqa: F401  (the O(B * M) math shared with the kernels, re-exported here)
+    INFONCE_STATS,
+    L2_EPS,
+    focal_dloss_dlogp,
+    focal_nll,
+    infonce_grad_coeffs,
+    infonce_head,
+    infonce_mix_logits,
+    infonce_stats,
+    reduce_loss,
+)
+
 # ----------------------------------------------------------------------------------------------------------------
 # Bidirectional attention over packed variable-length sequences
 # ----------------------------------------------------------------------------------------------------------------
@@ -81,7 +93,6 @@ def attention_varlen(
 # Masked mean pooling with an optional fused final norm and L2 normalize
 # ----------------------------------------------------------------------------------------------------------------
 
-L2_EPS = 1e-12  # as torch.nn.functional.normalize
 
 
 def apply_norm(x, norm, weight, bias, eps):
@@ -160,52 +171,6 @@ def default_pos_idx(B: int, N: int, device) -> torch.Tensor:
     return torch.arange(B, device=device, dtype=torch.int64) * (N // B)
 
 
-class _FocalNLL(torch.autograd.Function):
-    """loss_i = -(1 - p_i)^gamma * log p_i as a function of log p_i, with a gradient that stays finite as p_i -> 1.
-
-    Derivation (u = log p, p = e^u, 1 - p = -expm1(u)):
-      1. L(u) = -(1 - p)^g * u.
-      2. d(1 - p)/du = -p, so dL/du = -(1 - p)^g + g * p * (1 - p)^(g - 1) * u.
-      3. Write (1 - p)^(g - 1) * u = (1 - p)^g * r with r = u / (1 - p); r -> -1 as u -> 0 (log p ~ -(1 - p)),
-         and r <= -1 everywhere because -log p >= 1 - p.
-      4. dL/du = (1 - p)^g * (g * p * r - 1): finite for every g >= 0, and -> 0 as p -> 1 when g > 0.
-    """
-
-    @staticmethod
-    def forward(ctx, logp: torch.Tensor, gamma: float):
-        one_minus_p = -torch.expm1(logp)
-        w = one_minus_p.pow(gamma)
-        ctx.save_for_backward(logp)
-        ctx.gamma = gamma
-        return -w * logp
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        (logp,) = ctx.saved_tensors
-        return grad_out * focal_dloss_dlogp(logp, ctx.gamma), None
-
-
-def focal_dloss_dlogp(logp: torch.Tensor, gamma: float) -> torch.Tensor:
-    """dL_i/d log p_i of ``_FocalNLL`` (step 4 of its derivation), fp32."""
-    p = torch.exp(logp)
-    one_minus_p = -torch.expm1(logp)
-    r = torch.where(one_minus_p > 0, logp / one_minus_p.clamp_min(torch.finfo(logp.dtype).tiny), -torch.ones_like(logp))
-    return one_minus_p.pow(gamma) * (gamma * p * r - 1.0)
-
-
-def focal_nll(logp: torch.Tensor, gamma: float) -> torch.Tensor:
-    """-(1 - p)^gamma * log p per query, finite value and gradient for every log p <= 0."""
-    return _FocalNLL.apply(logp, float(gamma))
-
-
-def reduce_loss(loss: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction == "mean":
-        return loss.mean()
-    if reduction == "sum":
-        return loss.sum()
-    return loss
-
-
 def focal_infonce_naive(
     q: torch.Tensor,
     d: torch.Tensor,
@@ -218,15 +183,21 @@ def focal_infonce_naive(
     mix_lambda: torch.Tensor | None = None,
     reduction: str = "mean",
     return_stats: bool = False,
+    *,
+    compute_dtype: torch.dtype = torch.float32,
+    parts: dict | None = None,
 ):
     """The oracle: SPEC 4.3 written out with the full (B, N) logit matrix and explicit mixed embeddings.
 
     q (B, D), d (N, D), pos_idx int64 (B,), group_size G (the own group of query i is rows [pos_idx_i, pos_idx_i + G)
     when ``in_batch_negatives`` is False), mix_lambda (B, num_mix) fp32 in [0, 1] when num_mix > 0.
     Returns the loss (and with ``return_stats`` a dict of per-query p_pos, weight, hard_neg_logit, hard_neg_idx).
+    ``compute_dtype``: every step in this dtype (fp32 by default; float64 gives the tests' truth, fp16/bf16 torch's
+    own low-precision result for the 2x rule). ``parts`` (a dict) receives the logits z (B, N), the synthetic logits
+    zh (B, M) or None and the candidate mask (B, N), for the tests' error bounds.
     """
     B, N = q.shape[0], d.shape[0]
-    qf, df = q.float(), d.float()
+    qf, df = q.to(compute_dtype), d.to(compute_dtype)
     z = qf @ df.t() / temperature  # (B, N)
     cols = torch.arange(N, device=q.device)
     if in_batch_negatives:
@@ -243,13 +214,15 @@ def focal_infonce_naive(
         M = num_mix
         a = order[:, :1].expand(B, M)  # h_1
         b = order[:, 1 : M + 1]  # h_2 .. h_{M+1}
-        lam = mix_lambda.float()[..., None]  # (B, M, 1)
+        lam = mix_lambda.to(compute_dtype)[..., None]  # (B, M, 1)
         dd = df.detach()
         e = lam * dd[a] + (1.0 - lam) * dd[b]  # (B, M, D)
         e = e / e.norm(dim=-1, keepdim=True)
         logits.append(torch.einsum("bd,bmd->bm", qf, e) / temperature)
     lse = torch.logsumexp(torch.cat(logits, dim=1), dim=1)
     logp = z.gather(1, pos_idx[:, None]).squeeze(1) - lse
+    if parts is not None:
+        parts.update(z=z.detach(), zh=logits[1].detach() if num_mix > 0 else None, cand=cand)
     loss = reduce_loss(focal_nll(logp, gamma), reduction)
     if not return_stats:
         return loss
@@ -264,67 +237,10 @@ def focal_infonce_naive(
 
 
 # --- chunked focal InfoNCE (O((B+N)*D) memory, recomputation in backward) ---------------------------------------
-# The torch path of kalm_fast.ops on CPU. infonce_head / infonce_grad_coeffs / infonce_stats are the O(B * M) pieces
-# shared with the Triton path (kalm_fast.kernels.infonce), so both agree by construction outside the tiled parts;
-# infonce_mix_logits is the torch twin of its _infonce_mix_kernel.
+# The torch path of kalm_fast.ops on CPU. Its O(B * M) pieces (infonce_head / infonce_grad_coeffs / infonce_stats,
+# and infonce_mix_logits, the torch twin of _infonce_mix_kernel) live in kalm_fast.heads, shared with the Triton path.
 
 INFONCE_CHUNK_ELEMS = 2**22  # elements of one chunk's logit block (16 MiB in fp32): the transient memory bound
-INFONCE_STATS = ("p_pos", "weight", "hard_neg_logit", "hard_neg_idx")
-
-
-def infonce_mix_logits(s_a, aa, s_b, ab, bb, lam, temperature):
-    """Synthetic-negative logits from five dot products, without forming e = lam d_a + (1 - lam) d_b.
-
-    s_a, aa (B,) = q.d_a, |d_a|^2; s_b, ab, bb (B, M) = q.d_b, d_a.d_b, |d_b|^2; lam (B, M). Uses
-    |e|^2 = lam^2 |d_a|^2 + 2 lam (1 - lam) d_a.d_b + (1 - lam)^2 |d_b|^2 and zh = q.e / (tau |e|), with |e| floored at
-    L2_EPS as F.normalize does (the oracle divides by |e| unguarded; they differ only for a zero mixture).
-    Returns zh (B, M) and |e| (B, M), fp32.
-    """
-    s_a, aa = s_a[:, None], aa[:, None]
-    n2 = lam * lam * aa + 2.0 * lam * (1.0 - lam) * ab + (1.0 - lam) * (1.0 - lam) * bb
-    nrm = n2.clamp_min(L2_EPS * L2_EPS).sqrt()
-    return (lam * s_a + (1.0 - lam) * s_b) / nrm / temperature, nrm
-
-
-def infonce_head(lse_real, logp_real, zh, gamma):
-    """The O(B * M) end of the forward, natural logs, fp32.
-
-    lse_real (B,) = log sum_{C_i} e^z_ij over the real candidates, logp_real (B,) = z_i,pos - lse_real (formed by the
-    caller from the same logits, so it is exact, 0, when the positive dominates), zh (B, M) or None. Returns
-    shift (B,) = lse - lse_real = log(1 + sum_m e^(zh_im - lse_real)) >= 0 (the synthetic negatives' share),
-    log p (B,) = logp_real - shift and the per-query focal loss -(1 - p)^gamma log p (B,).
-    """
-    if zh is None:
-        shift = torch.zeros_like(lse_real)
-    else:
-        shift = F.softplus(torch.logsumexp(zh - lse_real[:, None], 1))
-    # p <= 1 exactly; rounding could give log p = +1 ulp, and (1 - p)^gamma needs 1 - p >= 0
-    logp = (logp_real - shift).clamp(max=0.0)
-    return shift, logp, -(-torch.expm1(logp)).pow(gamma) * logp
-
-
-def infonce_grad_coeffs(grad_loss, logp, lse, zh, lam, nrm, gamma, reduction):
-    """Per-query backward coefficients (steps 1, 3 and 5 of the derivation in kalm_fast.kernels.infonce).
-
-    1. g_i = dL/dlog p_i = r_i * f'(log p_i), r_i = upstream gradient (/ B for "mean"), f' = focal_dloss_dlogp.
-    3. dL/dzh_im = -g_i * Ph_im with Ph_im = exp(zh_im - lse_i).
-    5. dq_i gets (1/tau) (c_a,i d_a + sum_m c_b,im d_b,m): c_a,i = sum_m dzh_im lam_im / |e_im|,
-       c_b,im = dzh_im (1 - lam_im) / |e_im| (e detached: nothing reaches d).
-    Returns g (B,), c_a (B,) and c_b (B, M) (None, None without mixing).
-    """
-    r = grad_loss.float() / logp.shape[0] if reduction == "mean" else grad_loss.float()
-    g = focal_dloss_dlogp(logp, gamma) * r
-    if zh is None:
-        return g, None, None
-    w = -g[:, None] * torch.exp(zh - lse[:, None]) / nrm
-    return g, (w * lam).sum(1), w * (1.0 - lam)
-
-
-def infonce_stats(logp, gamma, hard_neg_logit, hard_neg_idx) -> dict:
-    """The ``return_stats`` dict (keys INFONCE_STATS), per query, detached."""
-    logp = logp.detach()
-    return {"p_pos": logp.exp(), "weight": (-torch.expm1(logp)).pow(gamma), "hard_neg_logit": hard_neg_logit,
-            "hard_neg_idx": hard_neg_idx}
 
 
 def _chunk_rows(N: int, group_size: int, D: int, in_batch_negatives: bool) -> int:
