@@ -49,7 +49,7 @@ SUITE = "infonce"
 OP = "focal_infonce"
 G, TEMPERATURE, GAMMA = 8, 0.02, 0.5
 
-GPU_SHAPES = [(B, D, M) for B in (1024, 4096, 16384, 65536) for D in (768, 1024) for M in (0, 2)]
+GPU_SHAPES = [(512, 1024, 2)] + [(B, D, M) for B in (1024, 4096, 16384, 65536) for D in (768, 1024) for M in (0, 2)]
 CPU_SHAPES = [(2048, 256, 0), (2048, 256, 2)]
 SMOKE_SHAPES = [(64, 32, 0), (64, 32, 2)]
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,6 +177,13 @@ def _shape_rows(B, D, M, device, smoke, peak_tflops):
             notes.append(f"{naive[r['mode']] / r['median_ms']:.2f}x vs torch_naive")
         if r["provider"] == "kalm_fast":
             notes.append("triton" if ops.use_triton(torch.empty(0, device=device)) else "torch path")
+            if _cuda(device):  # the launch plan: programs per pass (issue 12: >= 2 per SM)
+                from kalm_fast.kernels import infonce
+
+                q = torch.empty(B, D, device=device, dtype=dtype)
+                plan, _ = infonce._plan(q, N, G, True)
+                notes.append("programs fwd/dq/dd " + "/".join(
+                    f"{plan[k + '_programs']} ({plan[k + '_tile'][0]}x{plan[k + '_tile'][1]})" for k in ("fwd", "dq", "dd")))
         r["note"] = "; ".join(notes)
     return rows
 

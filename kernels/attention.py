@@ -45,7 +45,15 @@ import torch
 import triton
 import triton.language as tl
 
-from kalm_fast.kernels.utils import autotuning, device_arch, input_guard, interpreting, next_power_of_2, pick
+from kalm_fast.kernels.utils import (
+    autotuning,
+    device_arch,
+    input_guard,
+    interpreting,
+    multiprocessor_count,
+    next_power_of_2,
+    pick,
+)
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x * log2(e))
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # ln(2): ln(x) = log2(x) * ln(2)
@@ -607,16 +615,9 @@ def dkdv_plan(T: int, B: int, max_seqlen: int, Hkv: int, group: int, block_n: in
     return dict(splits=splits, programs=programs * splits, waves=programs * splits / max(num_sms, 1))
 
 
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def num_sms(device: torch.device) -> int:
     """SMs of a CUDA device; 1 elsewhere (the interpreter runs programs one by one: splitting only costs there)."""
-    if device.type != "cuda":
-        return 1
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return multiprocessor_count(device) if device.type == "cuda" else 1
 
 
 def _block_n(kernel) -> int:

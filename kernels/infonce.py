@@ -8,18 +8,25 @@ Notation: q (B, D), d (N, D), s_ij = q_i . d_j (fp32 accumulation), z_ij = s_ij 
 sum_m e^zh), log p_i = z_i,pos - lse_i, loss_i = -(1 - p_i)^gamma log p_i. Inside the kernels the logits are in base
 2: s * qk_scale with qk_scale = log2(e) / tau, so exp2 replaces exp (the log2(e) is folded into the scale).
 
-Forward (``_infonce_fwd_kernel``, one program per block of BLOCK_M queries): one pass over tiles of BLOCK_N rows of d,
-each tile's scores by tl.dot over D in BLOCK_K chunks; per query an online logsumexp (m_i, l_i), the positive's score,
+Launch plan (``grid_plan``): one program per block of queries would leave an H100 (132 SMs) nearly idle at the
+recipe's B = 512 (4-8 programs), so every pass splits its looped dimension into contiguous runs of whole tiles until it
+launches >= 2 programs per SM (or every tile is a program), choosing a smaller tile from the pinned table when the
+large one cannot get there; the splits write partials that a small kernel merges in split order 0, 1, ... -- the same
+bits every run, no atomics. A batch that fills the GPU by itself keeps one split.
+
+Forward (``_infonce_fwd_kernel``, one program per (block of BLOCK_M queries, split of the rows of d)): one pass over
+the split's tiles of BLOCK_N rows of d, each tile's scores by tl.dot over D in BLOCK_K chunks; per query an online logsumexp (m_i, l_i), the positive's score,
 and a running top-(M+1) of negative scores with their indices (ties -> lower index), inserted only when a tile holds
-a score above a row's current (M+1)-th, so after the first tiles most tiles insert nothing. Then ``_infonce_mix_kernel``
+a score above a row's current (M+1)-th, so after the first tiles most tiles insert nothing.
+``_infonce_fwd_merge_kernel`` combines the splits' (m, l, positive logit, top list). Then ``_infonce_mix_kernel``
 loads the two rows of each pair (h_1, h_{m+1}) and forms the synthetic logits from q.d_a, q.d_b (the top scores),
 d_a.d_b, |d_a|^2, |d_b|^2 -- no mixed embedding exists. The O(B * M) head (lse, log p, focal weight, loss) is torch.
 Saved for the backward: the base-2 lse (B,) (synthetic negatives included), log p (B,), the top indices (B, M+1),
 the synthetic logits and norms (B, M).
 
-Backward, derived (the same steps as ``reference.infonce_grad_coeffs``):
+Backward, derived (the same steps as ``heads.infonce_grad_coeffs``):
   1. L = sum_i r_i * loss_i with r_i the reduction weight (1/B for "mean", 1 for "sum"/"none") times the upstream
-     gradient; g_i = dL/dlog p_i = r_i * f'(log p_i), f' from ``reference.focal_dloss_dlogp`` (finite as p -> 1).
+     gradient; g_i = dL/dlog p_i = r_i * f'(log p_i), f' from ``heads.focal_dloss_dlogp`` (finite as p -> 1).
   2. log p_i = z_i,pos - lse_i, and d lse_i / d z_ij = P_ij = exp(z_ij - lse_i) for j in C_i (0 elsewhere),
      d lse_i / d zh_im = Ph_im = exp(zh_im - lse_i).
   3. So dz_ij = dL/dz_ij = g_i * (1[j = pos_i] - P_ij) and dzh_im = -g_i * Ph_im.
@@ -27,20 +34,25 @@ Backward, derived (the same steps as ``reference.infonce_grad_coeffs``):
   5. zh_im = q_i . e_im / tau with e_im = (lam d_a + (1 - lam) d_b) / n_im detached (SPEC: no gradient reaches d through
      it): dq_i += (1/tau) sum_m dzh_im e_im = (1/tau) (c_a,i d_a + sum_m c_b,im d_b,m) with
      c_a,i = sum_m dzh_im lam_im / n_im and c_b,im = dzh_im (1 - lam_im) / n_im.
-The tiles of s are recomputed (flash attention style) by two kernels, no atomics, each output row written by one
-program in a fixed order (deterministic): ``_infonce_dq_kernel`` (a program per query block, looping over tiles of d)
-and ``_infonce_dd_kernel`` (a program per block of d rows, looping over query blocks). D is too large to keep a
-(BLOCK, D) fp32 accumulator in registers (D = 1024: 512 KiB for 128 rows), so each program accumulates its own rows in
-an fp32 scratch (B, D) / (N, D) chunk by chunk of BLOCK_K columns (read-modify-write by the owning program only,
-L2-resident) and writes the scaled, cast result in an epilogue. That traffic is 8 * BLOCK * D bytes per tile against
-4 * BLOCK_M * BLOCK_N * D flops (recomputed scores + update), i.e. BLOCK_N / 2 flop per byte in the dq kernel
-(BLOCK_M / 2 in the dd kernel): tiles long in the looped dimension keep it compute-bound.
+The tiles of s are recomputed (flash attention style) by two kernels, no atomics, each partial row written by one
+program in a fixed order (deterministic): ``_infonce_dq_kernel`` (a program per (query block, split of d's tiles))
+and ``_infonce_dd_kernel`` (a program per (block of d rows, split of the query blocks)). dz = g (1[pos] - P) is formed
+times a power of two 2^-e that brings max |g| to [1, 2) before its cast to the input dtype (g ~ 1/B would flush to
+zero in fp16 at large B); ``_infonce_grad_merge_kernel`` sums the splits in order, multiplies by the exact 2^e, adds
+step 5 (dq) and scales by 1/tau. D is too large to keep a (BLOCK, D) fp32 accumulator on chip (D = 1024: 256 KiB for
+64 rows, the whole register file of an SM), so each program accumulates its rows of its split's fp32 partial
+(S, B, D) / (S, N, D) chunk by chunk of BLOCK_K columns (read-modify-write by the owning program only, L2-resident,
+a barrier after each tile because the next tile's loads may map the slice to other threads). Per tile of the dq
+kernel that moves (2 BLOCK_M + 4 BLOCK_N + 8 BLOCK_M) D bytes (q, d twice, the fp32 slice read and written) against
+4 BLOCK_M BLOCK_N D flops; the splits add 8 S B D bytes (write, then the merge's read).
 
 Without in-batch negatives the queries are visited in the order of their positives (a stable argsort), so a query
 block only scans the rows [min pos, max pos + G) and a d block only the queries whose group can reach it (found by
 binary search in the sorted positives): O(B * G * D) work rather than O(B * N * D).
 
-Memory: O((B + N) * D) for the fp32 scratch and the gradients, O(B * M) saved; no tensor of B * N elements.
+Memory: O((B + N) * D) for the fp32 partials and the gradients plus, when the batch is too small to fill the GPU,
+the extra splits' partials (under 2 * target * BLOCK * D * 4 bytes whatever B and N: see ``grid_plan``); O(splits *
+B * M) for the forward's partials, O(B * M) saved; no tensor of B * N elements.
 """
 
 from __future__ import annotations
@@ -52,27 +64,40 @@ import torch
 import triton
 import triton.language as tl
 
-from kalm_fast import reference
-from kalm_fast.kernels.utils import autotuning, device_arch, input_guard, interpreting, next_power_of_2, pick
+from kalm_fast import heads
+from kalm_fast.kernels.utils import (
+    autotuning,
+    device_arch,
+    input_guard,
+    interpreting,
+    multiprocessor_count,
+    next_power_of_2,
+    pick,
+    shared_memory_optin,
+)
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 _INT32_MAX = tl.constexpr(2**31 - 1)  # module constants used inside @triton.jit must be constexpr
-_NORM_EPS = tl.constexpr(reference.L2_EPS)
+_NORM_EPS = tl.constexpr(heads.L2_EPS)
 
 
 # Candidate tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) that ``python -m bench.compile --search`` compiles
 # per arch: 32 fp32 scores per thread (128 x 64 tiles on 8 warps) stay near 180-230 registers, 64 per thread
 # (128 x 128 on 8 warps) reach 255; a long looped dimension (BLOCK_N for the forward and dq, BLOCK_M for dd)
 # amortizes the scratch read-modify-write. sm_90 has 228 KiB of shared memory per SM: one more stage than sm_80.
+# The search keeps the best passing config of every tile size: ``grid_plan`` picks a smaller tile when the large one
+# cannot give every SM two programs.
 CANDIDATES = {
     arch: [(128, 128, 64, 8, s), (64, 128, 64, 8, s), (128, 64, 64, 8, s), (128, 64, 128, 8, s - 1),
            (64, 256, 64, 8, s - 1), (256, 64, 64, 8, s - 1), (64, 64, 64, 4, s), (64, 64, 32, 4, s - 1),
            (32, 64, 32, 4, 2)]
     for arch, s in (("sm_80", 3), ("sm_90", 4))
 }
+# fp32 (exact FMA dots, no tensor cores): small tiles only, larger ones spill
+CANDIDATES_FP32 = [(64, 64, 32, 4, 2), (32, 64, 32, 4, 2), (32, 32, 32, 4, 2), (16, 32, 32, 4, 2)]
 # one big tile under the interpreter (its cost ~ programs x loop iterations)
-_INTERPRETER_CONFIG = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=1)
+_INTERPRETER_CONFIG = (64, 128, 64, 4, 1, 0)  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, smem)
 
 # (kind, arch, dtype class) -> configs (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, shared memory bytes) that
 # compiled for the arch with zero spill bytes, tensor cores and shared memory within the arch's opt-in limit, under
@@ -80,17 +105,17 @@ _INTERPRETER_CONFIG = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num
 # KALM_FAST_AUTOTUNE=1 tunes over. Written by ``python -m bench.compile --pin`` from the committed compile tables.
 # BEGIN PINNED
 PINNED = {
-    ('dd', 'sm_80', '16bit'): [(128, 128, 64, 8, 3, 98304), (256, 64, 64, 8, 2, 81920)],
-    ('dd', 'sm_80', 'fp32'): [(32, 64, 32, 4, 2, 20480)],
-    ('dd', 'sm_90', '16bit'): [(128, 64, 128, 8, 3, 147456), (64, 128, 64, 8, 4, 98304)],
-    ('dd', 'sm_90', 'fp32'): [(32, 64, 32, 4, 2, 20480)],
-    ('dq', 'sm_80', '16bit'): [(64, 256, 64, 8, 2, 81920)],
-    ('dq', 'sm_80', 'fp32'): [(32, 64, 32, 4, 2, 16384)],
-    ('dq', 'sm_90', '16bit'): [(64, 256, 64, 8, 3, 147456)],
-    ('dq', 'sm_90', 'fp32'): [(32, 64, 32, 4, 2, 16384)],
-    ('fwd', 'sm_80', '16bit'): [(64, 128, 64, 8, 3, 49152)],
-    ('fwd', 'sm_80', 'fp32'): [(32, 64, 32, 4, 2, 12288)],
-    ('fwd', 'sm_90', '16bit'): [(128, 64, 128, 8, 3, 147456), (64, 128, 64, 8, 4, 98304)],
+    ('dd', 'sm_80', '16bit'): [(128, 128, 64, 8, 3, 98304), (128, 64, 128, 8, 2, 65536), (64, 64, 64, 4, 3, 32768), (32, 64, 32, 4, 2, 14336)],
+    ('dd', 'sm_80', 'fp32'): [(32, 64, 32, 4, 2, 20480), (32, 32, 32, 4, 2, 8192), (16, 32, 32, 4, 2, 6144)],
+    ('dd', 'sm_90', '16bit'): [(128, 64, 128, 8, 3, 147456), (64, 64, 64, 4, 4, 65536), (32, 64, 32, 4, 2, 12288)],
+    ('dd', 'sm_90', 'fp32'): [(32, 64, 32, 4, 2, 20480), (32, 32, 32, 4, 2, 8192), (16, 32, 32, 4, 2, 6144)],
+    ('dq', 'sm_80', '16bit'): [(128, 128, 64, 8, 3, 98304), (128, 64, 128, 8, 2, 49152), (64, 64, 64, 4, 3, 32768), (32, 64, 32, 4, 2, 12288)],
+    ('dq', 'sm_80', 'fp32'): [(32, 64, 32, 4, 2, 16384), (32, 32, 32, 4, 2, 8192), (16, 32, 32, 4, 2, 6144)],
+    ('dq', 'sm_90', '16bit'): [(128, 128, 64, 8, 4, 131072), (64, 128, 64, 8, 4, 98304), (64, 64, 64, 4, 4, 65536), (32, 64, 32, 4, 2, 12288)],
+    ('dq', 'sm_90', 'fp32'): [(32, 64, 32, 4, 2, 16384), (32, 32, 32, 4, 2, 8192), (16, 32, 32, 4, 2, 6144)],
+    ('fwd', 'sm_80', '16bit'): [(64, 128, 64, 8, 3, 49152), (32, 64, 32, 4, 2, 6144)],
+    ('fwd', 'sm_80', 'fp32'): [(32, 64, 32, 4, 2, 12288), (32, 32, 32, 4, 2, 8192), (16, 32, 32, 4, 2, 6144)],
+    ('fwd', 'sm_90', '16bit'): [(128, 64, 128, 8, 3, 147456), (64, 64, 64, 4, 4, 65536)],
     ('fwd', 'sm_90', 'fp32'): [(32, 64, 32, 4, 2, 12288)],
 }
 # END PINNED
@@ -118,17 +143,14 @@ def _tuned(kind: str, key: tuple):
     return tuner
 
 
-def _launchable(kind: str, x: torch.Tensor):
-    """``kernel[grid](...)``-able object: the pinned config by default (same tiles in every process),
-    the autotuner over the surviving configs with KALM_FAST_AUTOTUNE=1, one big tile when interpreting."""
+def _launchable(kind: str, x: torch.Tensor, row: tuple):
+    """``kernel[grid](...)``-able object: the plan's config ``row`` by default (the same tiles in every process), the
+    autotuner over the surviving configs with KALM_FAST_AUTOTUNE=1; one big tile when interpreting."""
     kernel = globals()[_KERNELS[kind]]
     arch = device_arch(x.device)
-    if arch == "interpreter":
-        return _Pinned(kernel, _INTERPRETER_CONFIG)
-    key = (kind, arch, "fp32" if x.dtype == torch.float32 else "16bit")
-    if autotuning():
-        return _tuned(kind, key)
-    bm, bn, bk, w, s, _ = pick(PINNED, key, x.device)
+    if arch != "interpreter" and autotuning():
+        return _tuned(kind, (kind, arch, "fp32" if x.dtype == torch.float32 else "16bit"))
+    bm, bn, bk, w, s, _ = row
     return _Pinned(kernel, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=s))
 
 
@@ -192,7 +214,7 @@ def _shift_right(v, i, slots, TOP_PAD: tl.constexpr):
 @triton.jit
 def _insert_top(top_v, top_i, x, cols, slots, NUM_TOP: tl.constexpr, TOP_PAD: tl.constexpr):
     """Running top-NUM_TOP per row (top_v/top_i [BM, TOP_PAD], descending, (-inf, -1) when empty) updated with the
-    tile's candidates x [BM, BN] (-inf where none) at columns cols.
+    tile's candidates x [BM, BN] (-inf where none) at columns cols ([1, BN] for a tile of d, [BM, BN] for a list).
 
     x's entries are inserted best first (ties -> lower column), each after the held entries >= it: held entries come
     from earlier tiles or earlier insertions, so an equal held score always has the lower index. One pass per entry
@@ -201,8 +223,8 @@ def _insert_top(top_v, top_i, x, cols, slots, NUM_TOP: tl.constexpr, TOP_PAD: tl
     n_pass = tl.minimum(tl.max(tl.sum((x > float("-inf")).to(tl.int32), 1), 0), NUM_TOP)
     for _ in range(n_pass):
         v = tl.max(x, 1)  # [BM]
-        i = tl.min(tl.where(x == v[:, None], cols[None, :], _INT32_MAX), 1)
-        x = tl.where(cols[None, :] == i[:, None], float("-inf"), x)
+        i = tl.min(tl.where(x == v[:, None], cols, _INT32_MAX), 1)
+        x = tl.where(cols == i[:, None], float("-inf"), x)
         p = tl.sum((top_v >= v[:, None]).to(tl.int32), 1)  # insertion slot
         sv, si = _shift_right(top_v, top_i, slots, TOP_PAD)
         new_v = tl.where(slots[None, :] < p[:, None], top_v, tl.where(slots[None, :] == p[:, None], v[:, None], sv))
@@ -213,18 +235,33 @@ def _insert_top(top_v, top_i, x, cols, slots, NUM_TOP: tl.constexpr, TOP_PAD: tl
     return top_v, top_i
 
 
-@triton.jit(do_not_specialize=["B", "N", "G"])  # per-call sizes: bounds only, no recompilation
+@triton.jit
+def _split_range(lo, hi, split, SPLITS, BLOCK: tl.constexpr):
+    """[start, end) of split ``split`` of SPLITS over [lo, hi): contiguous runs of whole tiles of BLOCK, in increasing
+    order, whose tile counts differ by at most one (so merging the splits in split order visits the candidates in
+    the order one program would); empty only when SPLITS exceeds the tiles."""
+    tiles = tl.cdiv(hi - lo, BLOCK).to(tl.int64)
+    t0 = split.to(tl.int64) * tiles // SPLITS
+    t1 = (split.to(tl.int64) + 1) * tiles // SPLITS
+    start = lo + (t0 * BLOCK).to(tl.int32)
+    end = tl.minimum(hi, lo + (t1 * BLOCK).to(tl.int32))
+    return start, end
+
+
+@triton.jit(do_not_specialize=["B", "N", "G", "SPLITS"])  # per-call sizes: bounds only, no recompilation
 def _infonce_fwd_kernel(
-    Q, Dm, POS, QORD, LSE2, LOGP2, TOPV, TOPI,
-    B, N, D, stride_q, stride_d, G, qk_scale,
+    Q, Dm, POS, QORD, PM, PL, PSPOS, PTOPV, PTOPI,
+    B, N, D, stride_q, stride_d, G, qk_scale, SPLITS,
     NUM_TOP: tl.constexpr, TOP_PAD: tl.constexpr, GROUPED: tl.constexpr,
     INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Per query, in base 2: LSE2 = log2 sum_{C_i} 2^{s_ij qk_scale} and LOGP2 = s_i,pos qk_scale - LSE2, formed as
-    (s_pos - m) - log2(l) so that it is exact when the positive dominates (m is then the positive's own logit);
-    TOPV/TOPI (B, NUM_TOP) = the highest negative scores (raw dots) and their rows, -inf / -1 past the last one."""
+    """Program (query block, split): the split's share of the query block's candidate rows of d, in base 2. Writes
+    the partials of split ``s`` at [s, query]: PM the running max m, PL sum 2^(logit - m), PSPOS the positive's
+    base-2 logit (0 when the positive is in another split) and PTOPV/PTOPI (.., NUM_TOP) the split's highest negative
+    scores (raw dots) and rows, -inf / -1 past the last one. ``_infonce_fwd_merge_kernel`` combines the splits."""
     pid = tl.program_id(0)
+    split = tl.program_id(1)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = offs_m < B
     pos = tl.load(POS + offs_m, mask=row_mask, other=0)  # POS is in the visiting order (sorted when GROUPED)
@@ -236,15 +273,16 @@ def _infonce_fwd_kernel(
         rows = offs_m.to(tl.int64)
         lo = 0
         hi = N
+    n_start, n_end = _split_range(lo, hi, split, SPLITS, BLOCK_N)
     slots = tl.arange(0, TOP_PAD)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of the base-2 logits
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(logit - m_i)
     s_pos = tl.zeros([BLOCK_M], dtype=tl.float32)  # the positive's base-2 logit, the same value that enters m_i
     top_v = tl.full([BLOCK_M, TOP_PAD], float("-inf"), tl.float32)
     top_i = tl.full([BLOCK_M, TOP_PAD], -1, tl.int32)
-    for n0 in range(lo, hi, BLOCK_N):
+    for n0 in range(n_start, n_end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        col_mask = cols < N
+        col_mask = cols < n_end
         s = _dot_rows(Q, rows, row_mask, stride_q, Dm, cols.to(tl.int64), col_mask, stride_d, D,
                       BLOCK_M, BLOCK_N, BLOCK_K, INTERPRET, DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
         cand = row_mask[:, None] & col_mask[None, :]
@@ -262,14 +300,53 @@ def _infonce_fwd_kernel(
         # equal score here has a higher index than the one held), so most tiles insert nothing
         kth = tl.min(tl.where(slots[None, :] < NUM_TOP, top_v, float("inf")), 1)
         x = tl.where(cand & (cols[None, :] != pos[:, None]) & (s > kth[:, None]), s, float("-inf"))
-        top_v, top_i = _insert_top(top_v, top_i, x, cols, slots, NUM_TOP, TOP_PAD)
-    l_i = tl.where(row_mask, l_i, 1.0)  # padded rows have no candidate: keep log2 finite
-    tl.store(LSE2 + rows, m_i + tl.log2(l_i), mask=row_mask)
-    tl.store(LOGP2 + rows, (s_pos - m_i) - tl.log2(l_i), mask=row_mask)
-    top_ptrs = rows[:, None] * NUM_TOP + slots[None, :]
+        top_v, top_i = _insert_top(top_v, top_i, x, cols[None, :], slots, NUM_TOP, TOP_PAD)
+    part = split.to(tl.int64) * B + rows  # [s, query] of the (SPLITS, B) partials
+    tl.store(PM + part, m_i, mask=row_mask)
+    tl.store(PL + part, l_i, mask=row_mask)
+    tl.store(PSPOS + part, s_pos, mask=row_mask)
+    top_ptrs = part[:, None] * NUM_TOP + slots[None, :]
     top_mask = row_mask[:, None] & (slots[None, :] < NUM_TOP)
-    tl.store(TOPV + top_ptrs, top_v, mask=top_mask)
-    tl.store(TOPI + top_ptrs, top_i, mask=top_mask)
+    tl.store(PTOPV + top_ptrs, top_v, mask=top_mask)
+    tl.store(PTOPI + top_ptrs, top_i, mask=top_mask)
+
+
+@triton.jit(do_not_specialize=["B", "SPLITS"])
+def _infonce_fwd_merge_kernel(
+    PM, PL, PSPOS, PTOPV, PTOPI, LSE2, LOGP2, TOPV, TOPI, B, SPLITS,
+    NUM_TOP: tl.constexpr, TOP_PAD: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    """The splits' partials combined in split order 0, 1, ... (a fixed order: bitwise the same every run): LSE2 =
+    m + log2(l) and LOGP2 = (s_pos - m) - log2(l) per query (exact when the positive dominates: m is then its own
+    logit), and the top-NUM_TOP negatives (ties -> lower row: an earlier split holds lower rows)."""
+    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    b_mask = offs_b < B
+    slots = tl.arange(0, TOP_PAD)
+    list_mask = b_mask[:, None] & (slots[None, :] < NUM_TOP)
+    m_i = tl.full([BLOCK_B], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_B], dtype=tl.float32)
+    s_pos = tl.zeros([BLOCK_B], dtype=tl.float32)
+    top_v = tl.full([BLOCK_B, TOP_PAD], float("-inf"), tl.float32)
+    top_i = tl.full([BLOCK_B, TOP_PAD], -1, tl.int32)
+    for split in range(0, SPLITS):
+        part = split * B + offs_b.to(tl.int64)
+        m_s = tl.load(PM + part, mask=b_mask, other=float("-inf"))
+        l_s = tl.load(PL + part, mask=b_mask, other=0.0)
+        m_new = tl.maximum(m_i, m_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp2(m_i - m_safe) + l_s * tl.exp2(m_s - m_safe)
+        m_i = m_new
+        s_pos += tl.load(PSPOS + part, mask=b_mask, other=0.0)
+        list_ptrs = part[:, None] * NUM_TOP + slots[None, :]
+        x = tl.load(PTOPV + list_ptrs, mask=list_mask, other=float("-inf"))
+        xi = tl.load(PTOPI + list_ptrs, mask=list_mask, other=-1)
+        top_v, top_i = _insert_top(top_v, top_i, x, xi, slots, NUM_TOP, TOP_PAD)
+    l_i = tl.where(b_mask, l_i, 1.0)  # padded rows have no candidate: keep log2 finite
+    tl.store(LSE2 + offs_b, m_i + tl.log2(l_i), mask=b_mask)
+    tl.store(LOGP2 + offs_b, (s_pos - m_i) - tl.log2(l_i), mask=b_mask)
+    top_ptrs = offs_b[:, None] * NUM_TOP + slots[None, :]
+    tl.store(TOPV + top_ptrs, top_v, mask=list_mask)
+    tl.store(TOPI + top_ptrs, top_i, mask=list_mask)
 
 
 @triton.jit(do_not_specialize=["B"])
@@ -313,17 +390,18 @@ def _infonce_mix_kernel(
         tl.store(NRM + offs_b * NUM_MIX + m, nrm, mask=b_mask)
 
 
-@triton.jit(do_not_specialize=["B", "N", "G"])
+@triton.jit(do_not_specialize=["B", "N", "G", "SPLITS"])
 def _infonce_dq_kernel(
-    Q, Dm, POS, QORD, LSE2, GRAD, TOPI, CA, CB, DQACC, DQ,
-    B, N, D, stride_q, stride_d, G, qk_scale, inv_tau,
-    NUM_MIX: tl.constexpr, NUM_TOP: tl.constexpr, GROUPED: tl.constexpr,
-    INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    Q, Dm, POS, QORD, LSE2, GRAD, SCALE, DQP,
+    B, N, D, stride_q, stride_d, G, qk_scale, SPLITS,
+    GROUPED: tl.constexpr, INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """dq_i = (1/tau) (sum_j dz_ij d_j + c_a,i d_a + sum_m c_b,im d_b,m) (steps 3-5 of the module docstring); a program
-    owns BLOCK_M queries, recomputes their score tiles against d and accumulates in its rows of DQACC (B, D) fp32."""
+    """Program (query block, split): sum_j dz_ij d_j over the split's share of the block's candidate rows of d
+    (steps 3-4 of the module docstring), times SCALE[0], accumulated in the program's rows of the split's partial
+    DQP[split] (SPLITS, B, D) fp32. ``_infonce_grad_merge_kernel`` sums the splits and adds step 5."""
     pid = tl.program_id(0)
+    split = tl.program_id(1)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = offs_m < B
     pos = tl.load(POS + offs_m, mask=row_mask, other=0)
@@ -335,23 +413,27 @@ def _infonce_dq_kernel(
         rows = offs_m.to(tl.int64)
         lo = 0
         hi = N
+    n_start, n_end = _split_range(lo, hi, split, SPLITS, BLOCK_N)
     lse2 = tl.load(LSE2 + rows, mask=row_mask, other=0.0)  # base-2 lse: P = exp2(s * qk_scale - lse2)
-    g = tl.load(GRAD + rows, mask=row_mask, other=0.0)  # dL/dlog p (step 1)
+    # dL/dlog p (step 1) times a power of two that brings max |g| to [1, 2): dz keeps its bits through the cast to
+    # fp16/bf16 at any batch size (g ~ 1/B); the merge multiplies by the exact inverse
+    g = tl.load(GRAD + rows, mask=row_mask, other=0.0) * tl.load(SCALE)
     offs_k = tl.arange(0, BLOCK_K)
-    acc_ptrs = DQACC + rows[:, None] * D + offs_k[None, :]  # [BLOCK_M, BLOCK_K], scratch contiguous (B, D)
+    acc_ptrs = DQP + (split.to(tl.int64) * B + rows)[:, None] * D + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
     for k0 in range(0, D, BLOCK_K):  # the kernel owns the zeroing, so an autotuning re-run starts clean
         tl.store(acc_ptrs + k0, tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32),
                  mask=row_mask[:, None] & ((k0 + offs_k) < D)[None, :])
-    for n0 in range(lo, hi, BLOCK_N):
+    tl.debug_barrier()
+    for n0 in range(n_start, n_end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        col_mask = cols < N
+        col_mask = cols < n_end
         s = _dot_rows(Q, rows, row_mask, stride_q, Dm, cols.to(tl.int64), col_mask, stride_d, D,
                       BLOCK_M, BLOCK_N, BLOCK_K, INTERPRET, DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
         cand = row_mask[:, None] & col_mask[None, :]
         if GROUPED:
             cand = cand & (cols[None, :] >= pos[:, None]) & (cols[None, :] < pos[:, None] + G)
         p = tl.where(cand, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)  # step 2, 0 off the candidates
-        dz = g[:, None] * (tl.where(cand & (cols[None, :] == pos[:, None]), 1.0, 0.0) - p)  # step 3
+        dz = g[:, None] * (tl.where(cand & (cols[None, :] == pos[:, None]), 1.0, 0.0) - p)  # step 3 (scaled)
         dz = _mm_operand(dz, Dm.dtype.element_ty, INTERPRET)
         d_ptrs = Dm + cols.to(tl.int64)[:, None] * stride_d + offs_k[None, :]  # [BLOCK_N, BLOCK_K]
         for k0 in range(0, D, BLOCK_K):  # step 4, one BLOCK_K slice of the program's dq rows at a time
@@ -363,23 +445,7 @@ def _infonce_dq_kernel(
             acc = tl.load(acc_ptrs + k0, mask=acc_mask, other=0.0)
             acc = tl.dot(dz, dk, acc, input_precision=DOT_PRECISION)
             tl.store(acc_ptrs + k0, acc, mask=acc_mask)
-    tl.debug_barrier()  # the epilogue may read slices other threads of the program wrote
-    for k0 in range(0, D, BLOCK_K):
-        k_mask = (k0 + offs_k) < D
-        acc_mask = row_mask[:, None] & k_mask[None, :]
-        acc = tl.load(acc_ptrs + k0, mask=acc_mask, other=0.0)
-        if NUM_MIX > 0:  # step 5: the synthetic negatives' directions, from the rows a = h_1 and b = h_{m+1}
-            ia = tl.load(TOPI + rows * NUM_TOP, mask=row_mask, other=0).to(tl.int64)
-            c_a = tl.load(CA + rows, mask=row_mask, other=0.0)
-            da = tl.load(Dm + ia[:, None] * stride_d + k0 + offs_k[None, :], mask=acc_mask, other=0.0)
-            acc += c_a[:, None] * da.to(tl.float32)
-            for m in tl.static_range(NUM_MIX):
-                ib = tl.load(TOPI + rows * NUM_TOP + m + 1, mask=row_mask, other=0).to(tl.int64)
-                c_b = tl.load(CB + rows * NUM_MIX + m, mask=row_mask, other=0.0)
-                db = tl.load(Dm + ib[:, None] * stride_d + k0 + offs_k[None, :], mask=acc_mask, other=0.0)
-                acc += c_b[:, None] * db.to(tl.float32)
-        tl.store(DQ + rows[:, None] * D + k0 + offs_k[None, :], (acc * inv_tau).to(DQ.dtype.element_ty),
-                 mask=acc_mask)
+        tl.debug_barrier()  # the next tile rereads these slices, maybe from other threads of the program
 
 
 @triton.jit
@@ -396,24 +462,26 @@ def _lower_bound(SORTED, n, value):
     return lo
 
 
-@triton.jit(do_not_specialize=["B", "N", "G"])
+@triton.jit(do_not_specialize=["B", "N", "G", "SPLITS"])
 def _infonce_dd_kernel(
-    Q, Dm, POS, QORD, LSE2, GRAD, DDACC, DD,
-    B, N, D, stride_q, stride_d, G, qk_scale, inv_tau,
+    Q, Dm, POS, QORD, LSE2, GRAD, SCALE, DDP,
+    B, N, D, stride_q, stride_d, G, qk_scale, SPLITS,
     GROUPED: tl.constexpr, INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """dd_j = (1/tau) sum_i dz_ij q_i (step 4); a program owns BLOCK_N rows of d, recomputes the transposed score
-    tiles against every query block that can reach them, in a fixed order, and accumulates in DDACC (N, D) fp32."""
+    """Program (block of d rows, split): sum_i dz_ij q_i (step 4) over the split's share of the query blocks that
+    can reach the rows, in a fixed order, times SCALE[0], accumulated in DDP[split] (SPLITS, N, D) fp32."""
     pid = tl.program_id(0)
+    split = tl.program_id(1)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # rows of d owned by this program
     col_mask = cols < N
     cols64 = cols.to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
-    acc_ptrs = DDACC + cols64[:, None] * D + offs_k[None, :]  # [BLOCK_N, BLOCK_K]
+    acc_ptrs = DDP + (split.to(tl.int64) * N + cols64)[:, None] * D + offs_k[None, :]  # [BLOCK_N, BLOCK_K]
     for k0 in range(0, D, BLOCK_K):
         tl.store(acc_ptrs + k0, tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32),
                  mask=col_mask[:, None] & ((k0 + offs_k) < D)[None, :])
+    tl.debug_barrier()
     if GROUPED:
         # queries in positive order whose group [pos, pos + G) meets these rows: pos in [n0 - G + 1, n0 + BLOCK_N)
         q_lo = _lower_bound(POS, B, pid * BLOCK_N - G + 1)
@@ -421,16 +489,18 @@ def _infonce_dd_kernel(
     else:
         q_lo = 0
         q_hi = B
-    for m0 in range(q_lo, q_hi, BLOCK_M):
+    m_start, m_end = _split_range(q_lo, q_hi, split, SPLITS, BLOCK_M)
+    scale = tl.load(SCALE)
+    for m0 in range(m_start, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
-        row_mask = offs_m < q_hi
+        row_mask = offs_m < m_end
         pos = tl.load(POS + offs_m, mask=row_mask, other=0)
         if GROUPED:
             rows = tl.load(QORD + offs_m, mask=row_mask, other=0)
         else:
             rows = offs_m.to(tl.int64)
         lse2 = tl.load(LSE2 + rows, mask=row_mask, other=0.0)
-        g = tl.load(GRAD + rows, mask=row_mask, other=0.0)
+        g = tl.load(GRAD + rows, mask=row_mask, other=0.0) * scale
         s_t = _dot_rows(Dm, cols64, col_mask, stride_d, Q, rows, row_mask, stride_q, D,
                         BLOCK_N, BLOCK_M, BLOCK_K, INTERPRET, DOT_PRECISION)  # [BLOCK_N, BLOCK_M] = s^T
         cand = col_mask[:, None] & row_mask[None, :]
@@ -449,12 +519,122 @@ def _infonce_dd_kernel(
             acc = tl.load(acc_ptrs + k0, mask=acc_mask, other=0.0)
             acc = tl.dot(dz_t, qk, acc, input_precision=DOT_PRECISION)
             tl.store(acc_ptrs + k0, acc, mask=acc_mask)
-    tl.debug_barrier()
-    for k0 in range(0, D, BLOCK_K):
-        acc_mask = col_mask[:, None] & ((k0 + offs_k) < D)[None, :]
-        acc = tl.load(acc_ptrs + k0, mask=acc_mask, other=0.0)
-        tl.store(DD + cols64[:, None] * D + k0 + offs_k[None, :], (acc * inv_tau).to(DD.dtype.element_ty),
-                 mask=acc_mask)
+        tl.debug_barrier()  # the next query block rereads these slices, maybe from other threads of the program
+
+
+@triton.jit(do_not_specialize=["R", "SPLITS"])
+def _infonce_grad_merge_kernel(
+    P, OUT, SCALE, Dm, TOPI, CA, CB,
+    R, D, stride_d, SPLITS, inv_tau,
+    NUM_MIX: tl.constexpr, NUM_TOP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """OUT[r] = (1/tau) (SCALE[1] sum_s P[s, r] + step 5), the splits summed in split order 0, 1, ... (bitwise the
+    same every run); step 5 (dq only, NUM_MIX > 0): c_a,r d_a + sum_m c_b,rm d_b,m from the rows a = h_1, b = h_{m+1}."""
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_mask = rows < R
+    mask = row_mask[:, None] & (offs_k < D)[None, :]
+    acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
+    for split in range(0, SPLITS):
+        acc += tl.load(P + (split * R + rows)[:, None] * D + offs_k[None, :], mask=mask, other=0.0)
+    acc = acc * tl.load(SCALE + 1)  # the exact inverse of the power of two dz was scaled by
+    if NUM_MIX > 0:
+        ia = tl.load(TOPI + rows * NUM_TOP, mask=row_mask, other=0).to(tl.int64)
+        c_a = tl.load(CA + rows, mask=row_mask, other=0.0)
+        da = tl.load(Dm + ia[:, None] * stride_d + offs_k[None, :], mask=mask, other=0.0)
+        acc += c_a[:, None] * da.to(tl.float32)
+        for m in tl.static_range(NUM_MIX):
+            ib = tl.load(TOPI + rows * NUM_TOP + m + 1, mask=row_mask, other=0).to(tl.int64)
+            c_b = tl.load(CB + rows * NUM_MIX + m, mask=row_mask, other=0.0)
+            db = tl.load(Dm + ib[:, None] * stride_d + offs_k[None, :], mask=mask, other=0.0)
+            acc += c_b[:, None] * db.to(tl.float32)
+    tl.store(OUT + rows[:, None] * D + offs_k[None, :], (acc * inv_tau).to(OUT.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# launch plan: how many programs each pass launches (issue 12: fill the GPU)
+# ----------------------------------------------------------------------------------------------------------------
+
+PROGRAMS_PER_SM = 2  # every pass launches at least this many programs per SM whenever B * N allows
+
+
+def _tiles_per_block(kind: str, B: int, N: int, tile: tuple, group_size: int, in_batch_negatives: bool) -> tuple:
+    """(blocks, tiles of the looped dimension per block) of a pass: the forward and dq own BLOCK_M queries and loop
+    over tiles of BLOCK_N rows of d, dd owns BLOCK_N rows of d and loops over blocks of BLOCK_M queries. Without
+    in-batch negatives a query block only meets the rows of its groups (about BLOCK_M * G of them)."""
+    bm, bn = tile
+    if kind == "dd":
+        span = B if in_batch_negatives else min(B, -(-bn // max(1, group_size)) + 1)
+        return -(-N // bn), max(1, -(-span // bm))
+    span = N if in_batch_negatives else min(N, bm * group_size + bn)
+    return -(-B // bm), max(1, -(-span // bn))
+
+
+def grid_plan(B: int, N: int, D: int, num_sms: int, *, group_size: int = 1, in_batch_negatives: bool = True,
+              tiles: dict | None = None) -> dict:
+    """The launch plan of the loss for B queries, N documents of dim D on a GPU with ``num_sms`` SMs (pure: the same
+    plan in every process and rank for the same shapes, so the results are bitwise reproducible).
+
+    Per pass ("fwd", "dq", "dd"): the tile (BLOCK_M, BLOCK_N) -- the first of ``tiles[kind]`` (best first; default:
+    the sm_90 16-bit rows of PINNED) that can give ``PROGRAMS_PER_SM * num_sms`` programs, else the one that gives the
+    most -- and the number of splits of the looped dimension (the forward and dq split the rows of d, dd the query
+    blocks): the fewest that bring blocks x splits to that target, each a balanced run of whole tiles. Returns
+    {"<kind>_tile", "<kind>_splits", "<kind>_programs"} for the three passes (merges excluded), "target" and
+    "partial_bytes": the fp32 partials of the backward, 4 * D * (dq_splits * B + dd_splits * N). A pass splits only
+    when blocks < target, and then has splits * B < (target + blocks) * BLOCK_M partial rows (dd: N, BLOCK_N): under
+    2 * target * BLOCK * D * 4 bytes whatever B and N (the forward's partials are O(splits * B * M))."""
+    if num_sms < 1:
+        raise ValueError(f"num_sms must be >= 1, got {num_sms}")
+    if tiles is None:
+        tiles = {kind: [row[:2] for row in PINNED[(kind, "sm_90", "16bit")]] for kind in _KERNELS}
+    target = PROGRAMS_PER_SM * num_sms
+    plan = {"target": target}
+    for kind in _KERNELS:
+        options = [(t, *_tiles_per_block(kind, B, N, t, group_size, in_batch_negatives)) for t in tiles[kind]]
+        fit = [o for o in options if o[1] * o[2] >= target]
+        tile, blocks, per_block = fit[0] if fit else max(options, key=lambda o: o[1] * o[2])
+        splits = min(per_block, -(-target // blocks))  # balanced runs of whole tiles (``_split_range``)
+        plan.update({f"{kind}_tile": tuple(tile), f"{kind}_splits": splits, f"{kind}_programs": blocks * splits})
+    plan["partial_bytes"] = 4 * D * (plan["dq_splits"] * B + plan["dd_splits"] * N)
+    return plan
+
+
+def _num_sms(device: torch.device) -> int:
+    """SMs of a CUDA device; 1 elsewhere (the interpreter, the compile capture): two programs per pass then, so every
+    CPU test runs the split-and-merge path."""
+    return multiprocessor_count(device) if device.type == "cuda" else 1
+
+
+def _tile_rows(kind: str, x: torch.Tensor) -> list[tuple]:
+    """Configs (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, smem) the plan may choose from, best first: the
+    pinned one (``pick``) then the other rows of the table that fit the device; one big tile under the interpreter."""
+    arch = device_arch(x.device)
+    if arch == "interpreter":
+        return [_INTERPRETER_CONFIG]
+    key = (kind, arch, "fp32" if x.dtype == torch.float32 else "16bit")
+    first = pick(PINNED, key, x.device)
+    if x.device.type != "cuda":  # the compile capture: the pinned row only
+        return [first]
+    smem = shared_memory_optin(x.device)
+    return [first] + [r for r in PINNED[key] if r != first and r[-1] <= smem]
+
+
+def _plan(q: torch.Tensor, N: int, group_size: int, in_batch_negatives: bool) -> tuple[dict, dict]:
+    """(grid_plan for q's device, {kind: the chosen config row})."""
+    rows = {kind: _tile_rows(kind, q) for kind in _KERNELS}
+    B, D = q.shape
+    plan = grid_plan(B, N, D, _num_sms(q.device), group_size=group_size, in_batch_negatives=in_batch_negatives,
+                     tiles={kind: [r[:2] for r in rows[kind]] for kind in _KERNELS})
+    return plan, {kind: next(r for r in rows[kind] if tuple(r[:2]) == plan[f"{kind}_tile"]) for kind in _KERNELS}
+
+
+def _grad_scale(g: torch.Tensor) -> torch.Tensor:
+    """(2,) fp32 [2^-e, 2^e] with e = floor(log2 max |g|): dz = g (1[pos] - P) times 2^-e has max |g| in [1, 2), so
+    its cast to fp16/bf16 keeps the bits that g ~ 1/B would send under the smallest subnormal (6e-8 in fp16); powers
+    of two scale exactly. Computed on the device (no host sync)."""
+    amax = g.abs().amax().float()
+    e = torch.where(amax > 0, torch.floor(torch.log2(amax)), torch.zeros_like(amax)).clamp(-126, 126)
+    return torch.stack([torch.exp2(-e), torch.exp2(e)]).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -495,22 +675,34 @@ def _infonce_fwd(q, d, pos_idx, group_size, in_batch_negatives, temperature, num
     B, D = q.shape
     N = d.shape[0]
     K = num_mix + 1
+    plan, config = _plan(q, N, group_size, in_batch_negatives)
+    S = plan["fwd_splits"]
     pos_visit, order = _visit_order(pos_idx, in_batch_negatives)
-    lse2 = torch.empty(B, device=q.device, dtype=torch.float32)
-    logp2 = torch.empty(B, device=q.device, dtype=torch.float32)
-    top_v = torch.empty(B, K, device=q.device, dtype=torch.float32)
-    top_i = torch.empty(B, K, device=q.device, dtype=torch.int32)
+    dev, f32 = q.device, torch.float32
+    pm, pl, pspos = (torch.empty(S, B, device=dev, dtype=f32) for _ in range(3))
+    ptopv = torch.empty(S, B, K, device=dev, dtype=f32)
+    ptopi = torch.empty(S, B, K, device=dev, dtype=torch.int32)
     interp = interpreting()
-    _launchable("fwd", q)[lambda meta: (triton.cdiv(B, meta["BLOCK_M"]),)](
-        q, d, pos_visit, order, lse2, logp2, top_v, top_i,
-        B, N, D, q.stride(0), d.stride(0), group_size, LOG2E / temperature,
-        NUM_TOP=K, TOP_PAD=max(2, next_power_of_2(K)), GROUPED=not in_batch_negatives,
+    top_pad = max(2, next_power_of_2(K))
+    _launchable("fwd", q, config["fwd"])[lambda meta: (triton.cdiv(B, meta["BLOCK_M"]), S)](
+        q, d, pos_visit, order, pm, pl, pspos, ptopv, ptopi,
+        B, N, D, q.stride(0), d.stride(0), group_size, LOG2E / temperature, S,
+        NUM_TOP=K, TOP_PAD=top_pad, GROUPED=not in_batch_negatives,
         INTERPRET=interp, DOT_PRECISION=_dot_precision(q.dtype),
     )
+    lse2 = torch.empty(B, device=dev, dtype=f32)
+    logp2 = torch.empty(B, device=dev, dtype=f32)
+    top_v = torch.empty(B, K, device=dev, dtype=f32)
+    top_i = torch.empty(B, K, device=dev, dtype=torch.int32)
+    block_b = 64 if interp else 32
+    _infonce_fwd_merge_kernel[(triton.cdiv(B, block_b),)](
+        pm, pl, pspos, ptopv, ptopi, lse2, logp2, top_v, top_i, B, S, NUM_TOP=K, TOP_PAD=top_pad, BLOCK_B=block_b,
+    )
+    del pm, pl, pspos, ptopv, ptopi
     if num_mix == 0:
         return lse2, logp2, top_v, top_i, None, None
-    zh = torch.empty(B, num_mix, device=q.device, dtype=torch.float32)
-    nrm = torch.empty(B, num_mix, device=q.device, dtype=torch.float32)
+    zh = torch.empty(B, num_mix, device=dev, dtype=f32)
+    nrm = torch.empty(B, num_mix, device=dev, dtype=f32)
     block_b = 64 if interp else 16
     _infonce_mix_kernel[(triton.cdiv(B, block_b),)](
         d, top_v, top_i, mix_lambda.contiguous(), zh, nrm, B, D, d.stride(0), 1.0 / temperature,
@@ -519,39 +711,52 @@ def _infonce_fwd(q, d, pos_idx, group_size, in_batch_negatives, temperature, num
     return lse2, logp2, top_v, top_i, zh, nrm
 
 
+def _merge_rows(part, out, scale, d, top_i, c_a, c_b, temperature):
+    """out (R, D) = (1/tau) (scale[1] * sum over splits of part (S, R, D) + step 5 when c_b is given)."""
+    S, R, D = part.shape
+    num_mix = 0 if c_b is None else c_b.shape[1]
+    mix = (top_i, c_a.contiguous(), c_b.contiguous()) if num_mix else (scale, scale, scale)  # unread without mixing
+    block_r, block_k = (64, min(256, next_power_of_2(D))) if interpreting() else (32, min(128, next_power_of_2(D)))
+    _infonce_grad_merge_kernel[(triton.cdiv(R, block_r), triton.cdiv(D, block_k))](
+        part, out, scale, d, *mix, R, D, d.stride(0), S, 1.0 / temperature,
+        NUM_MIX=num_mix, NUM_TOP=num_mix + 1, BLOCK_R=block_r, BLOCK_K=block_k,
+    )
+    return out
+
+
 @input_guard
 def _infonce_bwd(q, d, pos_idx, group_size, in_batch_negatives, temperature, lse2, g, top_i, c_a, c_b,
                  need_dq=True, need_dd=True):
     """Backward kernels: dq (B, D) and dd (N, D) in the input dtype (None where not needed) from lse2 (B,) (base-2
     lse, synthetic negatives included), g (B,) = dL/dlog p and, with mixing, top_i (B, M+1) int32 and the
-    coefficients c_a (B,), c_b (B, M) of step 5 (``reference.infonce_grad_coeffs``)."""
+    coefficients c_a (B,), c_b (B, M) of step 5 (``heads.infonce_grad_coeffs``)."""
     q, d = _rows_contiguous(q), _rows_contiguous(d)
     B, D = q.shape
     N = d.shape[0]
-    num_mix = 0 if c_b is None else c_b.shape[1]
+    plan, config = _plan(q, N, group_size, in_batch_negatives)
     pos_visit, order = _visit_order(pos_idx, in_batch_negatives)
     lse2 = lse2.contiguous()
     g = g.float().contiguous()
+    scale = _grad_scale(g)
+    args = (q, d, pos_visit, order, lse2, g, scale)
     common = dict(GROUPED=not in_batch_negatives, INTERPRET=interpreting(), DOT_PRECISION=_dot_precision(q.dtype))
+    sizes = (B, N, D, q.stride(0), d.stride(0), group_size, LOG2E / temperature)
     dq = dd = None
     if need_dq:
-        dq_acc = torch.empty(B, D, device=q.device, dtype=torch.float32)
-        dq = dq_acc if q.dtype == torch.float32 else torch.empty(B, D, device=q.device, dtype=q.dtype)
-        mix_args = (c_a.contiguous(), c_b.contiguous()) if num_mix else (g, g)  # unread when NUM_MIX == 0
-        _launchable("dq", q)[lambda meta: (triton.cdiv(B, meta["BLOCK_M"]),)](
-            q, d, pos_visit, order, lse2, g, top_i, *mix_args, dq_acc, dq,
-            B, N, D, q.stride(0), d.stride(0), group_size, LOG2E / temperature, 1.0 / temperature,
-            NUM_MIX=num_mix, NUM_TOP=num_mix + 1, **common,
-        )
-        del dq_acc  # unless it is dq itself: freed before the dd scratch exists (4 * B * D bytes off the peak)
+        S = plan["dq_splits"]
+        part = torch.empty(S, B, D, device=q.device, dtype=torch.float32)
+        _launchable("dq", q, config["dq"])[lambda meta: (triton.cdiv(B, meta["BLOCK_M"]), S)](
+            *args, part, *sizes, S, **common)
+        dq = _merge_rows(part, torch.empty(B, D, device=q.device, dtype=q.dtype), scale, d, top_i, c_a, c_b,
+                         temperature)
+        del part  # freed before the dd partials exist (4 * S * B * D bytes off the peak)
     if need_dd:
-        dd_acc = torch.empty(N, D, device=d.device, dtype=torch.float32)
-        dd = dd_acc if d.dtype == torch.float32 else torch.empty(N, D, device=d.device, dtype=d.dtype)
-        _launchable("dd", q)[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](
-            q, d, pos_visit, order, lse2, g, dd_acc, dd,
-            B, N, D, q.stride(0), d.stride(0), group_size, LOG2E / temperature, 1.0 / temperature,
-            **common,
-        )
+        S = plan["dd_splits"]
+        part = torch.empty(S, N, D, device=d.device, dtype=torch.float32)
+        _launchable("dd", q, config["dd"])[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), S)](
+            *args, part, *sizes, S, **common)
+        dd = _merge_rows(part, torch.empty(N, D, device=d.device, dtype=d.dtype), scale, d, None, None, None,
+                         temperature)
     return dq, dd
 
 
@@ -569,19 +774,19 @@ class FocalInfoNCEFunction(torch.autograd.Function):
         lam = mix_lambda if num_mix > 0 else None
         lse2, logp2, top_v, top_i, zh, nrm = _infonce_fwd(q, d, pos_idx, group_size, in_batch_negatives,
                                                          temperature, num_mix, lam)
-        shift, logp, loss = reference.infonce_head(lse2 * LN2, logp2 * LN2, zh, gamma)
+        shift, logp, loss = heads.infonce_head(lse2 * LN2, logp2 * LN2, zh, gamma)
         lse2 = lse2 + shift * LOG2E  # the synthetic negatives' share, for P = exp2(s qk_scale - lse2) in the backward
         ctx.save_for_backward(q, d, pos_idx, lse2, logp, top_i, lam, nrm, zh)
         ctx.args = (group_size, in_batch_negatives, temperature, gamma, reduction)
-        stats = reference.infonce_stats(logp, gamma, top_v[:, 0] / temperature, top_i[:, 0].long())
+        stats = heads.infonce_stats(logp, gamma, top_v[:, 0] / temperature, top_i[:, 0].long())
         ctx.mark_non_differentiable(*stats.values())
-        return (reference.reduce_loss(loss, reduction), *stats.values())
+        return (heads.reduce_loss(loss, reduction), *stats.values())
 
     @staticmethod
     def backward(ctx, grad_loss, *_stats_grads):
         q, d, pos_idx, lse2, logp, top_i, lam, nrm, zh = ctx.saved_tensors
         group_size, in_batch_negatives, temperature, gamma, reduction = ctx.args
-        g, c_a, c_b = reference.infonce_grad_coeffs(grad_loss, logp, lse2 * LN2, zh, lam, nrm, gamma, reduction)
+        g, c_a, c_b = heads.infonce_grad_coeffs(grad_loss, logp, lse2 * LN2, zh, lam, nrm, gamma, reduction)
         dq, dd = _infonce_bwd(q, d, pos_idx, group_size, in_batch_negatives, temperature, lse2, g, top_i, c_a, c_b,
                               need_dq=ctx.needs_input_grad[0], need_dd=ctx.needs_input_grad[1])
         return dq, dd, None, None, None, None, None, None, None, None
@@ -594,4 +799,4 @@ def focal_infonce(q, d, pos_idx, group_size, in_batch_negatives, temperature, ga
                                               num_mix, mix_lambda, reduction)
     if not return_stats:
         return loss
-    return loss, dict(zip(reference.INFONCE_STATS, stats))
+    return loss, dict(zip(heads.INFONCE_STATS, stats))

@@ -30,23 +30,28 @@ def next_power_of_2(n: int) -> int:
 
 
 @functools.cache
-def _device_facts(index: int) -> tuple[int, int]:
+def _device_facts(index: int) -> tuple[int, int, int]:
     props = torch.cuda.get_device_properties(index)
     smem = getattr(props, "shared_memory_per_block_optin", 0) or props.shared_memory_per_block
-    return props.major, smem
+    return props.major, smem, props.multi_processor_count
 
 
 def device_arch(device: torch.device) -> str:
     """Key of the pinned-config tables: "interpreter", "sm_90" (Hopper and newer) or "sm_80" (Ampere, Ada)."""
     if interpreting():
         return "interpreter"
-    major, _ = _device_facts(_index(device))
+    major = _device_facts(_index(device))[0]
     return "sm_90" if major >= 9 else "sm_80"
 
 
 def shared_memory_optin(device: torch.device) -> int:
     """Opt-in shared memory per block of the device (sm_86/sm_89 have less than the sm_80 the table was built for)."""
     return _device_facts(_index(device))[1]
+
+
+def multiprocessor_count(device: torch.device) -> int:
+    """SMs of a CUDA device (132 on an H100/H200 SXM): what the launch plans size their grids against."""
+    return _device_facts(_index(device))[2]
 
 
 def _index(device: torch.device) -> int:

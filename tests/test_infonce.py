@@ -39,41 +39,9 @@ def backend(request, monkeypatch):
 
 def torch_ref(q, d, pos_idx, group_size, in_batch_negatives, temperature, gamma, num_mix, mix_lambda, reduction,
               dtype, parts=None):
-    """SPEC 4.3 exactly as reference.focal_infonce_naive, but computed in ``dtype`` without upcasting (the oracle
-    always works in fp32): float64 gives the reference of the fp32 tests, fp16/bf16 torch's own low-precision result
-    of the 2x rule. Returns (loss, stats) and is differentiable w.r.t. q and d; ``parts`` (a dict) receives the
-    logits z (B, N), the synthetic logits zh (B, M) or None and the candidate mask (B, N)."""
-    B, N = q.shape[0], d.shape[0]
-    qx, dx = q.to(dtype), d.to(dtype)
-    z = qx @ dx.t() / temperature
-    cols = torch.arange(N, device=q.device)
-    if in_batch_negatives:
-        cand = torch.ones(B, N, dtype=torch.bool, device=q.device)
-    else:
-        cand = (cols[None, :] >= pos_idx[:, None]) & (cols[None, :] < pos_idx[:, None] + group_size)
-    neg = cand & (cols[None, :] != pos_idx[:, None])
-    z_neg = z.detach().masked_fill(~neg, float("-inf"))
-    order = torch.sort(z_neg, dim=1, descending=True, stable=True).indices
-    logits = [z.masked_fill(~cand, float("-inf"))]
-    if num_mix > 0:
-        lam = mix_lambda.to(dtype)[..., None]
-        dd = dx.detach()
-        e = lam * dd[order[:, :1].expand(B, num_mix)] + (1.0 - lam) * dd[order[:, 1 : num_mix + 1]]
-        e = e / e.norm(dim=-1, keepdim=True)
-        logits.append(torch.einsum("bd,bmd->bm", qx, e) / temperature)
-    lse = torch.logsumexp(torch.cat(logits, dim=1), dim=1)
-    logp = z.gather(1, pos_idx[:, None]).squeeze(1) - lse
-    if parts is not None:
-        parts.update(z=z.detach(), zh=logits[1].detach() if num_mix > 0 else None, cand=cand)
-    loss = reference.reduce_loss(reference.focal_nll(logp, gamma), reduction)
-    has_neg = neg.any(1)
-    stats = {
-        "p_pos": logp.detach().exp(),
-        "weight": (-torch.expm1(logp.detach())).pow(gamma),
-        "hard_neg_logit": torch.where(has_neg, z_neg.gather(1, order[:, :1]).squeeze(1), float("-inf")),
-        "hard_neg_idx": torch.where(has_neg, order[:, 0], -1),
-    }
-    return loss, stats
+    """(loss, stats) of the oracle computed in ``dtype`` (reference.focal_infonce_naive's compute_dtype)."""
+    return reference.focal_infonce_naive(q, d, pos_idx, group_size, in_batch_negatives, temperature, gamma, num_mix,
+                                         mix_lambda, reduction, return_stats=True, compute_dtype=dtype, parts=parts)
 
 
 def loss_args(B, N, *, pos_idx=None, group_size=None, in_batch_negatives=True, temperature=0.05, gamma=0.0,
@@ -381,18 +349,121 @@ def test_chunked_never_allocates_b_by_n(in_batch):
     assert rec.numel < B * N
 
 
-def test_triton_glue_never_allocates_b_by_n(monkeypatch):
-    """Everything torch does around the Triton kernels (launchers, autograd, head) is O((B + N) * D + B * M)."""
+@pytest.mark.parametrize("num_sms", [None, 132], ids=["cpu-plan", "h100-plan"])
+def test_triton_glue_never_allocates_b_by_n(monkeypatch, num_sms):
+    """Everything torch does around the Triton kernels (launchers, autograd, head) is O((B + N) * D + B * M), plus
+    with a GPU's launch plan the split partials (at most ~2 x target x BLOCK x D: a constant, not B x N)."""
+    from kalm_fast.kernels import infonce
+
     monkeypatch.setenv("KALM_FAST_BACKEND", "triton")
     B, G, D = 256, 4, 8  # B * N = 2^18 = 26 x (B + N) * D
     N = B * G
+    allowed = (B + N) * D
+    if num_sms is not None:
+        monkeypatch.setattr(infonce, "_num_sms", lambda device: num_sms)
+        plan = infonce._plan(torch.empty(B, D), N, G, True)[0]
+        assert plan["fwd_splits"] > 1 and plan["dq_splits"] > 1 and plan["dd_splits"] > 1, plan
+        allowed = max(allowed, max(plan["dq_splits"] * B, plan["dd_splits"] * N) * D)
     q, d = embeddings(B, N, D)
     q.requires_grad_()
     d.requires_grad_()
     with _LargestOutput() as rec:
         ops.focal_infonce(q, d, gamma=0.5, num_mix=2, mix_lambda=torch.rand(B, 2), temperature=0.05).backward()
-    assert rec.numel <= (B + N) * D, f"{rec.op} made {rec.numel} elements"
+    assert rec.numel <= allowed, f"{rec.op} made {rec.numel} elements"
     assert rec.numel < B * N
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the launch plan: the looped dimension split so that every pass fills the GPU, merged in a fixed order
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_grid_plan_fills_an_h100_at_the_recipe_batch():
+    """B = 512 queries (recipes/kalm-v2-mini.yaml), N = 4096, D = 1024 on 132 SMs: every pass >= 2 programs per SM
+    (one program per query block would be 4-8); a batch that fills the GPU by itself keeps one split."""
+    from kalm_fast.kernels import infonce
+
+    plan = infonce.grid_plan(512, 4096, 1024, 132)
+    for kind in ("fwd", "dq", "dd"):
+        assert plan[f"{kind}_programs"] >= 264, (kind, plan)
+    big = infonce.grid_plan(65536, 8 * 65536, 1024, 132)
+    for kind in ("fwd", "dq", "dd"):
+        assert big[f"{kind}_splits"] == 1, (kind, big)
+        assert big[f"{kind}_tile"] == tuple(infonce.PINNED[(kind, "sm_90", "16bit")][0][:2]), (kind, big)
+
+
+@pytest.mark.parametrize("B,N,G,in_batch,num_sms", [
+    pytest.param(512, 4096, 8, True, 132, id="recipe"),
+    pytest.param(1, 7, 7, True, 132, id="one-query"),
+    pytest.param(300, 300 * 8, 8, False, 132, id="no-in-batch"),
+    pytest.param(16384, 16384 * 8, 8, True, 108, id="a100-16k"),
+    pytest.param(70, 280, 4, True, 1, id="interpreter"),
+])
+def test_grid_plan_invariants(B, N, G, in_batch, num_sms):
+    """Each pass: splits >= 1, programs = blocks x splits, every split a non-empty run of whole tiles, and the
+    target reached whenever blocks x tiles allow it (else every tile is its own program)."""
+    from kalm_fast.kernels import infonce
+
+    plan = infonce.grid_plan(B, N, 1024, num_sms, group_size=G, in_batch_negatives=in_batch)
+    assert plan["target"] == infonce.PROGRAMS_PER_SM * num_sms
+    for kind in ("fwd", "dq", "dd"):
+        blocks, per_block = infonce._tiles_per_block(kind, B, N, plan[f"{kind}_tile"], G, in_batch)
+        splits = plan[f"{kind}_splits"]
+        assert 1 <= splits <= per_block and plan[f"{kind}_programs"] == blocks * splits  # no empty split
+        assert plan[f"{kind}_programs"] >= min(plan["target"], blocks * per_block), (kind, plan)
+        if splits > 1:  # the fewest splits that reach the target: the partials stay under (target + blocks) rows
+            assert blocks * (splits - 1) < plan["target"], (kind, plan)
+    with pytest.raises(ValueError, match="num_sms"):
+        infonce.grid_plan(B, N, 1024, 0)
+
+
+@pytest.mark.parametrize("in_batch", [True, False])
+def test_splits_bitwise_reproducible_and_within_bound(monkeypatch, in_batch):
+    """Many splits: two runs bitwise equal (partials merged in split order, no atomics); many splits and one split
+    both within the fp32 forward-error bound of SPEC 4.3 in float64, with the same hardest negatives."""
+    from kalm_fast.kernels import infonce
+
+    monkeypatch.setenv("KALM_FAST_BACKEND", "triton")
+    B, G, D = 40, 8, 48
+    q, d = embeddings(B, B * G, D)
+    pos_idx = torch.arange(B, device=DEVICE) * G
+    lam = torch.rand(B, 2, device=DEVICE)
+    args = loss_args(B, B * G, pos_idx=pos_idx, group_size=G, in_batch_negatives=in_batch, gamma=0.5, num_mix=2,
+                     mix_lambda=lam)
+    monkeypatch.setattr(infonce, "_num_sms", lambda device: 64)
+    plan = infonce._plan(q, B * G, G, in_batch)[0]
+    if in_batch:
+        assert plan["fwd_splits"] >= 3 and plan["dq_splits"] >= 3, plan
+    many, again = run_ops(q, d, args), run_ops(q, d, args)
+    for a, b in zip(many[:3], again[:3]):
+        assert torch.equal(a, b)
+    monkeypatch.setattr(infonce, "_num_sms", lambda device: 1)
+    monkeypatch.setattr(infonce, "PROGRAMS_PER_SM", 1)
+    assert infonce._plan(q, B * G, G, in_batch)[0]["fwd_splits"] == 1
+    one = run_ops(q, d, args)
+    check_against_oracle(many, q, d, args)
+    check_against_oracle(one, q, d, args)
+    assert torch.equal(many[3]["hard_neg_idx"], one[3]["hard_neg_idx"])
+
+
+def test_fp16_tiny_upstream_gradient_keeps_its_bits(monkeypatch):
+    """dz = g (1[pos] - P) with g ~ upstream / B is scaled by a power of two before its cast to fp16 and back after
+    the dots: the gradients of 2^-16 x loss are those of the loss times 2^-16 up to the fp16 rounding of the result.
+    Unscaled, the negatives' dz (~2^-28 here) would flush to zero under fp16's smallest subnormal (2^-24)."""
+    monkeypatch.setenv("KALM_FAST_BACKEND", "triton")
+    B, G, D = 32, 4, 64
+    q, d = embeddings(B, B * G, D, torch.float16)
+    grads = []
+    for s in (1.0, 2.0 ** -16):
+        qq, dd = q.clone().requires_grad_(), d.clone().requires_grad_()
+        (ops.focal_infonce(qq, dd, group_size=G, temperature=0.05, gamma=0.5) * s).backward()
+        grads.append((qq.grad.float(), dd.grad.float()))
+    for name, full, tiny in zip(("dq", "dd"), *grads):
+        expect = full * 2.0 ** -16
+        err = (tiny - expect).abs()
+        tol = 2.0 ** -10 * expect.abs() + 2.0 ** -24
+        assert (err <= tol).all(), f"{name}: {(err - tol).max().item():.3g} over the fp16 rounding"
+        assert expect.abs().max() > 2.0 ** -18  # not a vacuous comparison of zeros
 
 
 # ----------------------------------------------------------------------------------------------------------------
