@@ -288,7 +288,7 @@ def job_source(job: dict):
 
 
 def config_of(jit_kwargs: dict, kernel: str) -> str:
-    names = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_T", "BLOCK_H", "BLOCK_B", "BLOCK_D")
+    names = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_T", "BLOCK_H", "BLOCK_B", "BLOCK_R", "BLOCK_D")
     parts = [f"{n}={jit_kwargs[n]}" for n in names if n in jit_kwargs and not (n == "BLOCK_D" and kernel in TABLED)]
     parts.append(f"num_warps={jit_kwargs.get('num_warps', 4)}")
     parts.append(f"num_stages={jit_kwargs.get('num_stages', 3)}")
@@ -330,12 +330,13 @@ def _candidates(kernel: str, arch: str, dtype: str):
         return tiles
     from kalm_fast.kernels import infonce
 
-    return infonce.CANDIDATES[arch]
+    return infonce.CANDIDATES_FP32 if dtype == "fp32" else infonce.CANDIDATES[arch]
 
 
-def make_jobs(variants, archs, *, search: bool, kernels=None):
-    """One job per (kernel launched for the variant, arch, config): every candidate config with ``search``, else the
-    pinned one (launcher-fixed kernels: their one config). Jobs with an identical specialization share a compile."""
+def make_jobs(variants, archs, *, search: bool, kernels=None, all_pinned: bool = False):
+    """One job per (kernel launched for the variant, arch, config): every candidate config with ``search``, every row
+    of the PINNED table with ``all_pinned`` (the alternatives a launch plan may choose), else the pinned one
+    (launcher-fixed kernels: their one config). Jobs with an identical specialization share a compile."""
     jobs = []
     for v, arch in itertools.product(variants, archs):
         for jit, _args, kwargs in capture(v, arch, None if not search else _first_candidate(v, arch)):
@@ -344,6 +345,8 @@ def make_jobs(variants, archs, *, search: bool, kernels=None):
                 continue
             if name in TABLED and search:
                 configs = _candidates(name, arch, v["dtype"])
+            elif name in TABLED and all_pinned:
+                configs = [tuple(r[:-1]) for r in _pinned_rows(name, arch, v)]
             else:
                 configs = [None]
             for c in configs:
@@ -354,6 +357,14 @@ def make_jobs(variants, archs, *, search: bool, kernels=None):
                 job["config_str"] = config_of(kw, name)
                 jobs.append(job)
     return jobs
+
+
+def _pinned_rows(kernel: str, arch: str, v: dict) -> list[tuple]:
+    kind, op = TABLED[kernel]
+    from kalm_fast.kernels import attention, infonce
+
+    table = (attention if op == "attention" else infonce).PINNED
+    return table[(kind, "sm_90" if arch == "sm_100" else arch, *variant_class(kernel, v)[1:])]
 
 
 def _first_candidate(v, arch):
@@ -574,7 +585,8 @@ def _sibling_failed(job, existing) -> bool:
                if kk[:3] == k[:3] and kk[4] == k[4] and kk[3] != k[3] and kk[3].split()[0] == head)
 
 
-def search(archs, workers: int, out: Path, need: int = 2, only_passing: Path | None = None, kernels=None):
+def search(archs, workers: int, out: Path, need: int = 2, only_passing: Path | None = None, kernels=None,
+           ops=None):
     """Rounds over the candidates of every (kernel, arch, dtype, class variant), best first (``preference``): each
     round compiles the next candidate of every class with fewer than ``need`` passing configs. Rows already in
     ``out`` count (a rerun resumes); ``only_passing``: candidates that failed in that table are never compiled."""
@@ -582,17 +594,21 @@ def search(archs, workers: int, out: Path, need: int = 2, only_passing: Path | N
     existing = {row_key(r): r for r in load_rows(out / "compile.jsonl")}
     failed_elsewhere = ({row_key(r) for r in load_rows(only_passing / "compile.jsonl") if verdict(r)}
                         if only_passing else set())
-    jobs = make_jobs(search_variants(), archs, search=True, kernels=kernels)
+    variants = [v for v in search_variants() if not ops or v["op"] in ops]
+    jobs = make_jobs(variants, archs, search=True, kernels=kernels)
     classes: dict = {}
     for j in jobs:
-        classes.setdefault((j["kernel"], j["arch"], j["variant"]["dtype"], variant_name(j["variant"])), []).append(j)
+        # InfoNCE's launch plan picks smaller tiles to fill the GPU: one passing config per tile size (BM x BN)
+        size = j["config"][0] * j["config"][1] if TABLED[j["kernel"]][1] == "infonce" else 0
+        classes.setdefault((j["kernel"], j["arch"], j["variant"]["dtype"], variant_name(j["variant"]), size),
+                           []).append(j)
     for lst in classes.values():
         lst.sort(key=lambda j: preference(tuple(j["config"])))
     all_rows, n_total, t_total = [], 0, 0.0
     for rnd in itertools.count():
         batch = []
-        for lst in classes.values():
-            passes = 0
+        for cls, lst in classes.items():
+            passes, enough = 0, (1 if cls[-1] else need)  # InfoNCE: one per tile size
             for j in lst:
                 r = existing.get(row_key(base_row(j)))
                 if r is not None:
@@ -600,7 +616,7 @@ def search(archs, workers: int, out: Path, need: int = 2, only_passing: Path | N
                     continue
                 if row_key(base_row(j)) in failed_elsewhere or _sibling_failed(j, existing):
                     continue
-                if passes < need:
+                if passes < enough:
                     batch.append(j)
                 break
         if not batch:
@@ -752,6 +768,7 @@ def main(argv=None) -> int:
     mode.add_argument("--pin", action="store_true", help="rewrite the PINNED tables from the committed tables")
     mode.add_argument("--estimate", action="store_true", help="pinned compiles and CPU seconds in the table")
     mode.add_argument("--reduced", action="store_true", help="the pinned matrix cut to fit 2 CPU cores")
+    p.add_argument("--all-pinned", action="store_true", help="every row of the PINNED tables, not only the first")
     mode.add_argument("--readme", action="store_true", help="rewrite README.md's compiled-for table")
     p.add_argument("--arch", action="append", choices=sorted(ARCHS), help="default: sm_80 and sm_90")
     p.add_argument("--op", action="append", choices=["attention", "pooling", "infonce"], help="default: all")
@@ -799,10 +816,11 @@ def main(argv=None) -> int:
     if args.search:
         out = args.out or results_dir()
         rows, n_compiles, wall = search(archs, args.jobs, out, only_passing=args.skip_failed_in,
-                                        kernels=set(args.kernel) if args.kernel else None)
+                                        kernels=set(args.kernel) if args.kernel else None, ops=args.op)
         print(f"\nsearch: {n_compiles} compiles in {wall:.0f} s; table {out}")
         return 0
-    jobs = make_jobs(variants, archs, search=False, kernels=set(args.kernel) if args.kernel else None)
+    jobs = make_jobs(variants, archs, search=False, kernels=set(args.kernel) if args.kernel else None,
+                     all_pinned=args.all_pinned)
     if args.resume:  # rows already in the table (same kernel, arch, dtype, variant, config) are not compiled again
         have = {row_key(r) for r in load_rows((args.out or results_dir()) / "compile.jsonl")}
         jobs = [j for j in jobs if row_key(base_row(j)) not in have]

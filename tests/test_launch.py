@@ -133,8 +133,10 @@ def test_one_compiled_variant_per_kernel(variant, sizes):
     specialization per kernel whatever they are (Triton would otherwise compile again for 1, multiples of 16, rest)."""
     counts = _counts(variant, sizes)
     assert counts, "no launch recorded"
+    # InfoNCE's row merge serves dq (with the mixing term, NUM_MIX = M) and dd (NUM_MIX = 0): two kernels by design
+    uses = {"_infonce_grad_merge_kernel": 2 if variant.get("num_mix") else 1}
     for name, n in counts.items():
-        assert n == 1, f"{name}: {n} compiled variants for {len(sizes)} call sizes"
+        assert n == uses.get(name, 1), f"{name}: {n} compiled variants for {len(sizes)} call sizes"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -197,6 +199,35 @@ def test_pinned_rows_are_the_tables_first_configs():
             op, key, tup = pinned_key(r)
             first = (attention if op == "attention" else infonce).PINNED[key][0]
             assert first[:len(tup)] == tup, (path, r)
+
+
+# The one InfoNCE key without a spill-free config in both Triton versions (the exact-FMA fp32 forward with mixing,
+# grouped, on sm_90: (32, 64, 32, 4, 2) spills 8 B under 3.6, (16, 32, 32, 4, 2) 12 B under 3.9): its least-spilling
+# config is pinned and the spill is bounded here, not hidden.
+FP32_SPILL_ALLOWED = {("fwd", "sm_90", "fp32"): 8}
+
+
+def test_every_infonce_plan_row_verified():
+    """InfoNCE's launch plan may choose any row of its PINNED table (a smaller tile when the batch cannot fill the
+    GPU): every row, fp32 included, compiled in every committed table for every variant of its class that the table
+    holds, with zero spill bytes, within shared memory and (16-bit) with tensor cores."""
+    from kalm_fast.kernels import infonce
+
+    for path in _committed_tables():
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        seen = {}
+        for r in rows:
+            if r["kernel"] in TABLED and TABLED[r["kernel"]][1] == "infonce":
+                _op, key, tup = pinned_key(r)
+                seen.setdefault((key, tup), []).append(r)
+        for key, table_rows in infonce.PINNED.items():
+            for row in table_rows:
+                facts = seen.get((key, tuple(row[:5])))
+                assert facts, f"{path.parent.name}: {key} {row[:5]} never compiled"
+                allowed = FP32_SPILL_ALLOWED.get(key, 0)
+                bad = [(r["variant"], r["dtype"], verdict(r), r["spill_bytes"]) for r in facts
+                       if verdict(r) and not (verdict(r) == "spills" and r["spill_bytes"] <= allowed)]
+                assert not bad, f"{path.parent.name}: {key} {row[:5]}: {bad[:3]}"
 
 
 # per SM: 64K registers, 2,048 threads, shared memory (sm_80 164 KB, sm_90 228 KB) with 1 KB reserved per block
