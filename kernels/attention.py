@@ -50,8 +50,8 @@ from kalm_fast.kernels.utils import (
     device_arch,
     input_guard,
     interpreting,
-    multiprocessor_count,
     next_power_of_2,
+    num_sms,
     pick,
 )
 
@@ -613,11 +613,6 @@ def dkdv_plan(T: int, B: int, max_seqlen: int, Hkv: int, group: int, block_n: in
     programs = blocks * Hkv
     splits = group if 0 < programs < WAVES * num_sms and group > 1 else 1
     return dict(splits=splits, programs=programs * splits, waves=programs * splits / max(num_sms, 1))
-
-
-def num_sms(device: torch.device) -> int:
-    """SMs of a CUDA device; 1 elsewhere (the interpreter runs programs one by one: splitting only costs there)."""
-    return multiprocessor_count(device) if device.type == "cuda" else 1
 
 
 def _block_n(kernel) -> int:

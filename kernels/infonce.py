@@ -70,8 +70,8 @@ from kalm_fast.kernels.utils import (
     device_arch,
     input_guard,
     interpreting,
-    multiprocessor_count,
     next_power_of_2,
+    num_sms,
     pick,
     shared_memory_optin,
 )
@@ -599,12 +599,6 @@ def grid_plan(B: int, N: int, D: int, num_sms: int, *, group_size: int = 1, in_b
     return plan
 
 
-def _num_sms(device: torch.device) -> int:
-    """SMs of a CUDA device; 1 elsewhere (the interpreter, the compile capture): two programs per pass then, so every
-    CPU test runs the split-and-merge path."""
-    return multiprocessor_count(device) if device.type == "cuda" else 1
-
-
 def _tile_rows(kind: str, x: torch.Tensor) -> list[tuple]:
     """Configs (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, smem) the plan may choose from, best first: the
     pinned one (``pick``) then the other rows of the table that fit the device; one big tile under the interpreter."""
@@ -620,10 +614,11 @@ def _tile_rows(kind: str, x: torch.Tensor) -> list[tuple]:
 
 
 def _plan(q: torch.Tensor, N: int, group_size: int, in_batch_negatives: bool) -> tuple[dict, dict]:
-    """(grid_plan for q's device, {kind: the chosen config row})."""
+    """(grid_plan for q's device, {kind: the chosen config row}); off CUDA num_sms is 1: two programs per pass, so
+    every CPU test runs the split-and-merge path."""
     rows = {kind: _tile_rows(kind, q) for kind in _KERNELS}
     B, D = q.shape
-    plan = grid_plan(B, N, D, _num_sms(q.device), group_size=group_size, in_batch_negatives=in_batch_negatives,
+    plan = grid_plan(B, N, D, num_sms(q.device), group_size=group_size, in_batch_negatives=in_batch_negatives,
                      tiles={kind: [r[:2] for r in rows[kind]] for kind in _KERNELS})
     return plan, {kind: next(r for r in rows[kind] if tuple(r[:2]) == plan[f"{kind}_tile"]) for kind in _KERNELS}
 

@@ -48,7 +48,6 @@ Layers (Liger-Kernel style): Triton kernels -> plain launchers ``_pool_fwd``/``_
 
 from __future__ import annotations
 
-import functools
 
 import torch
 import triton
@@ -56,7 +55,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from kalm_fast.heads import L2_EPS
-from kalm_fast.kernels.utils import input_guard, interpreting, next_power_of_2
+from kalm_fast.kernels.utils import input_guard, interpreting, next_power_of_2, num_sms
 
 _NORM_CODE = {None: 0, "rmsnorm": 1, "layernorm": 2}
 
@@ -281,16 +280,11 @@ def _tile(H: int, block_t: int | None, elem_size: int = 2) -> tuple[int, int, in
     return block_t, block_h, num_warps, num_stages
 
 
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _num_splits(B: int, T: int, block_t: int, device: torch.device) -> int:
     """Token splits per sequence (host-side integers only: no sync). 1 off CUDA, where programs run one by one."""
     if device.type != "cuda" or B == 0:
         return 1
-    target = _PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    target = _PROGRAMS_PER_SM * num_sms(device)
     cap = max(1, T // (B * _MIN_TILES_PER_SPLIT * block_t))
     return max(1, min(triton.cdiv(target, B), cap))
 

@@ -49,9 +49,10 @@ def shared_memory_optin(device: torch.device) -> int:
     return _device_facts(_index(device))[1]
 
 
-def multiprocessor_count(device: torch.device) -> int:
-    """SMs of a CUDA device (132 on an H100/H200 SXM): what the launch plans size their grids against."""
-    return _device_facts(_index(device))[2]
+def num_sms(device: torch.device) -> int:
+    """SMs of a CUDA device (132 on an H100/H200 SXM), what the launch plans size their grids against; 1 elsewhere
+    (the interpreter runs programs one by one, the compile capture launches nothing)."""
+    return _device_facts(_index(device))[2] if device.type == "cuda" else 1
 
 
 def _index(device: torch.device) -> int:

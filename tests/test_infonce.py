@@ -360,7 +360,7 @@ def test_triton_glue_never_allocates_b_by_n(monkeypatch, num_sms):
     N = B * G
     allowed = (B + N) * D
     if num_sms is not None:
-        monkeypatch.setattr(infonce, "_num_sms", lambda device: num_sms)
+        monkeypatch.setattr(infonce, "num_sms", lambda device: num_sms)
         plan = infonce._plan(torch.empty(B, D), N, G, True)[0]
         assert plan["fwd_splits"] > 1 and plan["dq_splits"] > 1 and plan["dd_splits"] > 1, plan
         allowed = max(allowed, max(plan["dq_splits"] * B, plan["dd_splits"] * N) * D)
@@ -430,14 +430,14 @@ def test_splits_bitwise_reproducible_and_within_bound(monkeypatch, in_batch):
     lam = torch.rand(B, 2, device=DEVICE)
     args = loss_args(B, B * G, pos_idx=pos_idx, group_size=G, in_batch_negatives=in_batch, gamma=0.5, num_mix=2,
                      mix_lambda=lam)
-    monkeypatch.setattr(infonce, "_num_sms", lambda device: 64)
+    monkeypatch.setattr(infonce, "num_sms", lambda device: 64)
     plan = infonce._plan(q, B * G, G, in_batch)[0]
     if in_batch:
         assert plan["fwd_splits"] >= 3 and plan["dq_splits"] >= 3, plan
     many, again = run_ops(q, d, args), run_ops(q, d, args)
     for a, b in zip(many[:3], again[:3]):
         assert torch.equal(a, b)
-    monkeypatch.setattr(infonce, "_num_sms", lambda device: 1)
+    monkeypatch.setattr(infonce, "num_sms", lambda device: 1)
     monkeypatch.setattr(infonce, "PROGRAMS_PER_SM", 1)
     assert infonce._plan(q, B * G, G, in_batch)[0]["fwd_splits"] == 1
     one = run_ops(q, d, args)
