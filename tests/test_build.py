@@ -14,6 +14,8 @@ import pytest
 
 from kalm_fast import _C
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def _nvcc() -> str | None:
     found = shutil.which("nvcc")
@@ -38,9 +40,26 @@ def test_extension_interface():
 
 
 def test_no_top_level_kernels_package():
-    """transformers treats an importable `kernels` as the Hugging Face kernel hub; ours is kalm_fast.kernels."""
-    assert importlib.util.find_spec("kernels") is None
+    """transformers imports `kernels` as the Hugging Face kernel hub (unconditionally since 5.2x); ours is
+    kalm_fast.kernels. Installed, nothing of ours is found under that name."""
+    spec = importlib.util.find_spec("kernels")
+    assert spec is None or Path(spec.origin).resolve().parent != ROOT / "kernels"
     assert importlib.util.find_spec("kalm_fast.kernels") is not None
+
+
+def test_repo_root_on_sys_path_does_not_shadow_the_kernel_hub():
+    """From a checkout (`python -m bench` puts the repository root first on sys.path) our kernels/ folder is found as
+    the top-level `kernels`: it must hand the name to the installed distribution (transformers' Qwen2 imports it), or,
+    with none installed (-S: no site-packages), fail as a missing module, never load kalm_fast's kernels as the hub."""
+    code = ("import kernels, os; assert os.path.dirname(os.path.abspath(kernels.__file__)) != os.path.abspath('kernels')"
+            ", kernels.__file__; import kalm_fast.kernels.attention; print(kernels.__name__)")
+    if importlib.util.find_spec("kernels") is not None:
+        out = subprocess.run([sys.executable, "-c", code + "; from transformers.activations import ACT2FN"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+    out = subprocess.run([sys.executable, "-S", "-c", "import kernels"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode != 0 and "ModuleNotFoundError: No module named 'kernels'" in out.stderr, out.stderr[-2000:]
 
 
 def test_import_kalm_fast_does_not_import_torch():
