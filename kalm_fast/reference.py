@@ -39,16 +39,25 @@ def attention_varlen(
     max_seqlen: int,
     softmax_scale: float | None = None,
     return_lse: bool = False,
+    *,
+    compute_dtype: torch.dtype = torch.float32,
 ):
-    """Non-causal attention inside each packed sequence, in fp32.
+    """Non-causal attention inside each packed sequence, computed in ``compute_dtype``.
 
-    q (T, Hq, D), k/v (T, Hkv, D) with Hq % Hkv == 0, cu_seqlens int32 (B+1,). Returns out (T, Hq, D) in q's dtype,
-    and with ``return_lse`` the natural-log logsumexp of the scaled scores, (Hq, T) fp32 (flash-attention's layout).
+    Arguments:
+        q: (T, Hq, D); k, v: (T, Hkv, D) with Hq % Hkv == 0.
+        cu_seqlens: int32 (B + 1,), the packed sequences' boundaries; max_seqlen: int (only a hint here).
+        softmax_scale: float, default 1 / sqrt(D).
+        return_lse: also return the natural-log logsumexp of the scaled scores, (Hq, T) (flash-attention's layout).
+        compute_dtype: every matmul, softmax and logsumexp in this dtype: fp32 (the CPU fallback), float64 (a truth),
+            or fp16/bf16 (PyTorch's own error in the inputs' precision: the baseline of the tests' 2x rule).
+    Returns out (T, Hq, D) in q's dtype [, lse (Hq, T) in fp32, or float64 when computed in it].
 
     The non-empty sequences are padded to (B', H, S, D) with a key mask; padded query rows still see their sequence's
-    keys, so every softmax row is finite in forward and backward, and those rows are dropped when unpadding. The
-    output is softmax(Q K^T * scale) V by torch SDPA in fp32 (the fast CPU fallback); with ``return_lse`` the scores
-    are written out explicitly to get their logsumexp. Autocast is off inside: the reference always computes in fp32.
+    keys, so every softmax row is finite in forward and backward, and those rows are dropped when unpadding. In fp32
+    without lse the output is torch SDPA (the fast CPU fallback); otherwise the scores are written out with their
+    logsumexp, and the output is exp(scores - lse) V (fp32/float64) or softmax(scores) V (fp16/bf16). Autocast is off
+    inside.
     """
     T, Hq, D = q.shape
     Hkv = k.shape[1]
@@ -57,7 +66,8 @@ def attention_varlen(
     nonempty = torch.nonzero(lengths > 0).flatten()
     if T == 0 or nonempty.numel() == 0:
         out = q.new_zeros(T, Hq, D) + 0.0 * (q.sum() + k.sum() + v.sum())  # keeps the graph connected
-        lse = torch.full((Hq, T), float("-inf"), device=q.device)
+        lse = torch.full((Hq, T), float("-inf"), device=q.device, dtype=torch.promote_types(compute_dtype,
+                                                                                             torch.float32))
         return (out, lse) if return_lse else out
 
     lengths = lengths[nonempty]
@@ -67,8 +77,8 @@ def attention_varlen(
     # index of each padded slot in the packed tensor (0 where invalid; those slots are masked and dropped)
     idx = torch.where(valid, cu_seqlens[:-1].long()[nonempty][:, None] + pos[None, :], 0)
 
-    def to_padded(x):  # (T, H, D) -> (B', H, S, D) fp32
-        return x.float()[idx].permute(0, 2, 1, 3)
+    def to_padded(x):  # (T, H, D) -> (B', H, S, D) in compute_dtype
+        return x.to(compute_dtype)[idx].permute(0, 2, 1, 3)
 
     with torch.autocast(q.device.type, enabled=False):
         qp, kp, vp = to_padded(q), to_padded(k), to_padded(v)
@@ -76,17 +86,20 @@ def attention_varlen(
             kp = kp.repeat_interleave(Hq // Hkv, dim=1)
             vp = vp.repeat_interleave(Hq // Hkv, dim=1)
         key_valid = valid[:, None, None, :]  # (B', 1, 1, S)
-        if return_lse:
+        if return_lse or compute_dtype != torch.float32:
             scores = torch.matmul(qp, kp.transpose(-1, -2)) * scale  # (B', H, S, S)
             scores = scores.masked_fill(~key_valid, float("-inf"))
             lse = torch.logsumexp(scores, dim=-1)  # (B', H, S)
-            out_p = torch.matmul(torch.exp(scores - lse[..., None]), vp)
+            if compute_dtype.itemsize >= 4:
+                out_p = torch.matmul(torch.exp(scores - lse[..., None]), vp)
+            else:  # what a PyTorch user writes in half precision
+                out_p = torch.matmul(scores.softmax(-1), vp)
         else:
             out_p = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=key_valid, scale=scale)
     out = out_p.permute(0, 2, 1, 3)[valid].to(q.dtype)  # rows in packed order: sequence by sequence, token by token
     if not return_lse:
         return out
-    return out, lse.permute(1, 0, 2)[:, valid].contiguous()
+    return out, lse.permute(1, 0, 2)[:, valid].to(torch.promote_types(compute_dtype, torch.float32)).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -3,8 +3,9 @@
 
 Tolerances:
 - fp16/bf16, the 2x rule (STYLE.md): the kernel's max abs error vs the fp32 reference is at most twice the error of
-  PyTorch computing the same attention in the same low precision (``_torch_attention``: matmuls, softmax and
-  logsumexp in fp16/bf16, backward by autograd in that dtype), plus a 1e-5 floor for the case where that error is 0.
+  PyTorch computing the same attention in the same low precision (``_oracle_in_dtype``: the oracle with
+  ``compute_dtype`` = the inputs' dtype, i.e. matmuls, softmax and logsumexp in fp16/bf16, backward by autograd in
+  that dtype), plus a 1e-5 floor for the case where that error is 0.
 - fp32: the exact result in float64 and an elementwise forward-error bound (tests/bounds.py: K u times the same
   quantity on absolute values, sum|q||k|, sum P|v|, ..., with the score errors propagated through the softmax); the
   kernel must lie within 2x that bound of the truth. The bound holds for any summation order, so the verdict is the
@@ -72,22 +73,11 @@ def _oracle(q, k, v, cu, max_seqlen, dout, dlse=None, scale=None):
     return out, lse, _grads(out, lse, dout, dlse, (q, k, v))
 
 
-def _torch_attention(q, k, v, cu, dout, dlse=None, scale=None):
-    """PyTorch's own attention in the inputs' dtype (no upcast), one sequence at a time: in fp16/bf16 the error
-    baseline of the 2x rule, in fp64 an exact-enough truth."""
+def _oracle_in_dtype(q, k, v, cu, dout, dlse=None, scale=None):
+    """The oracle computed in the inputs' own dtype (``compute_dtype``, no upcast): in fp16/bf16 the error baseline
+    of the 2x rule."""
     q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
-    group = q.shape[1] // k.shape[1]
-    scale = scale if scale is not None else q.shape[-1] ** -0.5
-    outs, lses = [], []
-    bounds = cu.tolist()
-    for s, e in zip(bounds[:-1], bounds[1:]):
-        qs = q[s:e].transpose(0, 1)  # (Hq, L, D)
-        ks = k[s:e].transpose(0, 1).repeat_interleave(group, 0)
-        vs = v[s:e].transpose(0, 1).repeat_interleave(group, 0)
-        scores = (qs @ ks.transpose(1, 2)) * scale  # (Hq, L, L) in the inputs' dtype
-        outs.append((scores.softmax(-1) @ vs).transpose(0, 1))
-        lses.append(scores.logsumexp(-1))
-    out, lse = torch.cat(outs), torch.cat(lses, 1)
+    out, lse = reference.attention_varlen(q, k, v, cu, 0, scale, True, compute_dtype=q.dtype)
     return out, lse, _grads(out, lse, dout, dlse, (q, k, v))
 
 
@@ -146,7 +136,7 @@ def test_forward_backward_matches_reference(lengths, Hq, Hkv, D, dtype):
     if dtype == torch.float32:
         _check_fp32(kalm, q, k, v, cu, dout)
     else:
-        _check(kalm, _oracle(q, k, v, cu, max_seqlen, dout), _torch_attention(q, k, v, cu, dout), dtype)
+        _check(kalm, _oracle(q, k, v, cu, max_seqlen, dout), _oracle_in_dtype(q, k, v, cu, dout), dtype)
 
 
 def test_long_sequence():
@@ -383,7 +373,7 @@ def test_planned_splits_through_the_api(monkeypatch):
     dout = torch.randn(q.shape, device=DEVICE)
     kalm = _kalm(q, k, v, cu, max_seqlen, dout)
     assert launches, "the dK/dV partials were not used"
-    _check(kalm, _oracle(q, k, v, cu, max_seqlen, dout), _torch_attention(q, k, v, cu, dout), torch.float16)
+    _check(kalm, _oracle(q, k, v, cu, max_seqlen, dout), _oracle_in_dtype(q, k, v, cu, dout), torch.float16)
 
 
 def test_longest_first_order():
@@ -472,7 +462,7 @@ def test_gpu_large_shapes(Hq, Hkv, D, dtype):
     dlse = torch.randn(Hq, q.shape[0], device=DEVICE)
     kalm = _kalm(q, k, v, cu, max_seqlen, dout, dlse)
     oracle = _oracle(q, k, v, cu, max_seqlen, dout, dlse)
-    lowp = _torch_attention(q, k, v, cu, dout, dlse)
+    lowp = _oracle_in_dtype(q, k, v, cu, dout, dlse)
     _check(kalm, oracle, lowp, dtype)
 
 
@@ -482,7 +472,7 @@ def test_gpu_other_head_dims(D):
     q, k, v, cu, max_seqlen = _inputs((700, 0, 129, 1), 8, 2, D, torch.bfloat16)
     dout = torch.randn(q.shape, device=DEVICE)
     _check(_kalm(q, k, v, cu, max_seqlen, dout), _oracle(q, k, v, cu, max_seqlen, dout),
-           _torch_attention(q, k, v, cu, dout), torch.bfloat16)
+           _oracle_in_dtype(q, k, v, cu, dout), torch.bfloat16)
 
 
 def _oracle_per_sequence(q, k, v, cu, dout):
@@ -508,7 +498,7 @@ def test_gpu_long_sequences(lengths, Hq, Hkv, D):
     torch.cuda.empty_cache()
     oracle = _oracle_per_sequence(q, k, v, cu, dout)
     torch.cuda.empty_cache()
-    lowp = _torch_attention(q, k, v, cu, dout)
+    lowp = _oracle_in_dtype(q, k, v, cu, dout)
     _check(kalm, oracle, lowp, torch.bfloat16)
 
 
