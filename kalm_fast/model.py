@@ -47,7 +47,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from kalm_fast import ops
 from kalm_fast.atomic import write_json
-from kalm_fast.padding import pad_input
+from kalm_fast.padding import pad_input, varlen_layout
 
 __all__ = ["ATTN_IMPLEMENTATION", "QUERY_PROMPT", "query_prompt", "register", "kalm_fast_attention", "kalm_fast_mask",
            "Embedder"]
@@ -72,16 +72,6 @@ def register() -> str:
     return ATTN_IMPLEMENTATION
 
 
-def _varlen_layout(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(B, S) bool/int mask -> indices int64 (T,) of the true positions in the flattened (B*S) batch, cu_seqlens
-    int32 (B+1,), max_seqlen (int; the one host sync)."""
-    mask = attention_mask.bool()
-    seqlens = mask.sum(dim=1, dtype=torch.int32)
-    indices = torch.nonzero(mask.flatten()).flatten()
-    cu_seqlens = F.pad(torch.cumsum(seqlens, dim=0, dtype=torch.int32), (1, 0))
-    return indices, cu_seqlens, int(seqlens.max()) if seqlens.numel() else 0
-
-
 # The mask function builds the padded layout once per forward; every layer receives the same mask object and reuses
 # it. Keyed by identity through a weak reference: a miss only recomputes, it can never hand over a stale layout.
 _layout_cache: tuple[weakref.ref, tuple[torch.Tensor, torch.Tensor, int]] | None = None
@@ -91,7 +81,7 @@ def _cached_layout(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]
     global _layout_cache
     if _layout_cache is not None and _layout_cache[0]() is mask:
         return _layout_cache[1]
-    layout = _varlen_layout(mask)
+    layout = varlen_layout(mask)
     _layout_cache = (weakref.ref(mask), layout)
     return layout
 
@@ -371,7 +361,7 @@ class Embedder(torch.nn.Module):
         self._check_batch(input_ids, attention_mask, pool_mask)
         if not self.bidirectional:
             return self._forward_causal(input_ids, attention_mask, pool_mask)
-        indices, cu_seqlens, max_seqlen = _varlen_layout(attention_mask)
+        indices, cu_seqlens, max_seqlen = varlen_layout(attention_mask)
         if indices.numel() == 0:
             raise ValueError("attention_mask has no real token")
         mask = attention_mask.bool()

@@ -137,12 +137,17 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen, softmax_scale=None, return
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, *, softmax_scale=None, return_lse=False):
-    """Bidirectional attention over packed variable-length sequences.
+    """Bidirectional attention over packed variable-length sequences: every token attends to every token of its own
+    sequence. Backward is deterministic.
 
-    q (T, Hq, D), k/v (T, Hkv, D) with Hq % Hkv == 0 (GQA/MQA), fp16/bf16/fp32, D <= 256;
-    cu_seqlens int32 (B+1,) with cu_seqlens[-1] == T (zero-length sequences allowed); max_seqlen >= longest sequence.
-    Every token attends to every token of its own sequence. Returns out (T, Hq, D), and the logsumexp (Hq, T) fp32
-    of the scaled scores with ``return_lse``. Backward is deterministic.
+    Arguments:
+        q: (T, Hq, D), fp16/bf16/fp32, D <= 256.
+        k, v: (T, Hkv, D), q's dtype, Hq % Hkv == 0 (GQA/MQA).
+        cu_seqlens: (B + 1,) int32, cu_seqlens[0] == 0, non-decreasing, cu_seqlens[-1] == T (empty sequences allowed).
+        max_seqlen: int >= the longest sequence (sizes the grid).
+        softmax_scale: float > 0, default 1 / sqrt(D).
+        return_lse: also return the logsumexp of the scaled scores.
+    Returns out (T, Hq, D) in q's dtype [, lse (Hq, T) fp32].
     """
     _check_tensor("q", q, ndim=3, dtypes=_FLOAT_DTYPES)
     _check_tensor("k", k, ndim=3, dtypes=_FLOAT_DTYPES)
@@ -168,8 +173,16 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, *, softmax_scale=Non
 
 
 def flash_attn_func(q, k, v, key_padding_mask=None, *, softmax_scale=None):
-    """Bidirectional attention on a padded batch: q (B, S, Hq, D), k/v (B, S, Hkv, D), key_padding_mask (B, S)
-    bool/int with true = real token. Padding is removed once, attention runs varlen, and padded query rows are 0."""
+    """Bidirectional attention on a padded batch: padding is removed once, attention runs varlen, and padded query
+    rows come back as 0.
+
+    Arguments:
+        q: (B, S, Hq, D), fp16/bf16/fp32, D <= 256.
+        k, v: (B, S, Hkv, D), q's dtype, Hq % Hkv == 0.
+        key_padding_mask: (B, S) bool/int, true = real token (any pattern); None = no padding.
+        softmax_scale: float > 0, default 1 / sqrt(D).
+    Returns out (B, S, Hq, D) in q's dtype.
+    """
     _check_tensor("q", q, ndim=4, dtypes=_FLOAT_DTYPES)
     _check_tensor("k", k, ndim=4, dtypes=_FLOAT_DTYPES)
     _check_tensor("v", v, ndim=4, dtypes=_FLOAT_DTYPES)
@@ -209,11 +222,18 @@ def pool_varlen(hidden, cu_seqlens, mask=None, norm=None, norm_weight=None, norm
 
 def varlen_mean_pool(hidden, cu_seqlens, *, mask=None, norm=None, norm_weight=None, norm_bias=None, eps=1e-6,
                      normalize=True):
-    """Fused [final norm ->] mean over the mask-true tokens of each packed sequence [-> L2 normalize].
+    """Fused [final norm ->] mean over the mask-true tokens of each packed sequence [-> L2 normalize]; a sequence
+    without a pooled token gives a zero vector and zero gradient.
 
-    hidden (T, H) fp16/bf16/fp32, cu_seqlens int32 (B+1,), mask (T,) bool/int or None (all tokens); norm None,
-    'rmsnorm' or 'layernorm' with norm_weight (H,) [and norm_bias (H,)]. Returns (B, H) in hidden's dtype; a sequence
-    without a valid token gives a zero vector and zero gradient.
+    Arguments:
+        hidden: (T, H), fp16/bf16/fp32, the packed last hidden states (before the model's final norm when norm is set).
+        cu_seqlens: (B + 1,) int32, the packed sequences' boundaries, cu_seqlens[-1] == T.
+        mask: (T,) bool/int, true = pooled token (may differ from the attention mask); None = every token.
+        norm: None, "rmsnorm" or "layernorm", applied to each token before the mean.
+        norm_weight: (H,) (required with norm); norm_bias: (H,) or None (layernorm only).
+        eps: float > 0, the norm's epsilon.
+        normalize: L2-normalize the pooled vector.
+    Returns (B, H) in hidden's dtype.
     """
     _check_tensor("hidden", hidden, ndim=2, dtypes=_FLOAT_DTYPES)
     _check_cu_seqlens(cu_seqlens, hidden.shape[0], hidden.device)
@@ -227,8 +247,15 @@ def varlen_mean_pool(hidden, cu_seqlens, *, mask=None, norm=None, norm_weight=No
 
 
 def masked_mean_pool(hidden, mask, *, norm=None, norm_weight=None, norm_bias=None, eps=1e-6, normalize=True):
-    """Padded form of ``varlen_mean_pool``: hidden (B, S, H), mask (B, S) bool/int (true = pooled token).
-    The pooling mask may differ from the attention mask (e.g. to leave out instruction tokens)."""
+    """Padded form of ``varlen_mean_pool``. The pooling mask may differ from the attention mask (e.g. to leave out
+    instruction tokens).
+
+    Arguments:
+        hidden: (B, S, H), fp16/bf16/fp32.
+        mask: (B, S) bool/int, true = pooled token.
+        norm, norm_weight (H,), norm_bias (H,), eps, normalize: as in ``varlen_mean_pool``.
+    Returns (B, H) in hidden's dtype.
+    """
     _check_tensor("hidden", hidden, ndim=3, dtypes=_FLOAT_DTYPES)
     _check_tensor("mask", mask, ndim=2)
     B, S, H = hidden.shape
@@ -258,12 +285,21 @@ def _check_number(name, value, *, low, low_inclusive):
 def focal_infonce(q, d, *, pos_idx=None, group_size=None, in_batch_negatives=True, temperature=0.02, gamma=0.0,
                   num_mix=0, mix_alpha=2.0, mix_lambda=None, generator=None, reduction="mean", return_stats=False):
     """Focal InfoNCE with online hard-negative mixing, computed tile by tile (the B x N matrix is never stored).
+    SPEC 4.3 defines the candidates, the synthetic negatives, p_i, the focal weight (1 - p_i)^gamma and the loss.
 
-    q (B, D), d (N, D) (L2-normalized by the caller), pos_idx int64 (B,) = row of d holding query i's positive
-    (default i * N // B). See SPEC 4.3 for the candidates, the M synthetic negatives mixed from the hardest ones with
-    lambda ~ Beta(mix_alpha, mix_alpha) (or ``mix_lambda`` (B, M)), p_i, the focal weight (1 - p_i)^gamma and the loss.
-    Returns the loss ("mean" | "sum" | "none" -> (B,)), and with ``return_stats`` also a dict of per-query
-    ``p_pos``, ``weight``, ``hard_neg_logit`` and ``hard_neg_idx``.
+    Arguments:
+        q: (B, D) fp16/bf16/fp32 query embeddings; d: (N, D) document embeddings, q's dtype (both L2-normalized by
+            the caller).
+        pos_idx: (B,) int64/int32, the row of d holding query i's positive; default i * G.
+        group_size: G, rows of d per query ([positive, hard negatives...]); default N // B.
+        in_batch_negatives: every row of d is a candidate (True) or only the query's own group [pos_i, pos_i + G).
+        temperature: tau > 0; gamma: focal exponent >= 0 (0 = plain InfoNCE).
+        num_mix: M synthetic negatives per query, each mixed from the hardest negative and the (m+1)-th hardest.
+        mix_alpha: lambda ~ Beta(mix_alpha, mix_alpha); mix_lambda: (B, M) in [0, 1] instead of sampling;
+            generator: torch.Generator for the sampling.
+        reduction: "mean" | "sum" | "none" (per query, (B,)).
+        return_stats: also return a dict of (B,) tensors ``p_pos``, ``weight``, ``hard_neg_logit``, ``hard_neg_idx``.
+    Returns the loss [, stats].
     """
     _check_tensor("q", q, ndim=2, dtypes=_FLOAT_DTYPES)
     _check_tensor("d", d, ndim=2, dtypes=_FLOAT_DTYPES)
