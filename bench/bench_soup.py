@@ -50,6 +50,7 @@ from pathlib import Path
 import torch
 
 from bench import common
+from kalm_fast.atomic import fsync_tree
 
 SUITE = "soup"
 ROOT = Path(__file__).resolve().parent.parent
@@ -180,26 +181,9 @@ def _child(provider: str, inputs: list[Path], output: Path) -> None:
     if isinstance(status, int) and status:
         raise SystemExit(f"{provider} failed with exit status {status}")
     if not provider.startswith("kalm_fast"):  # kalm_fast fsyncs before it returns: the same work for everyone
-        _fsync_tree(output)
+        fsync_tree(output)
     print(json.dumps({"seconds": time.perf_counter() - t0, "returned_s": returned, "peak_rss_mb": peak_rss_mb(),
                       "import_rss_mb": base_mb}))
-
-
-def _fsync_tree(path: Path) -> None:
-    """Every file under path, then its folders, made durable (what kalm_fast's soup does before its rename)."""
-    for p in sorted(path.rglob("*")) if path.is_dir() else [path]:
-        if p.is_file():
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    if path.is_dir():
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _run_child(provider: str, inputs: list[Path], output: Path) -> dict:

@@ -69,10 +69,13 @@ def write_json(path: Path, obj, indent: int = 1) -> None:
     write_text(path, json.dumps(obj, indent=indent) + "\n")
 
 
-def fsync_tree(folder: Path) -> None:
-    """fsync every file under ``folder`` and the folder itself (before it is renamed into place)."""
-    for p in sorted(Path(folder).rglob("*")):
+def fsync_tree(path: Path) -> None:
+    """fsync every file under the folder ``path`` and the folder itself (before it is renamed into place); a file
+    ``path``: that file."""
+    path = Path(path)
+    for p in sorted(path.rglob("*")) if path.is_dir() else [path]:
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
-    fsync_dir(Path(folder))
+    if path.is_dir():
+        fsync_dir(path)
