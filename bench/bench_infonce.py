@@ -181,9 +181,11 @@ def _shape_rows(B, D, M, device, smoke, peak_tflops):
                 from kalm_fast.kernels import infonce
 
                 q = torch.empty(B, D, device=device, dtype=dtype)
-                plan, _ = infonce._plan(q, N, G, True)
+                plan, rows = infonce._plan(q, N, G, True)
                 notes.append("programs fwd/dq/dd " + "/".join(
-                    f"{plan[k + '_programs']} ({plan[k + '_tile'][0]}x{plan[k + '_tile'][1]})" for k in ("fwd", "dq", "dd")))
+                    f"{plan[k + '_programs']} ({plan[k + '_tile'][0]}x{plan[k + '_tile'][1]}"
+                    f"{', on-chip acc' if k != 'fwd' and infonce._resident(q.shape[1], rows[k]) else ''})"
+                    for k in ("fwd", "dq", "dd")))
         r["note"] = "; ".join(notes)
     return rows
 

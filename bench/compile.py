@@ -29,6 +29,7 @@ import json
 import multiprocessing as mp
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -78,7 +79,7 @@ def attention_variants(head_dims=(32, 40, 64, 80, 96, 128, 256), groups=(1, 7), 
             for D, g, dt, s in itertools.product(head_dims, groups, dtypes, dkdv_splits) if s == 1 or s <= g]
 
 
-def pooling_variants(hidden=(384, 896, 1024, 4096), dtypes=("bf16", "fp32")):
+def pooling_variants(hidden=(384, 896, 1024, 4096), dtypes=("bf16", "fp16", "fp32")):
     out = []
     for H, mask, norm, dt, split in itertools.product(hidden, (False, True), (None, "rmsnorm", "layernorm"), dtypes,
                                                       (1, 4)):
@@ -86,7 +87,10 @@ def pooling_variants(hidden=(384, 896, 1024, 4096), dtypes=("bf16", "fp32")):
     return out
 
 
-def infonce_variants(dims=(256, 896, 1024), mixes=(0, 2), dtypes=("bf16", "fp16", "fp32"), in_batch=(True, False)):
+def infonce_variants(dims=(64, 128, 256, 896, 1024), mixes=(0, 2), dtypes=("bf16", "fp16", "fp32"),
+                     in_batch=(True, False)):
+    """D is a runtime bound, except that the backward keeps its accumulator on chip where D <= BLOCK_K: 64, 128 and
+    256 compile that path for the 64-, 128- and 256-wide configs, 896 and 1024 the streaming one."""
     return [dict(op="infonce", D=D, num_mix=m, dtype=dt, in_batch=ib)
             for D, m, dt, ib in itertools.product(dims, mixes, dtypes, in_batch)]
 
@@ -262,6 +266,9 @@ def compile_job(job: dict) -> dict:
     nv.subprocess = _LoggingSubprocess()
     row = base_row(job)
     t0 = time.perf_counter()
+    # a kernel cache of its own: two jobs with the same specialization (a D the kernel only bounds) would otherwise
+    # hit the first one's cache entry, which skips ptxas and so loses the registers and spills
+    os.environ["TRITON_CACHE_DIR"] = cache = tempfile.mkdtemp(prefix="kalm_compile_job_")
     try:
         src, target, options = job_source(job)[:3]
         _PTXAS_LOGS.clear()
@@ -276,6 +283,8 @@ def compile_job(job: dict) -> dict:
     except Exception as e:  # a compile error is a fact to record, not a crash
         row.update(ok=False, error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e) else ''}",
                    compile_s=round(time.perf_counter() - t0, 2))
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
     return row
 
 
@@ -324,10 +333,7 @@ def _candidates(kernel: str, arch: str, dtype: str):
     if op == "attention":
         from kalm_fast.kernels import attention
 
-        tiles = attention.CANDIDATES[kind]
-        if dtype == "fp32":  # fp32 tiles are twice the bytes: the large ones cannot fit, so only <= 64 x 64
-            tiles = [t for t in tiles if t[0] * t[1] <= 64 * 64]
-        return tiles
+        return attention.CANDIDATES_FP32[kind] if dtype == "fp32" else attention.CANDIDATES[kind]
     from kalm_fast.kernels import infonce
 
     return infonce.CANDIDATES_FP32 if dtype == "fp32" else infonce.CANDIDATES[arch]
@@ -354,6 +360,8 @@ def make_jobs(variants, archs, *, search: bool, kernels=None, all_pinned: bool =
                 kw = dict(kwargs)
                 if c is not None:
                     kw.update(_config_kwargs(name, c))
+                    if "RESIDENT" in kw:  # InfoNCE's backward: on chip when the config's BLOCK_K holds all of D
+                        kw["RESIDENT"] = v["D"] <= c[2]
                 job["config_str"] = config_of(kw, name)
                 jobs.append(job)
     return jobs
@@ -514,14 +522,12 @@ def pinned_key(r: dict) -> tuple[str, tuple, tuple]:
     return op, (kind, r["arch"], dcls), (c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["num_warps"], c["num_stages"])
 
 
-# attention fp32 (not searched): small tiles for every head dim
-FP32_FALLBACK = {"fwd": (32, 32, 4, 2), "dkdv": (16, 32, 4, 2), "dq": (32, 32, 4, 2)}
-
-
 def choose_pins(tables: list[list[dict]]):
     """For each pinned-table key (kernel kind, arch, class): the candidate configs that pass the bar in every row of
     every Triton version's table (any variant of the class, search or verification), ordered largest tile first
-    (BLOCK_M x BLOCK_N, then BLOCK_K, then more stages, then fewer warps). Returns {(op, key): [row tuples]}."""
+    (BLOCK_M x BLOCK_N, then BLOCK_K, then more stages, then fewer warps). A key where nothing passes everywhere gets
+    the config with the fewest spill bytes among those that compile within shared memory everywhere (stated by the
+    tests that allow it), so the launcher always has a config. Returns {(op, key): [row tuples]}."""
     seen, failed, smem, spills, unfit = {}, set(), {}, {}, set()
     n_tables = len(tables)
     for t, rows in enumerate(tables):
@@ -539,32 +545,19 @@ def choose_pins(tables: list[list[dict]]):
             else:
                 unfit.add((op, key, tup))
     pins = {}
-    for kind, tile in FP32_FALLBACK.items():  # replaced below by any fp32 config that passed everywhere
-        for arch in ("sm_80", "sm_90"):
-            for bd in (32, 64, 128, 256):
-                key = (kind, arch, bd, "fp32")
-                pins[("attention", key)] = [(*tile, smem.get(("attention", key, tile), 0))]
     for (op, key, tup), ts in seen.items():
-        if (op, key, tup) in failed or len(ts) < n_tables:
-            continue
-        if key[-1] == "fp32" and op == "attention" and pins.get((op, key), [()])[0][:4] == FP32_FALLBACK[key[0]]:
-            pins[(op, key)] = []
-        pins.setdefault((op, key), []).append((*tup, smem[(op, key, tup)]))
+        if (op, key, tup) not in failed and len(ts) == n_tables:
+            pins.setdefault((op, key), []).append((*tup, smem[(op, key, tup)]))
     for rows in pins.values():
         rows.sort(key=preference)
-    # a key where nothing passes (fp32: exact FMA dots spill a little at every tile): the config with the fewest spill
-    # bytes among those that compile within shared memory everywhere, so that the launcher always has a config
     least: dict = {}
     for (op, key, tup), ts in seen.items():
-        if (op, key) in pins and pins[(op, key)][0][:len(tup)] != FP32_FALLBACK.get(key[0]):
-            continue
-        if (op, key, tup) in unfit or len(ts) < n_tables:
+        if (op, key) in pins or (op, key, tup) in unfit or len(ts) < n_tables:
             continue
         if (op, key) not in least or spills[(op, key, tup)] < least[(op, key)][0]:
             least[(op, key)] = (spills[(op, key, tup)], (*tup, smem[(op, key, tup)]))
     for k, (_, row) in least.items():
-        if k not in pins or (k[0] == "attention" and pins[k][0][:4] == FP32_FALLBACK[k[1][0]]):
-            pins[k] = [row]
+        pins[k] = [row]
     return pins
 
 
@@ -586,7 +579,7 @@ def _sibling_failed(job, existing) -> bool:
 
 
 def search(archs, workers: int, out: Path, need: int = 2, only_passing: Path | None = None, kernels=None,
-           ops=None):
+           ops=None, dtypes=None):
     """Rounds over the candidates of every (kernel, arch, dtype, class variant), best first (``preference``): each
     round compiles the next candidate of every class with fewer than ``need`` passing configs. Rows already in
     ``out`` count (a rerun resumes); ``only_passing``: candidates that failed in that table are never compiled."""
@@ -594,12 +587,13 @@ def search(archs, workers: int, out: Path, need: int = 2, only_passing: Path | N
     existing = {row_key(r): r for r in load_rows(out / "compile.jsonl")}
     failed_elsewhere = ({row_key(r) for r in load_rows(only_passing / "compile.jsonl") if verdict(r)}
                         if only_passing else set())
-    variants = [v for v in search_variants() if not ops or v["op"] in ops]
+    variants = [v for v in search_variants() if (not ops or v["op"] in ops) and (not dtypes or v["dtype"] in dtypes)]
     jobs = make_jobs(variants, archs, search=True, kernels=kernels)
     classes: dict = {}
     for j in jobs:
-        # InfoNCE's launch plan picks smaller tiles to fill the GPU: one passing config per tile size (BM x BN)
-        size = j["config"][0] * j["config"][1] if TABLED[j["kernel"]][1] == "infonce" else 0
+        # InfoNCE's launch plan picks smaller tiles to fill the GPU, and a BLOCK_K >= D keeps the backward's
+        # accumulator on chip: one passing config per (tile size BM x BN, BLOCK_K)
+        size = (j["config"][0] * j["config"][1], j["config"][2]) if TABLED[j["kernel"]][1] == "infonce" else 0
         classes.setdefault((j["kernel"], j["arch"], j["variant"]["dtype"], variant_name(j["variant"]), size),
                            []).append(j)
     for lst in classes.values():
@@ -611,10 +605,12 @@ def search(archs, workers: int, out: Path, need: int = 2, only_passing: Path | N
             passes, enough = 0, (1 if cls[-1] else need)  # InfoNCE: one per tile size
             for j in lst:
                 r = existing.get(row_key(base_row(j)))
+                if row_key(base_row(j)) in failed_elsewhere:  # cannot be pinned: neither compiled nor counted
+                    continue
                 if r is not None:
                     passes += not verdict(r)
                     continue
-                if row_key(base_row(j)) in failed_elsewhere or _sibling_failed(j, existing):
+                if _sibling_failed(j, existing):
                     continue
                 if passes < enough:
                     batch.append(j)
@@ -741,12 +737,11 @@ def reduced_variants():
 
 
 def search_variants():
-    # attention fp32 (exact FMA dots) is not searched: its compiles take minutes each on 2 cores (D=256: 5-8 minutes,
-    # 150 KB of spills at 32 x 128); it gets FP32_FALLBACK, whose facts the verification rows record. GROUP > 1 turns
-    # the dK/dV kernel's loop over the group's query heads into a real loop (more registers): searched at GROUP 7.
-    return (attention_variants(head_dims=(32, 64, 128, 256), groups=(1,), dtypes=("bf16",))
-            + attention_variants(head_dims=(32, 64, 128, 256), groups=(7,), dtypes=("bf16",), dkdv_splits=(1,))
-            + infonce_variants(dims=(1024,), mixes=(2,), dtypes=("bf16", "fp32"), in_batch=(True,)))
+    # GROUP > 1 turns the dK/dV kernel's loop over the group's query heads into a real loop (more registers): searched
+    # at GROUP 7. fp32 attention (exact FMA dots) has its own small candidates (attention.CANDIDATES_FP32).
+    return (attention_variants(head_dims=(32, 64, 128, 256), groups=(1,), dtypes=("bf16", "fp32"))
+            + attention_variants(head_dims=(32, 64, 128, 256), groups=(7,), dtypes=("bf16", "fp32"), dkdv_splits=(1,))
+            + infonce_variants(dims=(256, 1024), mixes=(2,), dtypes=("bf16", "fp32"), in_batch=(True,)))
 
 
 def estimate(archs=("sm_90",)):
@@ -816,7 +811,8 @@ def main(argv=None) -> int:
     if args.search:
         out = args.out or results_dir()
         rows, n_compiles, wall = search(archs, args.jobs, out, only_passing=args.skip_failed_in,
-                                        kernels=set(args.kernel) if args.kernel else None, ops=args.op)
+                                        kernels=set(args.kernel) if args.kernel else None, ops=args.op,
+                                        dtypes=args.dtype)
         print(f"\nsearch: {n_compiles} compiles in {wall:.0f} s; table {out}")
         return 0
     jobs = make_jobs(variants, archs, search=False, kernels=set(args.kernel) if args.kernel else None,

@@ -39,12 +39,15 @@ program in a fixed order (deterministic): ``_infonce_dq_kernel`` (a program per 
 and ``_infonce_dd_kernel`` (a program per (block of d rows, split of the query blocks)). dz = g (1[pos] - P) is formed
 times a power of two 2^-e that brings max |g| to [1, 2) before its cast to the input dtype (g ~ 1/B would flush to
 zero in fp16 at large B); ``_infonce_grad_merge_kernel`` sums the splits in order, multiplies by the exact 2^e, adds
-step 5 (dq) and scales by 1/tau. D is too large to keep a (BLOCK, D) fp32 accumulator on chip (D = 1024: 256 KiB for
-64 rows, the whole register file of an SM), so each program accumulates its rows of its split's fp32 partial
-(S, B, D) / (S, N, D) chunk by chunk of BLOCK_K columns (read-modify-write by the owning program only, L2-resident,
-a barrier after each tile because the next tile's loads may map the slice to other threads). Per tile of the dq
-kernel that moves (2 BLOCK_M + 4 BLOCK_N + 8 BLOCK_M) D bytes (q, d twice, the fp32 slice read and written) against
-4 BLOCK_M BLOCK_N D flops; the splits add 8 S B D bytes (write, then the merge's read).
+step 5 (dq) and scales by 1/tau. Where the whole embedding fits one BLOCK_K slice (D <= BLOCK_K, ``_resident``; the
+recipe's Matryoshka dims 64-256 against the 64/128/256-wide configs, which the plan then prefers), the program keeps
+its rows, each tile of the other operand (read once for both dots) and the fp32 accumulator on chip and writes its
+partial once (RESIDENT): (2 BLOCK_N) D bytes per tile of the dq kernel against 4 BLOCK_M BLOCK_N D flops. A larger D
+cannot stay on chip (D = 1024: 256 KiB of fp32 for 64 rows, the whole register file of an SM), so the program
+accumulates its rows of its split's fp32 partial (S, B, D) / (S, N, D) chunk by chunk of BLOCK_K columns
+(read-modify-write by the owning program only, L2-resident, a barrier after each tile because the next tile's loads
+may map the slice to other threads): per tile of the dq kernel (2 BLOCK_M + 4 BLOCK_N + 8 BLOCK_M) D bytes (q, d
+twice, the fp32 slice read and written). The splits add 8 S B D bytes (write, then the merge's read).
 
 Without in-batch negatives the queries are visited in the order of their positives (a stable argsort), so a query
 block only scans the rows [min pos, max pos + G) and a d block only the queries whose group can reach it (found by
@@ -86,11 +89,13 @@ _NORM_EPS = tl.constexpr(heads.L2_EPS)
 # per arch: 32 fp32 scores per thread (128 x 64 tiles on 8 warps) stay near 180-230 registers, 64 per thread
 # (128 x 128 on 8 warps) reach 255; a long looped dimension (BLOCK_N for the forward and dq, BLOCK_M for dd)
 # amortizes the scratch read-modify-write. sm_90 has 228 KiB of shared memory per SM: one more stage than sm_80.
-# The search keeps the best passing config of every tile size: ``grid_plan`` picks a smaller tile when the large one
-# cannot give every SM two programs.
+# The search keeps the best passing config of every (tile size, BLOCK_K): ``grid_plan`` picks a smaller tile when the
+# large one cannot give every SM two programs, and a BLOCK_K >= D lets the backward keep its accumulator on chip
+# (``_resident``: BLOCK_K 128 and 256 serve the recipe's Matryoshka dims 64-256).
 CANDIDATES = {
     arch: [(128, 128, 64, 8, s), (64, 128, 64, 8, s), (128, 64, 64, 8, s), (128, 64, 128, 8, s - 1),
-           (64, 256, 64, 8, s - 1), (256, 64, 64, 8, s - 1), (64, 64, 64, 4, s), (64, 64, 32, 4, s - 1),
+           (64, 128, 128, 8, s - 1), (64, 256, 64, 8, s - 1), (256, 64, 64, 8, s - 1), (64, 64, 64, 4, s),
+           (64, 64, 128, 4, s - 1), (64, 64, 256, 8, 2), (64, 64, 32, 4, s - 1), (32, 64, 256, 8, 2),
            (32, 64, 32, 4, 2)]
     for arch, s in (("sm_80", 3), ("sm_90", 4))
 }
@@ -105,17 +110,17 @@ _INTERPRETER_CONFIG = (64, 128, 64, 4, 1, 0)  # (BLOCK_M, BLOCK_N, BLOCK_K, num_
 # KALM_FAST_AUTOTUNE=1 tunes over. Written by ``python -m bench.compile --pin`` from the committed compile tables.
 # BEGIN PINNED
 PINNED = {
-    ('dd', 'sm_80', '16bit'): [(128, 128, 64, 8, 3, 98304), (128, 64, 128, 8, 2, 65536), (64, 64, 64, 4, 3, 32768), (32, 64, 32, 4, 2, 14336)],
+    ('dd', 'sm_80', '16bit'): [(128, 128, 64, 8, 3, 98304), (128, 64, 128, 8, 2, 65536), (64, 128, 64, 8, 3, 65536), (64, 64, 256, 8, 2, 74752), (64, 64, 128, 4, 2, 32768), (64, 64, 64, 4, 3, 32768), (64, 64, 32, 4, 2, 20480), (32, 64, 256, 8, 2, 53760), (32, 64, 32, 4, 2, 14336)],
     ('dd', 'sm_80', 'fp32'): [(32, 64, 32, 4, 2, 20480), (32, 32, 32, 4, 2, 8192), (16, 32, 32, 4, 2, 6144)],
-    ('dd', 'sm_90', '16bit'): [(128, 64, 128, 8, 3, 147456), (64, 64, 64, 4, 4, 65536), (32, 64, 32, 4, 2, 12288)],
+    ('dd', 'sm_90', '16bit'): [(128, 64, 128, 8, 3, 147456), (64, 128, 64, 8, 4, 98304), (64, 64, 64, 4, 4, 65536), (64, 64, 32, 4, 3, 24576), (32, 64, 256, 8, 2, 102400), (32, 64, 32, 4, 2, 12288)],
     ('dd', 'sm_90', 'fp32'): [(32, 64, 32, 4, 2, 20480), (32, 32, 32, 4, 2, 8192), (16, 32, 32, 4, 2, 6144)],
-    ('dq', 'sm_80', '16bit'): [(128, 128, 64, 8, 3, 98304), (128, 64, 128, 8, 2, 49152), (64, 64, 64, 4, 3, 32768), (32, 64, 32, 4, 2, 12288)],
+    ('dq', 'sm_80', '16bit'): [(128, 128, 64, 8, 3, 98304), (128, 64, 128, 8, 2, 49152), (64, 128, 64, 8, 3, 65536), (64, 64, 256, 8, 2, 73728), (64, 64, 128, 4, 2, 32768), (64, 64, 64, 4, 3, 32768), (64, 64, 32, 4, 2, 20480), (32, 64, 256, 8, 2, 53248), (32, 64, 32, 4, 2, 12288)],
     ('dq', 'sm_80', 'fp32'): [(32, 64, 32, 4, 2, 16384), (32, 32, 32, 4, 2, 8192), (16, 32, 32, 4, 2, 6144)],
-    ('dq', 'sm_90', '16bit'): [(128, 128, 64, 8, 4, 131072), (64, 128, 64, 8, 4, 98304), (64, 64, 64, 4, 4, 65536), (32, 64, 32, 4, 2, 12288)],
+    ('dq', 'sm_90', '16bit'): [(128, 128, 64, 8, 4, 131072), (64, 128, 128, 8, 3, 147456), (64, 128, 64, 8, 4, 98304), (64, 64, 64, 4, 4, 65536), (64, 64, 32, 4, 3, 24576), (32, 64, 256, 8, 2, 53248), (32, 64, 32, 4, 2, 12288)],
     ('dq', 'sm_90', 'fp32'): [(32, 64, 32, 4, 2, 16384), (32, 32, 32, 4, 2, 8192), (16, 32, 32, 4, 2, 6144)],
-    ('fwd', 'sm_80', '16bit'): [(64, 128, 64, 8, 3, 49152), (32, 64, 32, 4, 2, 6144)],
+    ('fwd', 'sm_80', '16bit'): [(64, 128, 64, 8, 3, 49152), (64, 64, 256, 8, 2, 65536), (64, 64, 32, 4, 2, 8192), (32, 64, 256, 8, 2, 49152), (32, 64, 32, 4, 2, 6144)],
     ('fwd', 'sm_80', 'fp32'): [(32, 64, 32, 4, 2, 12288), (32, 32, 32, 4, 2, 8192), (16, 32, 32, 4, 2, 6144)],
-    ('fwd', 'sm_90', '16bit'): [(128, 64, 128, 8, 3, 147456), (64, 64, 64, 4, 4, 65536)],
+    ('fwd', 'sm_90', '16bit'): [(128, 64, 128, 8, 3, 147456), (64, 128, 64, 8, 4, 98304), (64, 64, 256, 8, 2, 131072), (64, 64, 128, 4, 3, 98304), (64, 64, 64, 4, 4, 65536), (64, 64, 32, 4, 3, 24576)],
     ('fwd', 'sm_90', 'fp32'): [(32, 64, 32, 4, 2, 12288)],
 }
 # END PINNED
@@ -138,7 +143,10 @@ def chosen_configs() -> dict:
 def _tuned(kind: str, key: tuple):
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
                for bm, bn, bk, w, s, _ in PINNED[key][:AUTOTUNE_MAX]]
-    tuner = triton.autotune(configs=configs, key=_AUTOTUNE_KEYS[kind])(globals()[_KERNELS[kind]])
+    kernel = globals()[_KERNELS[kind]]
+    if kind != "fwd":  # the tuned config's BLOCK_K decides whether the accumulator can stay on chip
+        kernel = triton.heuristics({"RESIDENT": lambda a: _resident(a["D"], (0, 0, a["BLOCK_K"]))})(kernel)
+    tuner = triton.autotune(configs=configs, key=_AUTOTUNE_KEYS[kind])(kernel)
     _TUNERS[key] = tuner
     return tuner
 
@@ -187,6 +195,15 @@ def _dot_rows(A, a_rows, a_mask, stride_a, Bt, b_rows, b_mask, stride_b, D,
             b = b.to(tl.float32)
         acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
     return acc
+
+
+@triton.jit
+def _load_rows(X, rows, row_mask, stride, offs_k, k_mask, INTERPRET: tl.constexpr):
+    """X[rows][:, offs_k] as one [len(rows), BLOCK_K] tile (0 outside the masks); rows are int64."""
+    x = tl.load(X + rows[:, None] * stride + offs_k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+    if INTERPRET:  # the interpreter computes 16-bit arithmetic wrongly
+        x = x.to(tl.float32)
+    return x
 
 
 @triton.jit
@@ -394,12 +411,14 @@ def _infonce_mix_kernel(
 def _infonce_dq_kernel(
     Q, Dm, POS, QORD, LSE2, GRAD, SCALE, DQP,
     B, N, D, stride_q, stride_d, G, qk_scale, SPLITS,
-    GROUPED: tl.constexpr, INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    GROUPED: tl.constexpr, RESIDENT: tl.constexpr, INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Program (query block, split): sum_j dz_ij d_j over the split's share of the block's candidate rows of d
     (steps 3-4 of the module docstring), times SCALE[0], accumulated in the program's rows of the split's partial
-    DQP[split] (SPLITS, B, D) fp32. ``_infonce_grad_merge_kernel`` sums the splits and adds step 5."""
+    DQP[split] (SPLITS, B, D) fp32. ``_infonce_grad_merge_kernel`` sums the splits and adds step 5. RESIDENT (D <=
+    BLOCK_K): the query block, each tile of d (read once for both dots) and the dq accumulator are single on-chip
+    tiles, and the partial is written once at the end; else the accumulator streams through DQP slice by slice."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -420,32 +439,46 @@ def _infonce_dq_kernel(
     g = tl.load(GRAD + rows, mask=row_mask, other=0.0) * tl.load(SCALE)
     offs_k = tl.arange(0, BLOCK_K)
     acc_ptrs = DQP + (split.to(tl.int64) * B + rows)[:, None] * D + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
-    for k0 in range(0, D, BLOCK_K):  # the kernel owns the zeroing, so an autotuning re-run starts clean
-        tl.store(acc_ptrs + k0, tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32),
-                 mask=row_mask[:, None] & ((k0 + offs_k) < D)[None, :])
-    tl.debug_barrier()
+    if RESIDENT:
+        k_mask = offs_k < D
+        q_all = _load_rows(Q, rows, row_mask, stride_q, offs_k, k_mask, INTERPRET)  # [BLOCK_M, BLOCK_K]
+        acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    else:
+        for k0 in range(0, D, BLOCK_K):  # the kernel owns the zeroing, so an autotuning re-run starts clean
+            tl.store(acc_ptrs + k0, tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32),
+                     mask=row_mask[:, None] & ((k0 + offs_k) < D)[None, :])
+        tl.debug_barrier()
     for n0 in range(n_start, n_end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_mask = cols < n_end
-        s = _dot_rows(Q, rows, row_mask, stride_q, Dm, cols.to(tl.int64), col_mask, stride_d, D,
-                      BLOCK_M, BLOCK_N, BLOCK_K, INTERPRET, DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+        if RESIDENT:
+            d_all = _load_rows(Dm, cols.to(tl.int64), col_mask, stride_d, offs_k, k_mask, INTERPRET)
+            s = tl.dot(q_all, tl.trans(d_all), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+        else:
+            s = _dot_rows(Q, rows, row_mask, stride_q, Dm, cols.to(tl.int64), col_mask, stride_d, D,
+                          BLOCK_M, BLOCK_N, BLOCK_K, INTERPRET, DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
         cand = row_mask[:, None] & col_mask[None, :]
         if GROUPED:
             cand = cand & (cols[None, :] >= pos[:, None]) & (cols[None, :] < pos[:, None] + G)
         p = tl.where(cand, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)  # step 2, 0 off the candidates
         dz = g[:, None] * (tl.where(cand & (cols[None, :] == pos[:, None]), 1.0, 0.0) - p)  # step 3 (scaled)
         dz = _mm_operand(dz, Dm.dtype.element_ty, INTERPRET)
-        d_ptrs = Dm + cols.to(tl.int64)[:, None] * stride_d + offs_k[None, :]  # [BLOCK_N, BLOCK_K]
-        for k0 in range(0, D, BLOCK_K):  # step 4, one BLOCK_K slice of the program's dq rows at a time
-            k_mask = (k0 + offs_k) < D
-            dk = tl.load(d_ptrs + k0, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-            if INTERPRET:
-                dk = dk.to(tl.float32)
-            acc_mask = row_mask[:, None] & k_mask[None, :]
-            acc = tl.load(acc_ptrs + k0, mask=acc_mask, other=0.0)
-            acc = tl.dot(dz, dk, acc, input_precision=DOT_PRECISION)
-            tl.store(acc_ptrs + k0, acc, mask=acc_mask)
-        tl.debug_barrier()  # the next tile rereads these slices, maybe from other threads of the program
+        if RESIDENT:  # step 4 on chip
+            acc = tl.dot(dz, d_all, acc, input_precision=DOT_PRECISION)
+        else:
+            d_ptrs = Dm + cols.to(tl.int64)[:, None] * stride_d + offs_k[None, :]  # [BLOCK_N, BLOCK_K]
+            for k0 in range(0, D, BLOCK_K):  # step 4, one BLOCK_K slice of the program's dq rows at a time
+                k_mask = (k0 + offs_k) < D
+                dk = tl.load(d_ptrs + k0, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+                if INTERPRET:
+                    dk = dk.to(tl.float32)
+                acc_mask = row_mask[:, None] & k_mask[None, :]
+                acc = tl.load(acc_ptrs + k0, mask=acc_mask, other=0.0)
+                acc = tl.dot(dz, dk, acc, input_precision=DOT_PRECISION)
+                tl.store(acc_ptrs + k0, acc, mask=acc_mask)
+            tl.debug_barrier()  # the next tile rereads these slices, maybe from other threads of the program
+    if RESIDENT:
+        tl.store(acc_ptrs, acc, mask=row_mask[:, None] & k_mask[None, :])
 
 
 @triton.jit
@@ -466,11 +499,12 @@ def _lower_bound(SORTED, n, value):
 def _infonce_dd_kernel(
     Q, Dm, POS, QORD, LSE2, GRAD, SCALE, DDP,
     B, N, D, stride_q, stride_d, G, qk_scale, SPLITS,
-    GROUPED: tl.constexpr, INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    GROUPED: tl.constexpr, RESIDENT: tl.constexpr, INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Program (block of d rows, split): sum_i dz_ij q_i (step 4) over the split's share of the query blocks that
-    can reach the rows, in a fixed order, times SCALE[0], accumulated in DDP[split] (SPLITS, N, D) fp32."""
+    can reach the rows, in a fixed order, times SCALE[0], accumulated in DDP[split] (SPLITS, N, D) fp32; RESIDENT
+    (D <= BLOCK_K) as in ``_infonce_dq_kernel``: d's rows, each query tile and the accumulator on chip."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # rows of d owned by this program
@@ -478,10 +512,15 @@ def _infonce_dd_kernel(
     cols64 = cols.to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
     acc_ptrs = DDP + (split.to(tl.int64) * N + cols64)[:, None] * D + offs_k[None, :]  # [BLOCK_N, BLOCK_K]
-    for k0 in range(0, D, BLOCK_K):
-        tl.store(acc_ptrs + k0, tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32),
-                 mask=col_mask[:, None] & ((k0 + offs_k) < D)[None, :])
-    tl.debug_barrier()
+    if RESIDENT:
+        k_mask = offs_k < D
+        d_all = _load_rows(Dm, cols64, col_mask, stride_d, offs_k, k_mask, INTERPRET)  # [BLOCK_N, BLOCK_K]
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    else:
+        for k0 in range(0, D, BLOCK_K):
+            tl.store(acc_ptrs + k0, tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32),
+                     mask=col_mask[:, None] & ((k0 + offs_k) < D)[None, :])
+        tl.debug_barrier()
     if GROUPED:
         # queries in positive order whose group [pos, pos + G) meets these rows: pos in [n0 - G + 1, n0 + BLOCK_N)
         q_lo = _lower_bound(POS, B, pid * BLOCK_N - G + 1)
@@ -501,25 +540,34 @@ def _infonce_dd_kernel(
             rows = offs_m.to(tl.int64)
         lse2 = tl.load(LSE2 + rows, mask=row_mask, other=0.0)
         g = tl.load(GRAD + rows, mask=row_mask, other=0.0) * scale
-        s_t = _dot_rows(Dm, cols64, col_mask, stride_d, Q, rows, row_mask, stride_q, D,
-                        BLOCK_N, BLOCK_M, BLOCK_K, INTERPRET, DOT_PRECISION)  # [BLOCK_N, BLOCK_M] = s^T
+        if RESIDENT:
+            q_all = _load_rows(Q, rows, row_mask, stride_q, offs_k, k_mask, INTERPRET)  # [BLOCK_M, BLOCK_K]
+            s_t = tl.dot(d_all, tl.trans(q_all), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M] = s^T
+        else:
+            s_t = _dot_rows(Dm, cols64, col_mask, stride_d, Q, rows, row_mask, stride_q, D,
+                            BLOCK_N, BLOCK_M, BLOCK_K, INTERPRET, DOT_PRECISION)  # [BLOCK_N, BLOCK_M] = s^T
         cand = col_mask[:, None] & row_mask[None, :]
         if GROUPED:
             cand = cand & (cols[:, None] >= pos[None, :]) & (cols[:, None] < pos[None, :] + G)
         p_t = tl.where(cand, tl.exp2(s_t * qk_scale - lse2[None, :]), 0.0)
         dz_t = g[None, :] * (tl.where(cand & (cols[:, None] == pos[None, :]), 1.0, 0.0) - p_t)  # step 3, transposed
         dz_t = _mm_operand(dz_t, Q.dtype.element_ty, INTERPRET)
-        q_ptrs = Q + rows[:, None] * stride_q + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
-        for k0 in range(0, D, BLOCK_K):
-            k_mask = (k0 + offs_k) < D
-            qk = tl.load(q_ptrs + k0, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            if INTERPRET:
-                qk = qk.to(tl.float32)
-            acc_mask = col_mask[:, None] & k_mask[None, :]
-            acc = tl.load(acc_ptrs + k0, mask=acc_mask, other=0.0)
-            acc = tl.dot(dz_t, qk, acc, input_precision=DOT_PRECISION)
-            tl.store(acc_ptrs + k0, acc, mask=acc_mask)
-        tl.debug_barrier()  # the next query block rereads these slices, maybe from other threads of the program
+        if RESIDENT:
+            acc = tl.dot(dz_t, q_all, acc, input_precision=DOT_PRECISION)
+        else:
+            q_ptrs = Q + rows[:, None] * stride_q + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
+            for k0 in range(0, D, BLOCK_K):
+                k_mask = (k0 + offs_k) < D
+                qk = tl.load(q_ptrs + k0, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+                if INTERPRET:
+                    qk = qk.to(tl.float32)
+                acc_mask = col_mask[:, None] & k_mask[None, :]
+                acc = tl.load(acc_ptrs + k0, mask=acc_mask, other=0.0)
+                acc = tl.dot(dz_t, qk, acc, input_precision=DOT_PRECISION)
+                tl.store(acc_ptrs + k0, acc, mask=acc_mask)
+            tl.debug_barrier()  # the next query block rereads these slices, maybe from other threads of the program
+    if RESIDENT:
+        tl.store(acc_ptrs, acc, mask=col_mask[:, None] & k_mask[None, :])
 
 
 @triton.jit(do_not_specialize=["R", "SPLITS"])
@@ -613,11 +661,20 @@ def _tile_rows(kind: str, x: torch.Tensor) -> list[tuple]:
     return [first] + [r for r in PINNED[key] if r != first and r[-1] <= smem]
 
 
+def _resident(D: int, row: tuple) -> bool:
+    """Whether the backward pass with config ``row`` keeps its accumulator on chip: the whole embedding fits one
+    BLOCK_K slice (the kernels' RESIDENT path: no read-modify-write of the fp32 partial, each tile read once)."""
+    return row[2] >= D
+
+
 def _plan(q: torch.Tensor, N: int, group_size: int, in_batch_negatives: bool) -> tuple[dict, dict]:
     """(grid_plan for q's device, {kind: the chosen config row}); off CUDA num_sms is 1: two programs per pass, so
-    every CPU test runs the split-and-merge path."""
+    every CPU test runs the split-and-merge path. For the backward passes the rows that keep the accumulator on chip
+    at this D (``_resident``) come first, in table order."""
     rows = {kind: _tile_rows(kind, q) for kind in _KERNELS}
     B, D = q.shape
+    for kind in ("dq", "dd"):
+        rows[kind] = sorted(rows[kind], key=lambda r: not _resident(D, r))
     plan = grid_plan(B, N, D, num_sms(q.device), group_size=group_size, in_batch_negatives=in_batch_negatives,
                      tiles={kind: [r[:2] for r in rows[kind]] for kind in _KERNELS})
     return plan, {kind: next(r for r in rows[kind] if tuple(r[:2]) == plan[f"{kind}_tile"]) for kind in _KERNELS}
@@ -741,7 +798,7 @@ def _infonce_bwd(q, d, pos_idx, group_size, in_batch_negatives, temperature, lse
         S = plan["dq_splits"]
         part = torch.empty(S, B, D, device=q.device, dtype=torch.float32)
         _launchable("dq", q, config["dq"])[lambda meta: (triton.cdiv(B, meta["BLOCK_M"]), S)](
-            *args, part, *sizes, S, **common)
+            *args, part, *sizes, S, RESIDENT=_resident(D, config["dq"]), **common)
         dq = _merge_rows(part, torch.empty(B, D, device=q.device, dtype=q.dtype), scale, d, top_i, c_a, c_b,
                          temperature)
         del part  # freed before the dd partials exist (4 * S * B * D bytes off the peak)
@@ -749,7 +806,7 @@ def _infonce_bwd(q, d, pos_idx, group_size, in_batch_negatives, temperature, lse
         S = plan["dd_splits"]
         part = torch.empty(S, N, D, device=d.device, dtype=torch.float32)
         _launchable("dd", q, config["dd"])[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), S)](
-            *args, part, *sizes, S, **common)
+            *args, part, *sizes, S, RESIDENT=_resident(D, config["dd"]), **common)
         dd = _merge_rows(part, torch.empty(N, D, device=d.device, dtype=d.dtype), scale, d, None, None, None,
                          temperature)
     return dq, dd

@@ -48,7 +48,6 @@ Layers (Liger-Kernel style): Triton kernels -> plain launchers ``_pool_fwd``/``_
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl

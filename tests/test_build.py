@@ -51,8 +51,10 @@ def test_repo_root_on_sys_path_does_not_shadow_the_kernel_hub():
     """From a checkout (`python -m bench` puts the repository root first on sys.path) our kernels/ folder is found as
     the top-level `kernels`: it must hand the name to the installed distribution (transformers' Qwen2 imports it), or,
     with none installed (-S: no site-packages), fail as a missing module, never load kalm_fast's kernels as the hub."""
-    code = ("import kernels, os; assert os.path.dirname(os.path.abspath(kernels.__file__)) != os.path.abspath('kernels')"
-            ", kernels.__file__; import kalm_fast.kernels.attention; print(kernels.__name__)")
+    code = ("import kernels, os; "
+            "assert os.path.dirname(os.path.abspath(kernels.__file__)) != os.path.abspath('kernels'), "
+            "kernels.__file__; "
+            "import kalm_fast.kernels.attention; print(kernels.__name__)")
     if importlib.util.find_spec("kernels") is not None:
         out = subprocess.run([sys.executable, "-c", code + "; from transformers.activations import ACT2FN"],
                              cwd=ROOT, capture_output=True, text=True, timeout=300)

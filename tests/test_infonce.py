@@ -144,39 +144,36 @@ def test_matches_oracle(backend, gamma, num_mix):
     check_against_oracle(run_ops(q, d, args), q, d, args)
 
 
-VARIANTS = {
-    # own group only, default layout, per-query losses
-    "own-group": dict(B=70, G=4, in_batch_negatives=False, num_mix=1, gamma=0.5, reduction="none"),
-    # own group only, the groups visited in a shuffled order
-    "own-group-shuffled": dict(B=70, G=5, in_batch_negatives=False, num_mix=2, gamma=2.0, reduction="sum",
-                               pos="shuffled-groups"),
+VARIANTS = [
+    # (B, G, N (None: B * G), positives, keyword arguments of the loss)
+    pytest.param(70, 4, None, "default", dict(in_batch_negatives=False, num_mix=1, gamma=0.5, reduction="none"),
+                 id="own-group"),  # own group only, default layout, per-query losses
+    pytest.param(70, 5, None, "shuffled-groups",
+                 dict(in_batch_negatives=False, num_mix=2, gamma=2.0, reduction="sum"),
+                 id="own-group-shuffled"),  # own group only, the groups visited in a shuffled order
     # own groups overlapping (stride 2 < G = 4) and repeated positives: rows of d shared by several queries
-    "own-group-overlap": dict(B=66, G=4, N=140, in_batch_negatives=False, num_mix=1, gamma=0.5, pos="overlap"),
+    pytest.param(66, 4, 140, "overlap", dict(in_batch_negatives=False, num_mix=1, gamma=0.5), id="own-group-overlap"),
     # in-batch, positives anywhere (a random subset of rows in random order)
-    "in-batch-permuted": dict(B=70, G=4, num_mix=3, gamma=0.5, pos="permutation"),
+    pytest.param(70, 4, None, "permutation", dict(num_mix=3, gamma=0.5), id="in-batch-permuted"),
     # many synthetic negatives (a running top-8)
-    "in-batch-mix-7": dict(B=40, G=4, num_mix=7, gamma=0.5),
+    pytest.param(40, 4, None, "default", dict(num_mix=7, gamma=0.5), id="in-batch-mix-7"),
     # in-batch, N not a multiple of B (custom pos_idx), fewer queries than one tile
-    "in-batch-ragged": dict(B=33, G=4, N=157, num_mix=1, gamma=2.0, reduction="sum", pos="permutation"),
-}
+    pytest.param(33, 4, 157, "permutation", dict(num_mix=1, gamma=2.0, reduction="sum"), id="in-batch-ragged"),
+]
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_matches_oracle_variants(backend, variant):
-    v = dict(VARIANTS[variant])
-    B, G = v.pop("B"), v.pop("G")
-    N = v.pop("N", B * G)
-    pos_kind = v.pop("pos", None)
-    pos_idx = None
-    if pos_kind == "shuffled-groups":
-        pos_idx = torch.randperm(B, device=DEVICE) * G
-    elif pos_kind == "overlap":
-        pos_idx = torch.arange(B, device=DEVICE) // 2 * 2  # 0, 0, 2, 2, 4, 4, ...: pairs share a positive
-    elif pos_kind == "permutation":
-        pos_idx = torch.randperm(N, device=DEVICE)[:B]
+@pytest.mark.parametrize(("B", "G", "N", "positives", "kwargs"), VARIANTS)
+def test_matches_oracle_variants(backend, B, G, N, positives, kwargs):
+    N = N if N is not None else B * G
+    pos_idx = {
+        "default": lambda: None,
+        "shuffled-groups": lambda: torch.randperm(B, device=DEVICE) * G,
+        "overlap": lambda: torch.arange(B, device=DEVICE) // 2 * 2,  # 0, 0, 2, 2, 4, 4, ...: pairs share a positive
+        "permutation": lambda: torch.randperm(N, device=DEVICE)[:B],
+    }[positives]()
     q, d = embeddings(B, N, 48)
-    lam = torch.rand(B, v["num_mix"], device=DEVICE)
-    args = loss_args(B, N, pos_idx=pos_idx, group_size=G, mix_lambda=lam, **v)
+    lam = torch.rand(B, kwargs["num_mix"], device=DEVICE)
+    args = loss_args(B, N, pos_idx=pos_idx, group_size=G, mix_lambda=lam, **kwargs)
     check_against_oracle(run_ops(q, d, args), q, d, args)
 
 
@@ -444,6 +441,39 @@ def test_splits_bitwise_reproducible_and_within_bound(monkeypatch, in_batch):
     check_against_oracle(many, q, d, args)
     check_against_oracle(one, q, d, args)
     assert torch.equal(many[3]["hard_neg_idx"], one[3]["hard_neg_idx"])
+
+
+@pytest.mark.parametrize("in_batch", [True, False])
+def test_resident_backward_equals_streaming_bitwise(monkeypatch, in_batch):
+    """D <= BLOCK_K: the dq/dd kernels keep the accumulator on chip (RESIDENT: one write of the partial, each tile
+    read once) and give the same bits as the streaming path (read-modify-write of the fp32 partial slice by slice),
+    which runs the same dots in the same order; D = 80 > 64 streams (test_matches_oracle)."""
+    from kalm_fast.kernels import infonce
+
+    monkeypatch.setenv("KALM_FAST_BACKEND", "triton")
+    B, G, D = 40, 4, 48
+    q, d = embeddings(B, B * G, D)
+    lam = torch.rand(B, 2, device=DEVICE)
+    args = loss_args(B, B * G, group_size=G, in_batch_negatives=in_batch, gamma=0.5, num_mix=2, mix_lambda=lam)
+    assert all(infonce._resident(D, row) for row in infonce._plan(q, B * G, G, in_batch)[1].values())
+    on_chip = run_ops(q, d, args)
+    monkeypatch.setattr(infonce, "_resident", lambda D, row: False)
+    streamed = run_ops(q, d, args)
+    for name, a, b in zip(("loss", "dq", "dd"), on_chip[:3], streamed[:3]):
+        assert torch.equal(a, b), name
+    check_against_oracle(on_chip, q, d, args)
+
+
+def test_resident_rows_for_the_recipe_mrl_dims():
+    """The recipe's Matryoshka dims 64 and 128 (recipes/kalm-v2-mini.yaml) find a pinned 16-bit dq and dd config whose
+    BLOCK_K holds the whole embedding on every tabled arch, and the plan puts such rows first."""
+    from kalm_fast.kernels import infonce
+
+    for arch in ("sm_80", "sm_90"):
+        for kind in ("dq", "dd"):
+            rows = infonce.PINNED[(kind, arch, "16bit")]
+            assert any(infonce._resident(64, r) for r in rows), (kind, arch)
+            assert any(infonce._resident(128, r) for r in rows), (kind, arch, rows)
 
 
 def test_fp16_tiny_upstream_gradient_keeps_its_bits(monkeypatch):

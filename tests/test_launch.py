@@ -170,16 +170,18 @@ def _committed_tables():
 
 def test_committed_tables_pinned_rows_pass():
     """Every pinned bf16/fp16 row of every committed compile table (the CI's Triton and the GPU machine's 3.6):
-    compiled, within the arch's shared memory, zero spill bytes, tensor cores when it multiplies. fp32 rows (exact FMA
-    dots, small tiles) must compile within shared memory; their spill bytes are reported in the tables, not zero."""
+    compiled, within the arch's shared memory, zero spill bytes, tensor cores when it multiplies (fp32: exact FMA dots,
+    no tensor cores by design; zero spill bytes too, but for the one bounded key of FP32_SPILL_ALLOWED)."""
     tables = _committed_tables()
     assert len(tables) >= 2, "expected the compile tables of two Triton versions"
     for path in tables:
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         pinned = [r for r in rows if r["pinned"]]
         assert pinned, path
-        bad = [(r["kernel"], r["arch"], r["dtype"], r["variant"], r["config"], verdict(r)) for r in pinned
-               if verdict(r) and not (r["dtype"] == "fp32" and verdict(r) == "spills")]
+        bad = [(r["kernel"], r["arch"], r["dtype"], r["variant"], r["config"], verdict(r), r["spill_bytes"])
+               for r in pinned if verdict(r) and not (verdict(r) == "spills" and r["kernel"] in TABLED
+                                                      and r["spill_bytes"] <= FP32_SPILL_ALLOWED.get(
+                                                          pinned_key(r)[1], 0))]
         assert not bad, f"{path.parent.name}: {bad[:5]}"
         for arch in ("sm_80", "sm_90"):
             kernels = {r["kernel"] for r in pinned if r["arch"] == arch}
