@@ -3,13 +3,13 @@
     python -m bench.bench_attention            # GPU sizes, bf16, rows appended to bench/results/<device>/attention.csv
     python -m bench.bench_attention --smoke    # tiny CPU sizes, seconds (CI)
 
-For each length mix (equal 512, uniform 16-512, long tail up to 4096) and head dim (64, 128): fwd, bwd and fwd+bwd
-time, TFLOP/s and peak memory per provider. kalm_fast runs on the packed batch (``kalm_fast.ops.attention_varlen``,
+For each length mix (equal 512, uniform 16-512, long tail up to 4096) and head dim (64, 128): fwd, bwd and fwd+bwd time,
+TFLOP/s and peak memory per provider. kalm_fast runs on the packed batch (``kalm_fast.ops.flash_attn_varlen_unchecked``,
 the unchecked dispatch the model glue calls: no host sync); SDPA runs on the padded (B, S, H, D) batch with a key
 padding mask (none when all lengths are equal). Peers on the packed batch, each skipped with a one-line row saying why
 when it cannot run here: torch's own ``torch.nn.attention.varlen.varlen_attn`` (CUDA only), flash-attn 2
-(``flash_attn``) and flash-attn-4 (``flash_attn.cute``) when importable. Before a packed provider is timed its output
-is compared with ``reference.attention_varlen`` (fp32) on the same inputs; a mismatch fails its row.
+(``flash_attn``) and flash-attn-4 (``flash_attn.cute``) when importable. Before a packed provider is timed its output is
+compared with ``reference.flash_attn_varlen_func`` (fp32) on the same inputs; a mismatch fails its row.
 FLOPs follow flash-attention's convention on the *real* lengths for every provider, fwd = sum_b 4 s_b^2 H D,
 bwd = 2.5 fwd: the padded providers do more work for the same result, and that shows as lower TFLOP/s. Each kalm_fast
 row's note gives its speedup over the best SDPA backend of the same mix, head dim and mode (Triton path only). A
@@ -86,7 +86,7 @@ def _packed(lengths, H, D, dtype, device):
 def kalm_fast_provider(lengths, H, D, dtype, device):
     q, k, v, cu, dout = _packed(lengths, H, D, dtype, device)
     max_seqlen = max(lengths)
-    return (lambda: ops.attention_varlen(q, k, v, cu, max_seqlen)), (q, k, v), dout
+    return (lambda: ops.flash_attn_varlen_unchecked(q, k, v, cu, max_seqlen)), (q, k, v), dout
 
 
 def _sdpa_refusal(name: str, caught: list, device) -> RuntimeError:
@@ -154,17 +154,17 @@ PACKED = ("kalm_fast", "kalm_fast-autotune", "varlen_attn", "flash-attn", "flash
 
 
 def _check_packed(name: str, fwd, inputs, lengths) -> None:
-    """A packed provider's forward against reference.attention_varlen in fp32, before it is timed."""
+    """A packed provider's forward against reference.flash_attn_varlen_func in fp32, before it is timed."""
     q, k, v = inputs
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(lengths).cumsum(0)
     with torch.no_grad():
         got = fwd().float()
-        want = reference.attention_varlen(q.float(), k.float(), v.float(), cu.to(q.device), max(lengths)).float()
+        want = reference.flash_attn_varlen_func(q.float(), k.float(), v.float(), cu.to(q.device), max(lengths)).float()
     tol = 1e-4 if q.dtype == torch.float32 else 2e-2  # bf16: the output's rounding and bf16 P @ V
     err = (got - want).abs().max().item()
     if not err <= tol:
-        raise AssertionError(f"{name} differs from reference.attention_varlen by {err:.3g} (> {tol}): not timed")
+        raise AssertionError(f"{name} differs from reference.flash_attn_varlen_func by {err:.3g} (> {tol}): not timed")
 
 
 def _module_reason(module: str) -> str:

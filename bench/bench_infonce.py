@@ -7,7 +7,7 @@ Providers, measured side by side in one run on one device:
                  listed there once, as torch_chunked).
   torch_chunked  ``reference.focal_infonce_chunked``: O((B + N) * D) memory, fp32 math (on CUDA up to B = 16k: at 64k
                  its chunks are 8 queries and one call takes many seconds).
-  torch_naive    ``reference.focal_infonce_naive``, the oracle, eager: the full B x N logit matrix in fp32.
+  torch_naive    ``reference.focal_infonce``, the oracle, eager: the full B x N logit matrix in fp32.
   torch.compile  the oracle compiled (CUDA, D = 1024, M = 2, B <= 16k: each shape compiles for about a minute).
   matmul         ``torch.matmul`` of two n x n matrices (bf16 on CUDA, fp32 on CPU): the peak of this run.
   inf-cl         Inf-CL's tiled contrastive loss (``inf_cl.cal_flash_loss``, Triton, CUDA only; fp32 logits) on the
@@ -81,9 +81,9 @@ def _loss_fn(provider, B, M, lam, device, gamma=GAMMA):
     if provider == "torch_chunked":
         return lambda q, d: reference.focal_infonce_chunked(q, d, *args)
     if provider == "torch_naive":
-        return lambda q, d: reference.focal_infonce_naive(q, d, *args)
+        return lambda q, d: reference.focal_infonce(q, d, *args)
     if provider == "torch.compile":
-        compiled = torch.compile(reference.focal_infonce_naive, dynamic=False)
+        compiled = torch.compile(reference.focal_infonce, dynamic=False)
         return lambda q, d: compiled(q, d, *args)
     raise ValueError(f"unknown provider {provider!r}")
 

@@ -4,8 +4,8 @@
 
 Providers, measured side by side in one run on one device (bf16):
   kalm_fast      the public op: ``masked_mean_pool`` on equal-length batches, the unchecked varlen entry the Embedder
-                 uses (``ops.pool_varlen``, no host sync) on the packed tokens of a length mix. Triton on CUDA; off CUDA
-                 the torch path of SPEC 3 runs, and the note says which.
+                 uses (``ops.varlen_mean_pool_unchecked``, no host sync) on the packed tokens of a length mix.
+                 Triton on CUDA; off CUDA the torch path of SPEC 3 runs, and the note says which.
   torch          what a PyTorch user writes, unfused, in the input dtype on the padded batch: the nn.RMSNorm module,
                  the masked mean, F.normalize.
   torch.compile  the same function compiled (CUDA only, skipped with --smoke: compiling takes minutes on CPU).
@@ -109,7 +109,7 @@ def _shape_rows(B, lo, hi, H, device, smoke, copy_gbps):
         kalm_note = f"{path}, masked_mean_pool"
     else:
         kalm_inputs = (hidden[mask].requires_grad_(), norm.weight)
-        kalm = lambda x, w: ops.pool_varlen(x, cu, None, "rmsnorm", w, None, EPS, True)
+        kalm = lambda x, w: ops.varlen_mean_pool_unchecked(x, cu, None, "rmsnorm", w, None, EPS, True)
         kalm_note = f"{path}, varlen on the T packed tokens"
     torch_inputs = (hidden.clone().requires_grad_(), norm.weight)
     providers = [

@@ -15,7 +15,7 @@ the same token ids and lengths, in one run on one device:
   hf_sdpa    the sentence-transformers / FlagEmbedding pipeline: ``AutoModel`` with SDPA made bidirectional
              (``config.is_causal = False`` and ``is_causal=False``), queries and documents each one batch padded to
              its longest sequence, torch masked mean + ``F.normalize``, the naive torch loss
-             (``reference.focal_infonce_naive``: the B x N logits in fp32), one full-batch backward.
+             (``reference.focal_infonce``: the B x N logits in fp32), one full-batch backward.
   st_cached_mnrl  sentence-transformers' ``CachedMultipleNegativesRankingLoss`` (GradCache, scale 1/tau = 50) on a
              ``SentenceTransformer`` of the same weights (saved, then loaded by its ``Transformer`` module, SDPA made
              bidirectional) with mean pooling: the columns anchor, positive, 7 negatives as ST expects them, padded
@@ -185,7 +185,7 @@ def hf_sdpa_pipeline(model, batch: Batch, device) -> Callable[[], torch.Tensor]:
         return F.normalize((hidden * m).sum(1) / m.sum(1), dim=-1)
 
     def loss_backward():
-        loss = reference.focal_infonce_naive(embed(*queries), embed(*docs), pos_idx, G, True, TEMPERATURE, GAMMA)
+        loss = reference.focal_infonce(embed(*queries), embed(*docs), pos_idx, G, True, TEMPERATURE, GAMMA)
         loss.backward()
         return loss.detach()
 
@@ -279,7 +279,7 @@ def _check_st(st, loss_mod, features, labels, batch: Batch, device) -> None:
         hidden = st[0].auto_model(**features[0], use_cache=False, is_causal=False).last_hidden_state.float()
         m = features[0]["attention_mask"].to(hidden.dtype)[..., None]
         q_hf = F.normalize((hidden * m).sum(1) / m.sum(1), dim=-1)
-        want = reference.focal_infonce_naive(q, docs, _pos_idx(B, device), G, True, TEMPERATURE, 0.0)
+        want = reference.focal_infonce(q, docs, _pos_idx(B, device), G, True, TEMPERATURE, 0.0)
         got = loss_mod.loss([dict(f) for f in features], labels)
     tol = 1e-4 if q.dtype == torch.float32 and st[0].auto_model.dtype == torch.float32 else 3e-2
     emb_err = (q - q_hf).abs().max().item()

@@ -8,10 +8,11 @@
     python -m bench.compile --estimate      # compiles and seconds a cold GPU process spends on the pinned configs
     --resume skips rows already in the table; --arch/--op/--kernel narrow any mode; --jobs N parallel processes.
 
-How a compile mirrors the runtime: the real launcher (``attn_fwd``, ``_pool_fwd``, ``_infonce_bwd``, ...) is called
-on small CPU tensors with ``JITFunction.run`` replaced by a recorder, so the arguments are exactly the launcher's;
-they are bound by the kernel's own binder for a ``GPUTarget`` (Triton's runtime specialization: 16-divisible pointers
-and integers, ``do_not_specialize``), and the result goes to ``triton.compile`` as the runtime would send it.
+How a compile mirrors the runtime: the real launcher (``flash_attn_varlen_fwd``, ``varlen_mean_pool_fwd``,
+``focal_infonce_bwd``, ...) is called on small CPU tensors with ``JITFunction.run`` replaced by a recorder, so the
+arguments are exactly the launcher's; they are bound by the kernel's own binder for a ``GPUTarget`` (Triton's runtime
+specialization: 16-divisible pointers and integers, ``do_not_specialize``), and the result goes to ``triton.compile`` as
+the runtime would send it.
 Registers and spill stores come from the ``ptxas -v`` log of that compile, shared memory from the kernel's metadata,
 tensor-core instructions from ``cuobjdump -sass`` (HGMMA on sm_90, HMMA on sm_80). Identical specializations (a D that
 is only a runtime bound, say) are compiled once and reported for each variant.
@@ -158,9 +159,9 @@ def capture(v: dict, arch: str, config: tuple | None):
             k, vv = (torch.randn(T, Hkv, D, generator=g).to(dt) for _ in range(2))
             cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
             lse = torch.zeros(Hq, T)
-            attention.attn_fwd(q, k, vv, cu, max(lengths), D ** -0.5)
-            attention.attn_bwd(do, q, k, vv, out, lse, cu, max(lengths), D ** -0.5, dlse=torch.zeros(Hq, T),
-                               dkdv_splits=v.get("dkdv_splits"))
+            attention.flash_attn_varlen_fwd(q, k, vv, cu, max(lengths), D ** -0.5)
+            attention.flash_attn_varlen_bwd(do, q, k, vv, out, lse, cu, max(lengths), D ** -0.5,
+                                            dlse=torch.zeros(Hq, T), dkdv_splits=v.get("dkdv_splits"))
         elif v["op"] == "pooling":
             lengths, H = v.get("lengths", (60, 77)), v["H"]
             T, nb = sum(lengths), len(lengths)
@@ -169,20 +170,21 @@ def capture(v: dict, arch: str, config: tuple | None):
             mask = (torch.rand(T, generator=g) > 0.3).to(torch.uint8) if v["mask"] else None
             w = torch.ones(H, dtype=dt) if v["norm"] else None
             b = torch.zeros(H, dtype=dt) if v["norm"] == "layernorm" else None
-            pooling._pool_fwd(x, cu, mask, v["norm"], w, b, 1e-6, True, num_splits=v["splits"])
+            pooling.varlen_mean_pool_fwd(x, cu, mask, v["norm"], w, b, 1e-6, True, num_splits=v["splits"])
             p_hat, cnt = torch.zeros(nb, H), torch.ones(nb)
-            pooling._pool_bwd(torch.randn(nb, H).to(dt), x, cu, mask, v["norm"], w, b, 1e-6, True, p_hat, cnt,
-                              num_splits=v["splits"])
+            pooling.varlen_mean_pool_bwd(torch.randn(nb, H).to(dt), x, cu, mask, v["norm"], w, b, 1e-6, True,
+                                         p_hat, cnt, num_splits=v["splits"])
         else:
             B, G, D, M = v.get("B", 37), v.get("G", 4), v["D"], v["num_mix"]
             q = torch.randn(B, D, generator=g).to(dt)
             d = torch.randn(B * G, D, generator=g).to(dt)
             pos = torch.arange(B) * G
             lam = torch.rand(B, M) if M else None
-            infonce._infonce_fwd(q, d, pos, G, v["in_batch"], 0.05, M, lam)
+            infonce.focal_infonce_fwd(q, d, pos, G, v["in_batch"], 0.05, M, lam)
             top_i = torch.zeros(B, M + 1, dtype=torch.int32)
             c_a, c_b = (torch.zeros(B), torch.zeros(B, M)) if M else (None, None)
-            infonce._infonce_bwd(q, d, pos, G, v["in_batch"], 0.05, torch.zeros(B), torch.zeros(B), top_i, c_a, c_b)
+            infonce.focal_infonce_bwd(q, d, pos, G, v["in_batch"], 0.05, torch.zeros(B), torch.zeros(B), top_i, c_a,
+                                      c_b)
     finally:
         JITFunction.run = real_run
         for m, n, f in saved:

@@ -173,7 +173,7 @@ def kalm_fast_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
     if torch.is_autocast_enabled(query.device.type) and (q.dtype != v.dtype or k.dtype != v.dtype):
         q, k = q.to(v.dtype), k.to(v.dtype)
     with torch.autocast(query.device.type, enabled=False):
-        out = ops.attention_varlen(q, k, v, cu_seqlens, max_seqlen, scaling)
+        out = ops.flash_attn_varlen_unchecked(q, k, v, cu_seqlens, max_seqlen, scaling)
     if indices is not None:
         return pad_input(out, indices, B, Q), None
     return out.reshape(B, Q, Hq, D), None
@@ -375,7 +375,8 @@ class Embedder(torch.nn.Module):
             hidden = self.model(input_ids=input_ids.flatten().index_select(0, indices)[None], attention_mask=None,
                                 **kwargs).last_hidden_state[0]  # (T, H)
         token_mask = None if pool_mask is None else pool_mask.bool().flatten().index_select(0, indices)
-        return ops.pool_varlen(hidden, cu_seqlens, token_mask, **self._norm_args(norm), normalize=self.normalize)
+        return ops.varlen_mean_pool_unchecked(hidden, cu_seqlens, token_mask, **self._norm_args(norm),
+                                              normalize=self.normalize)
 
     def _forward_causal(self, input_ids, attention_mask, pool_mask):
         """bidirectional=False: transformers' SDPA on the padded batch, then the fused padded pooling."""

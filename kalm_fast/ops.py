@@ -4,10 +4,11 @@ CUDA tensors and an importable Triton -> the Triton kernels of ``kalm_fast.kerne
 ``kalm_fast.reference`` (for the loss, the chunked O((B+N)*D) path). ``KALM_FAST_BACKEND=torch|triton`` forces a path
 (``triton`` on CPU needs ``TRITON_INTERPRET=1`` set before kalm_fast.kernels is imported).
 
-Kernel modules implement these launchers (inputs already checked, contiguous where noted):
-  kernels.attention.flash_attn_varlen(q, k, v, cu_seqlens, max_seqlen, softmax_scale, return_lse)
-  kernels.pooling.varlen_pool(hidden (T, H), cu_seqlens, mask (T,) | None, norm, norm_weight, norm_bias, eps,
-                              normalize) -> (B, H)
+Kernel modules implement these entries (inputs already checked, contiguous where noted), one stem per op at every
+layer -- ``<op>_fwd`` / ``<op>_bwd`` launchers, ``_<Op>Function``, the entry, ``reference.<op>`` the oracle:
+  kernels.attention.flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, softmax_scale, return_lse)
+  kernels.pooling.varlen_mean_pool(hidden (T, H), cu_seqlens, mask (T,) | None, norm, norm_weight, norm_bias, eps,
+                                   normalize) -> (B, H)
   kernels.infonce.focal_infonce(q, d, pos_idx, group_size, in_batch_negatives, temperature, gamma, num_mix,
                                 mix_lambda, reduction, return_stats)
 each differentiable through its own torch.autograd.Function.
@@ -127,13 +128,13 @@ def _check_norm_args(norm, norm_weight, norm_bias, eps, hidden_size: int, device
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def attention_varlen(q, k, v, cu_seqlens, max_seqlen, softmax_scale=None, return_lse=False):
+def flash_attn_varlen_unchecked(q, k, v, cu_seqlens, max_seqlen, softmax_scale=None, return_lse=False):
     """Unchecked dispatch for callers that built cu_seqlens themselves (the model glue): no host sync."""
     if use_triton(q, k, v):
-        from kalm_fast.kernels.attention import flash_attn_varlen
+        from kalm_fast.kernels import attention
 
-        return flash_attn_varlen(q, k, v, cu_seqlens, max_seqlen, softmax_scale, return_lse)
-    return reference.attention_varlen(q, k, v, cu_seqlens, max_seqlen, softmax_scale, return_lse)
+        return attention.flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, softmax_scale, return_lse)
+    return reference.flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, softmax_scale, return_lse)
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, *, softmax_scale=None, return_lse=False):
@@ -169,7 +170,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, *, softmax_scale=Non
     if softmax_scale is not None and not (softmax_scale > 0 and math.isfinite(softmax_scale)):
         raise ValueError(f"softmax_scale must be a positive finite number or None, got {softmax_scale!r}")
     _check_cu_seqlens(cu_seqlens, T, q.device, max_seqlen)
-    return attention_varlen(q, k, v, cu_seqlens, max_seqlen, softmax_scale, return_lse)
+    return flash_attn_varlen_unchecked(q, k, v, cu_seqlens, max_seqlen, softmax_scale, return_lse)
 
 
 def flash_attn_func(q, k, v, key_padding_mask=None, *, softmax_scale=None):
@@ -210,13 +211,13 @@ def flash_attn_func(q, k, v, key_padding_mask=None, *, softmax_scale=None):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def pool_varlen(hidden, cu_seqlens, mask=None, norm=None, norm_weight=None, norm_bias=None, eps=1e-6,
-                normalize=True):
+def varlen_mean_pool_unchecked(hidden, cu_seqlens, mask=None, norm=None, norm_weight=None, norm_bias=None,
+                               eps=1e-6, normalize=True):
     """Unchecked dispatch of the varlen pooling (model glue)."""
     if use_triton(hidden):
-        from kalm_fast.kernels.pooling import varlen_pool
+        from kalm_fast.kernels import pooling
 
-        return varlen_pool(hidden, cu_seqlens, mask, norm, norm_weight, norm_bias, eps, normalize)
+        return pooling.varlen_mean_pool(hidden, cu_seqlens, mask, norm, norm_weight, norm_bias, eps, normalize)
     return reference.varlen_mean_pool(hidden, cu_seqlens, mask, norm, norm_weight, norm_bias, eps, normalize)
 
 
@@ -243,7 +244,7 @@ def varlen_mean_pool(hidden, cu_seqlens, *, mask=None, norm=None, norm_weight=No
             raise ValueError(f"mask must be ({hidden.shape[0]},) on {hidden.device}, "
                              f"got {tuple(mask.shape)} on {mask.device}")
     _check_norm_args(norm, norm_weight, norm_bias, eps, hidden.shape[1], hidden.device)
-    return pool_varlen(hidden, cu_seqlens, mask, norm, norm_weight, norm_bias, eps, normalize)
+    return varlen_mean_pool_unchecked(hidden, cu_seqlens, mask, norm, norm_weight, norm_bias, eps, normalize)
 
 
 def masked_mean_pool(hidden, mask, *, norm=None, norm_weight=None, norm_bias=None, eps=1e-6, normalize=True):
@@ -264,10 +265,10 @@ def masked_mean_pool(hidden, mask, *, norm=None, norm_weight=None, norm_bias=Non
     _check_same_device(hidden=hidden, mask=mask)
     _check_norm_args(norm, norm_weight, norm_bias, eps, H, hidden.device)
     if not use_triton(hidden):
-        return reference.mean_pool(hidden, mask, norm, norm_weight, norm_bias, eps, normalize)
+        return reference.masked_mean_pool(hidden, mask, norm, norm_weight, norm_bias, eps, normalize)
     cu = torch.arange(0, (B + 1) * S, S, dtype=torch.int32, device=hidden.device)
-    return pool_varlen(hidden.reshape(B * S, H), cu, mask.reshape(B * S), norm, norm_weight, norm_bias, eps,
-                       normalize)
+    return varlen_mean_pool_unchecked(hidden.reshape(B * S, H), cu, mask.reshape(B * S), norm, norm_weight, norm_bias,
+                                      eps, normalize)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -364,7 +365,7 @@ def focal_infonce(q, d, *, pos_idx=None, group_size=None, in_batch_negatives=Tru
     args = (q, d, pos_idx, G, bool(in_batch_negatives), float(temperature), float(gamma), num_mix, lam, reduction,
             return_stats)
     if use_triton(q, d):
-        from kalm_fast.kernels.infonce import focal_infonce as focal_infonce_triton
+        from kalm_fast.kernels import infonce
 
-        return focal_infonce_triton(*args)
+        return infonce.focal_infonce(*args)
     return reference.focal_infonce_chunked(*args)

@@ -31,7 +31,7 @@ from kalm_fast.heads import (  # noqa: F401  (the O(B * M) math shared with the 
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def attention_varlen(
+def flash_attn_varlen_func(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -122,7 +122,7 @@ def apply_norm(x, norm, weight, bias, eps):
     raise ValueError(f"norm must be None, 'rmsnorm' or 'layernorm', got {norm!r}")
 
 
-def mean_pool(
+def masked_mean_pool(
     hidden: torch.Tensor,
     mask: torch.Tensor,
     norm: str | None = None,
@@ -184,7 +184,7 @@ def default_pos_idx(B: int, N: int, device) -> torch.Tensor:
     return torch.arange(B, device=device, dtype=torch.int64) * (N // B)
 
 
-def focal_infonce_naive(
+def focal_infonce(
     q: torch.Tensor,
     d: torch.Tensor,
     pos_idx: torch.Tensor,
@@ -400,7 +400,7 @@ def focal_infonce_chunked(
     reduction: str = "mean",
     return_stats: bool = False,
 ):
-    """``focal_infonce_naive`` (same arguments and results) in O((B + N) * D) memory: queries are processed in chunks
+    """``focal_infonce`` (same arguments and results) in O((B + N) * D) memory: queries are processed in chunks
     whose logit block holds at most INFONCE_CHUNK_ELEMS elements, in fp32, and the backward recomputes them."""
     loss, *stats = _FocalInfoNCEChunked.apply(q, d, pos_idx, group_size, in_batch_negatives, temperature, gamma,
                                               num_mix, mix_lambda, reduction)

@@ -3,8 +3,8 @@
 Layout (flash-attention's varlen contract): q (T, Hq, D), k/v (T, Hkv, D), cu_seqlens int32 (B+1,); query head h reads
 kv head h // (Hq // Hkv) (GQA/MQA). Every token attends to every token of its own sequence.
 
-Layers (Liger style): Triton kernels -> launchers ``attn_fwd`` / ``attn_bwd`` (plain functions, reusable outside
-autograd) -> ``_FlashAttnVarlenFunction`` -> ``flash_attn_varlen`` (what ``kalm_fast.ops`` dispatches to).
+Layers (Liger style): Triton kernels -> launchers ``flash_attn_varlen_fwd`` / ``flash_attn_varlen_bwd`` (plain functions, reusable outside
+autograd) -> ``_FlashAttnVarlenFunction`` -> ``flash_attn_varlen_func`` (what ``kalm_fast.ops`` dispatches to).
 
 Kernels (notation of Triton tutorial 06: m_i running max, l_i running sum, acc unnormalized output, qk_scale =
 softmax_scale * log2(e) so that every exponential is an exp2):
@@ -67,7 +67,7 @@ _MAX_GRID_YZ = 65535  # CUDA limit of grid dims 1 and 2: longer batches are laun
 
 @triton.jit
 def _load_tile(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_ROWS: tl.constexpr,
-               UPCAST: tl.constexpr):
+               INTERPRET: tl.constexpr):
     """[len(rows), BLOCK_D] tile; rows >= n_rows (only when MASK_ROWS) and columns >= HEAD_DIM read as 0."""
     if MASK_ROWS:
         if HEAD_DIM == BLOCK_D:
@@ -79,7 +79,7 @@ def _load_tile(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.c
             x = tl.load(ptrs)
         else:
             x = tl.load(ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
-    if UPCAST:  # the interpreter's bf16 arithmetic is wrong: compute in fp32 there
+    if INTERPRET:  # the interpreter's bf16 arithmetic is wrong: compute in fp32 there
         x = x.to(tl.float32)
     return x
 
@@ -102,14 +102,14 @@ def _store_tile(ptrs, x, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: 
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, lo, hi, seqlen, qk_scale,
                     offs_n, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                    MASK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    MASK_N: tl.constexpr, INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Online softmax over the key blocks starting at lo, lo + BLOCK_N, ... < hi. MASK_N only for the last, partial
     block (keys >= seqlen get a score of -inf)."""
     k_ptrs = k_base + (lo + offs_n)[:, None] * stride_kt + offs_d[None, :]
     v_ptrs = v_base + (lo + offs_n)[:, None] * stride_vt + offs_d[None, :]
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        k = _load_tile(k_ptrs, cols, seqlen, offs_d, HEAD_DIM, BLOCK_D, MASK_N, UPCAST)  # [BLOCK_N, BLOCK_D]
+        k = _load_tile(k_ptrs, cols, seqlen, offs_d, HEAD_DIM, BLOCK_D, MASK_N, INTERPRET)  # [BLOCK_N, BLOCK_D]
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N], unscaled scores
         if MASK_N:
             qk = tl.where((cols < seqlen)[None, :], qk, float("-inf"))
@@ -117,7 +117,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, lo, 
         p = tl.math.exp2(qk * qk_scale - m_ij[:, None])  # [BLOCK_M, BLOCK_N]
         alpha = tl.math.exp2(m_i - m_ij)  # rescales what was accumulated under the old max
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(v_ptrs, cols, seqlen, offs_d, HEAD_DIM, BLOCK_D, MASK_N, UPCAST)  # [BLOCK_N, BLOCK_D]
+        v = _load_tile(v_ptrs, cols, seqlen, offs_d, HEAD_DIM, BLOCK_D, MASK_N, INTERPRET)  # [BLOCK_N, BLOCK_D]
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_D]
         m_i = m_ij
         k_ptrs += BLOCK_N * stride_kt
@@ -132,7 +132,7 @@ def _attn_fwd_kernel(
     stride_lh,
     seqlen_bucket,  # autotune key only (power-of-two bucket of max_seqlen)
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, STRIDE_UNIT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, STRIDE_UNIT: tl.constexpr, INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -153,7 +153,7 @@ def _attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
 
     q_ptrs = Q + row0 * stride_qt + pid_h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
-    q = _load_tile(q_ptrs, offs_m, seqlen, offs_d, HEAD_DIM, BLOCK_D, True, UPCAST)  # [BLOCK_M, BLOCK_D]
+    q = _load_tile(q_ptrs, offs_m, seqlen, offs_d, HEAD_DIM, BLOCK_D, True, INTERPRET)  # [BLOCK_M, BLOCK_D]
     k_base = K + row0 * stride_kt + pid_kv * stride_kh
     v_base = V + row0 * stride_vt + pid_kv * stride_vh
 
@@ -163,10 +163,10 @@ def _attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     n_full = (seqlen // BLOCK_N) * BLOCK_N
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, 0, n_full, seqlen,
-                                    qk_scale, offs_n, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, False, UPCAST,
+                                    qk_scale, offs_n, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, False, INTERPRET,
                                     DOT_PRECISION)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, n_full, seqlen, seqlen,
-                                    qk_scale, offs_n, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, True, UPCAST,
+                                    qk_scale, offs_n, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, True, INTERPRET,
                                     DOT_PRECISION)
     # every row saw >= 1 real key (seqlen > 0), so l_i > 0 and m_i is finite, padded query rows included
     out = acc / l_i[:, None]
@@ -222,7 +222,7 @@ def _attn_bwd_preprocess_kernel(Out, DO, DLse, Delta, T, stride_ot, stride_oh, s
 @triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, lo, hi,
                          seqlen, qk_scale, offs_m, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                         BLOCK_M: tl.constexpr, MASK_M: tl.constexpr, UPCAST: tl.constexpr,
+                         BLOCK_M: tl.constexpr, MASK_M: tl.constexpr, INTERPRET: tl.constexpr,
                          DOT_PRECISION: tl.constexpr):
     """Accumulate dK (without the scale s) and dV of one key block over the query blocks lo, lo + BLOCK_M, ... < hi,
     working on transposes so that the key block stays the row dimension."""
@@ -230,8 +230,8 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, st
     do_ptrs = do_base + (lo + offs_m)[:, None] * stride_dot + offs_d[None, :]
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
-        q = _load_tile(q_ptrs, rows, seqlen, offs_d, HEAD_DIM, BLOCK_D, MASK_M, UPCAST)  # [BLOCK_M, BLOCK_D]
-        do = _load_tile(do_ptrs, rows, seqlen, offs_d, HEAD_DIM, BLOCK_D, MASK_M, UPCAST)  # [BLOCK_M, BLOCK_D]
+        q = _load_tile(q_ptrs, rows, seqlen, offs_d, HEAD_DIM, BLOCK_D, MASK_M, INTERPRET)  # [BLOCK_M, BLOCK_D]
+        do = _load_tile(do_ptrs, rows, seqlen, offs_d, HEAD_DIM, BLOCK_D, MASK_M, INTERPRET)  # [BLOCK_M, BLOCK_D]
         if MASK_M:
             lse = tl.load(lse_base + rows, mask=rows < seqlen, other=0.0)  # [BLOCK_M]
             delta = tl.load(delta_base + rows, mask=rows < seqlen, other=0.0)
@@ -259,7 +259,7 @@ def _attn_bwd_dkdv_kernel(
     stride_ds,  # SPLIT: DK/DV are fp32 partials (GROUP, T, Hkv, D), one per query head; the head stride
     seqlen_bucket,  # autotune key only
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, STRIDE_UNIT: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, STRIDE_UNIT: tl.constexpr, SPLIT: tl.constexpr, INTERPRET: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -288,8 +288,8 @@ def _attn_bwd_dkdv_kernel(
 
     k_ptrs = K + row0 * stride_kt + pid_kv * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]
     v_ptrs = V + row0 * stride_vt + pid_kv * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :]
-    k = _load_tile(k_ptrs, offs_n, seqlen, offs_d, HEAD_DIM, BLOCK_D, True, UPCAST)  # [BLOCK_N, BLOCK_D]
-    v = _load_tile(v_ptrs, offs_n, seqlen, offs_d, HEAD_DIM, BLOCK_D, True, UPCAST)
+    k = _load_tile(k_ptrs, offs_n, seqlen, offs_d, HEAD_DIM, BLOCK_D, True, INTERPRET)  # [BLOCK_N, BLOCK_D]
+    v = _load_tile(v_ptrs, offs_n, seqlen, offs_d, HEAD_DIM, BLOCK_D, True, INTERPRET)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     qk_scale = sm_scale * LOG2E
@@ -303,10 +303,10 @@ def _attn_bwd_dkdv_kernel(
         delta_base = Delta + pid_h.to(tl.int64) * stride_lh + row0
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
                                       0, m_full, seqlen, qk_scale, offs_m, offs_d, HEAD_DIM, BLOCK_D, BLOCK_M,
-                                      False, UPCAST, DOT_PRECISION)
+                                      False, INTERPRET, DOT_PRECISION)
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
                                       m_full, seqlen, seqlen, qk_scale, offs_m, offs_d, HEAD_DIM, BLOCK_D, BLOCK_M,
-                                      True, UPCAST, DOT_PRECISION)
+                                      True, INTERPRET, DOT_PRECISION)
     if SPLIT:  # unscaled fp32 partial of this query head; the reduce kernel adds the heads in order and scales
         DK += (tl.program_id(1) % GROUP).to(tl.int64) * stride_ds
         DV += (tl.program_id(1) % GROUP).to(tl.int64) * stride_ds
@@ -340,14 +340,14 @@ def _attn_bwd_dkdv_reduce_kernel(DKp, DVp, DK, DV, n, num_splits, sm_scale, BLOC
 @triton.jit
 def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, lo, hi, seqlen, qk_scale,
                        offs_n, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                       MASK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                       MASK_N: tl.constexpr, INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Accumulate dQ (without the scale s) of one query block over the key blocks lo, lo + BLOCK_N, ... < hi."""
     k_ptrs = k_base + (lo + offs_n)[:, None] * stride_kt + offs_d[None, :]
     v_ptrs = v_base + (lo + offs_n)[:, None] * stride_vt + offs_d[None, :]
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        k = _load_tile(k_ptrs, cols, seqlen, offs_d, HEAD_DIM, BLOCK_D, MASK_N, UPCAST)  # [BLOCK_N, BLOCK_D]
-        v = _load_tile(v_ptrs, cols, seqlen, offs_d, HEAD_DIM, BLOCK_D, MASK_N, UPCAST)
+        k = _load_tile(k_ptrs, cols, seqlen, offs_d, HEAD_DIM, BLOCK_D, MASK_N, INTERPRET)  # [BLOCK_N, BLOCK_D]
+        v = _load_tile(v_ptrs, cols, seqlen, offs_d, HEAD_DIM, BLOCK_D, MASK_N, INTERPRET)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
         p = tl.math.exp2(qk * qk_scale - lse2[:, None])  # step 1
         if MASK_N:  # padded keys (k = 0) would get P = exp(-lse), which may overflow: zero them
@@ -368,7 +368,7 @@ def _attn_bwd_dq_kernel(
     stride_lh,
     seqlen_bucket,  # autotune key only
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, STRIDE_UNIT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, STRIDE_UNIT: tl.constexpr, INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -391,8 +391,8 @@ def _attn_bwd_dq_kernel(
 
     q_ptrs = Q + row0 * stride_qt + pid_h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
     do_ptrs = DO + row0 * stride_dot + pid_h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :]
-    q = _load_tile(q_ptrs, offs_m, seqlen, offs_d, HEAD_DIM, BLOCK_D, True, UPCAST)  # [BLOCK_M, BLOCK_D]
-    do = _load_tile(do_ptrs, offs_m, seqlen, offs_d, HEAD_DIM, BLOCK_D, True, UPCAST)
+    q = _load_tile(q_ptrs, offs_m, seqlen, offs_d, HEAD_DIM, BLOCK_D, True, INTERPRET)  # [BLOCK_M, BLOCK_D]
+    do = _load_tile(do_ptrs, offs_m, seqlen, offs_d, HEAD_DIM, BLOCK_D, True, INTERPRET)
     lse_offs = pid_h.to(tl.int64) * stride_lh + row0 + offs_m
     lse2 = tl.load(Lse + lse_offs, mask=offs_m < seqlen, other=0.0) * LOG2E  # [BLOCK_M], log2 domain
     delta = tl.load(Delta + lse_offs, mask=offs_m < seqlen, other=0.0)
@@ -403,9 +403,9 @@ def _attn_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     n_full = (seqlen // BLOCK_N) * BLOCK_N
     dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, 0, n_full, seqlen,
-                            qk_scale, offs_n, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, False, UPCAST, DOT_PRECISION)
+                            qk_scale, offs_n, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, False, INTERPRET, DOT_PRECISION)
     dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, n_full, seqlen, seqlen,
-                            qk_scale, offs_n, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, True, UPCAST, DOT_PRECISION)
+                            qk_scale, offs_n, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, True, INTERPRET, DOT_PRECISION)
     dq *= sm_scale
     dq_ptrs = DQ + row0 * stride_dqt + pid_h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :]
     _store_tile(dq_ptrs, dq, offs_m, seqlen, offs_d, HEAD_DIM, BLOCK_D)
@@ -567,7 +567,7 @@ def _meta(q: torch.Tensor) -> dict:
     return dict(
         HEAD_DIM=q.shape[-1],
         BLOCK_D=max(16, next_power_of_2(q.shape[-1])),  # tl.dot needs >= 16
-        UPCAST=interpreting(),
+        INTERPRET=interpreting(),
         # fp32 inputs get true fp32 products (tl.dot defaults to tf32 for fp32); fp16/bf16 ignore the setting
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
@@ -631,7 +631,7 @@ def _block_n(kernel) -> int:
 
 
 @input_guard
-def attn_fwd(q, k, v, cu_seqlens, max_seqlen: int, softmax_scale: float, order=None):
+def flash_attn_varlen_fwd(q, k, v, cu_seqlens, max_seqlen: int, softmax_scale: float, order=None):
     """Forward launcher. q (T, Hq, D), k/v (T, Hkv, D), cu_seqlens int32 (B+1,) -> out (T, Hq, D) in q's dtype,
     lse (Hq, T) fp32 (natural log of the scaled scores' sum of exponentials). ``order``: ``longest_first(cu_seqlens)``
     when the caller has it."""
@@ -657,7 +657,7 @@ def attn_fwd(q, k, v, cu_seqlens, max_seqlen: int, softmax_scale: float, order=N
 
 
 @input_guard
-def attn_bwd(do, q, k, v, out, lse, cu_seqlens, max_seqlen: int, softmax_scale: float, dlse=None, *, order=None,
+def flash_attn_varlen_bwd(do, q, k, v, out, lse, cu_seqlens, max_seqlen: int, softmax_scale: float, dlse=None, *, order=None,
              dkdv_splits=None):
     """Backward launcher: dO (T, Hq, D) and optionally dlse (Hq, T) -> dq, dk, dv in the dtypes of q, k, v.
     Deterministic: every gradient element is written by exactly one program (dK/dV partials: one program per split,
@@ -725,7 +725,7 @@ class _FlashAttnVarlenFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, max_seqlen, softmax_scale):
         order = longest_first(cu_seqlens)
-        out, lse = attn_fwd(q, k, v, cu_seqlens, max_seqlen, softmax_scale, order=order)
+        out, lse = flash_attn_varlen_fwd(q, k, v, cu_seqlens, max_seqlen, softmax_scale, order=order)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, order)
         ctx.max_seqlen = max_seqlen
         ctx.softmax_scale = softmax_scale
@@ -737,12 +737,12 @@ class _FlashAttnVarlenFunction(torch.autograd.Function):
         q, k, v, out, lse, cu_seqlens, order = ctx.saved_tensors
         if dout is None:  # only lse was used downstream
             dout = torch.zeros_like(out)
-        dq, dk, dv = attn_bwd(dout, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.softmax_scale, dlse,
+        dq, dk, dv = flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.softmax_scale, dlse,
                               order=order)
         return dq, dk, dv, None, None, None
 
 
-def flash_attn_varlen(q, k, v, cu_seqlens, max_seqlen, softmax_scale=None, return_lse=False):
+def flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, softmax_scale=None, return_lse=False):
     """Bidirectional varlen attention (inputs checked by ``kalm_fast.ops.flash_attn_varlen_func``).
 
     q (T, Hq, D), k/v (T, Hkv, D), cu_seqlens int32 (B+1,), max_seqlen >= the longest sequence. Returns out

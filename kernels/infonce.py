@@ -1,7 +1,7 @@
 """Fused focal InfoNCE with online hard-negative mixing (SPEC 4.3) in Triton; the B x N logits are never stored.
 
-Layers (Liger-Kernel style): kernels -> plain launchers ``_infonce_fwd`` / ``_infonce_bwd`` (usable outside
-autograd) -> ``FocalInfoNCEFunction`` -> ``focal_infonce`` (the launcher contract of ``kalm_fast.ops``).
+Layers (Liger-Kernel style): kernels -> plain launchers ``focal_infonce_fwd`` / ``focal_infonce_bwd`` (usable outside
+autograd) -> ``_FocalInfoNCEFunction`` -> ``focal_infonce`` (the launcher contract of ``kalm_fast.ops``).
 
 Notation: q (B, D), d (N, D), s_ij = q_i . d_j (fp32 accumulation), z_ij = s_ij / tau, candidates C_i (all N rows, or
 [pos_i, pos_i + G) without in-batch negatives), M synthetic logits zh_im per query, lse_i = log(sum_{C_i} e^z +
@@ -715,7 +715,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 @input_guard
-def _infonce_fwd(q, d, pos_idx, group_size, in_batch_negatives, temperature, num_mix, mix_lambda):
+def focal_infonce_fwd(q, d, pos_idx, group_size, in_batch_negatives, temperature, num_mix, mix_lambda):
     """Forward kernels. q (B, D), d (N, D), pos_idx int64 (B,), mix_lambda (B, M) fp32 when num_mix > 0.
 
     Returns lse2 (B,) = log2 sum_{C_i} 2^{z_ij log2(e)}, logp2 (B,) = the positive's base-2 log share among the real
@@ -777,7 +777,7 @@ def _merge_rows(part, out, scale, d, top_i, c_a, c_b, temperature):
 
 
 @input_guard
-def _infonce_bwd(q, d, pos_idx, group_size, in_batch_negatives, temperature, lse2, g, top_i, c_a, c_b,
+def focal_infonce_bwd(q, d, pos_idx, group_size, in_batch_negatives, temperature, lse2, g, top_i, c_a, c_b,
                  need_dq=True, need_dd=True):
     """Backward kernels: dq (B, D) and dd (N, D) in the input dtype (None where not needed) from lse2 (B,) (base-2
     lse, synthetic negatives included), g (B,) = dL/dlog p and, with mixing, top_i (B, M+1) int32 and the
@@ -817,14 +817,14 @@ def _infonce_bwd(q, d, pos_idx, group_size, in_batch_negatives, temperature, lse
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class FocalInfoNCEFunction(torch.autograd.Function):
+class _FocalInfoNCEFunction(torch.autograd.Function):
     """(loss, p_pos, weight, hard_neg_logit, hard_neg_idx); only the loss is differentiable (w.r.t. q and d)."""
 
     @staticmethod
     def forward(ctx, q, d, pos_idx, group_size, in_batch_negatives, temperature, gamma, num_mix, mix_lambda,
                 reduction):
         lam = mix_lambda if num_mix > 0 else None
-        lse2, logp2, top_v, top_i, zh, nrm = _infonce_fwd(q, d, pos_idx, group_size, in_batch_negatives,
+        lse2, logp2, top_v, top_i, zh, nrm = focal_infonce_fwd(q, d, pos_idx, group_size, in_batch_negatives,
                                                          temperature, num_mix, lam)
         shift, logp, loss = heads.infonce_head(lse2 * LN2, logp2 * LN2, zh, gamma)
         lse2 = lse2 + shift * LOG2E  # the synthetic negatives' share, for P = exp2(s qk_scale - lse2) in the backward
@@ -839,7 +839,7 @@ class FocalInfoNCEFunction(torch.autograd.Function):
         q, d, pos_idx, lse2, logp, top_i, lam, nrm, zh = ctx.saved_tensors
         group_size, in_batch_negatives, temperature, gamma, reduction = ctx.args
         g, c_a, c_b = heads.infonce_grad_coeffs(grad_loss, logp, lse2 * LN2, zh, lam, nrm, gamma, reduction)
-        dq, dd = _infonce_bwd(q, d, pos_idx, group_size, in_batch_negatives, temperature, lse2, g, top_i, c_a, c_b,
+        dq, dd = focal_infonce_bwd(q, d, pos_idx, group_size, in_batch_negatives, temperature, lse2, g, top_i, c_a, c_b,
                               need_dq=ctx.needs_input_grad[0], need_dd=ctx.needs_input_grad[1])
         return dq, dd, None, None, None, None, None, None, None, None
 
@@ -847,7 +847,7 @@ class FocalInfoNCEFunction(torch.autograd.Function):
 def focal_infonce(q, d, pos_idx, group_size, in_batch_negatives, temperature, gamma, num_mix, mix_lambda, reduction,
                   return_stats):
     """Launcher contract of ``kalm_fast.ops.focal_infonce`` (arguments already checked; mix_lambda (B, M) fp32)."""
-    loss, *stats = FocalInfoNCEFunction.apply(q, d, pos_idx, group_size, in_batch_negatives, temperature, gamma,
+    loss, *stats = _FocalInfoNCEFunction.apply(q, d, pos_idx, group_size, in_batch_negatives, temperature, gamma,
                                               num_mix, mix_lambda, reduction)
     if not return_stats:
         return loss

@@ -42,8 +42,8 @@ o = p / max(||p||, eps2) and g = dL/do:
   5. LayerNorm: x_hat = (x - mu) r, r = (var + eps)^(-1/2)  =>  dx = r (u - mean(u) - x_hat mean(u x_hat)).
   6. No norm: dx = u; x is not read at all.
 
-Layers (Liger-Kernel style): Triton kernels -> plain launchers ``_pool_fwd``/``_pool_bwd`` -> ``_VarlenPoolFunction``
--> ``varlen_pool`` (called by ``kalm_fast.ops`` after its input checks; inputs are trusted here).
+Layers (Liger-Kernel style): Triton kernels -> plain launchers ``varlen_mean_pool_fwd``/``varlen_mean_pool_bwd`` -> ``_VarlenMeanPoolFunction``
+-> ``varlen_mean_pool`` (called by ``kalm_fast.ops`` after its input checks; inputs are trusted here).
 """
 
 from __future__ import annotations
@@ -294,7 +294,7 @@ def _flags(norm, mask, weight, bias, normalize) -> dict:
 
 
 @input_guard
-def _pool_fwd(hidden, cu_seqlens, mask, norm, weight, bias, eps, normalize, *, num_splits=None, block_t=None):
+def varlen_mean_pool_fwd(hidden, cu_seqlens, mask, norm, weight, bias, eps, normalize, *, num_splits=None, block_t=None):
     """Forward launcher. hidden (T, H) with unit stride along H, cu_seqlens int32 (B+1,), mask (T,) int/uint8 or
     None, weight/bias (H,) or None. Returns out (B, H) in hidden's dtype, p_hat (B, H) fp32 and count (B,) fp32."""
     T, H = hidden.shape
@@ -329,7 +329,7 @@ def _pool_fwd(hidden, cu_seqlens, mask, norm, weight, bias, eps, normalize, *, n
 
 
 @input_guard
-def _pool_bwd(grad_out, hidden, cu_seqlens, mask, norm, weight, bias, eps, normalize, p_hat, count, *,
+def varlen_mean_pool_bwd(grad_out, hidden, cu_seqlens, mask, norm, weight, bias, eps, normalize, p_hat, count, *,
               need_dx=True, need_dw=True, need_db=True, num_splits=None, block_t=None):
     """Backward launcher: grad_out (B, H) and the forward's inputs and saved p_hat/count -> (dx | None, dw | None,
     db | None), dx (T, H) in hidden's dtype, dw/db in the dtypes of weight/bias."""
@@ -363,10 +363,10 @@ def _pool_bwd(grad_out, hidden, cu_seqlens, mask, norm, weight, bias, eps, norma
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class _VarlenPoolFunction(torch.autograd.Function):
+class _VarlenMeanPoolFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, cu_seqlens, mask, weight, bias, norm, eps, normalize, num_splits, block_t):
-        out, p_hat, count = _pool_fwd(hidden, cu_seqlens, mask, norm, weight, bias, eps, normalize,
+        out, p_hat, count = varlen_mean_pool_fwd(hidden, cu_seqlens, mask, norm, weight, bias, eps, normalize,
                                       num_splits=num_splits, block_t=block_t)
         ctx.save_for_backward(hidden, cu_seqlens, mask, weight, bias, p_hat, count)
         ctx.config = (norm, eps, normalize, num_splits, block_t)
@@ -380,13 +380,13 @@ class _VarlenPoolFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         if grad_out.stride(-1) != 1:
             grad_out = grad_out.contiguous()
-        dx, dw, db = _pool_bwd(grad_out, hidden, cu_seqlens, mask, norm, weight, bias, eps, normalize, p_hat, count,
+        dx, dw, db = varlen_mean_pool_bwd(grad_out, hidden, cu_seqlens, mask, norm, weight, bias, eps, normalize, p_hat, count,
                                need_dx=need[0], need_dw=need[3], need_db=need[4], num_splits=num_splits,
                                block_t=block_t)
         return dx, None, None, dw, db, None, None, None, None, None
 
 
-def varlen_pool(hidden, cu_seqlens, mask=None, norm=None, norm_weight=None, norm_bias=None, eps=1e-6,
+def varlen_mean_pool(hidden, cu_seqlens, mask=None, norm=None, norm_weight=None, norm_bias=None, eps=1e-6,
                 normalize=True, *, num_splits=None, block_t=None):
     """Fused [norm ->] masked mean [-> L2 normalize] over packed sequences (inputs checked by ``kalm_fast.ops``).
 
@@ -399,5 +399,5 @@ def varlen_pool(hidden, cu_seqlens, mask=None, norm=None, norm_weight=None, norm
         hidden = hidden.contiguous()
     if mask is not None:
         mask = (mask.view(torch.uint8) if mask.dtype == torch.bool else mask).contiguous()
-    return _VarlenPoolFunction.apply(hidden, cu_seqlens, mask, norm_weight, norm_bias, norm, float(eps),
+    return _VarlenMeanPoolFunction.apply(hidden, cu_seqlens, mask, norm_weight, norm_bias, norm, float(eps),
                                      bool(normalize), num_splits, block_t)

@@ -1,5 +1,5 @@
 """Bidirectional varlen flash attention (kernels/attention.py) against the fp32 oracle
-``kalm_fast.reference.attention_varlen``: forward out and lse, backward dq/dk/dv.
+``kalm_fast.reference.flash_attn_varlen_func``: forward out and lse, backward dq/dk/dv.
 
 Tolerances:
 - fp16/bf16, the 2x rule (STYLE.md): the kernel's max abs error vs the fp32 reference is at most twice the error of
@@ -69,7 +69,7 @@ def _kalm(q, k, v, cu, max_seqlen, dout, dlse=None, scale=None):
 def _oracle(q, k, v, cu, max_seqlen, dout, dlse=None, scale=None):
     """The fp32 reference on fp32 copies of the same inputs."""
     q, k, v = (x.detach().float().requires_grad_() for x in (q, k, v))
-    out, lse = reference.attention_varlen(q, k, v, cu, max_seqlen, scale, True)
+    out, lse = reference.flash_attn_varlen_func(q, k, v, cu, max_seqlen, scale, True)
     return out, lse, _grads(out, lse, dout, dlse, (q, k, v))
 
 
@@ -77,7 +77,7 @@ def _oracle_in_dtype(q, k, v, cu, dout, dlse=None, scale=None):
     """The oracle computed in the inputs' own dtype (``compute_dtype``, no upcast): in fp16/bf16 the error baseline
     of the 2x rule."""
     q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
-    out, lse = reference.attention_varlen(q, k, v, cu, 0, scale, True, compute_dtype=q.dtype)
+    out, lse = reference.flash_attn_varlen_func(q, k, v, cu, 0, scale, True, compute_dtype=q.dtype)
     return out, lse, _grads(out, lse, dout, dlse, (q, k, v))
 
 
@@ -343,9 +343,9 @@ def test_dkdv_partials_match_reference_and_are_deterministic(Hq):
     dout = torch.randn(q.shape, device=DEVICE)
     dlse = torch.randn(q.shape[1], q.shape[0], device=DEVICE)
     scale = q.shape[-1] ** -0.5
-    out, lse = attention.attn_fwd(q.detach(), k.detach(), v.detach(), cu, max_seqlen, scale)
-    runs = [attention.attn_bwd(dout, q.detach(), k.detach(), v.detach(), out, lse, cu, max_seqlen, scale, dlse,
-                               dkdv_splits=s) for s in (1, 3, 3)]
+    out, lse = attention.flash_attn_varlen_fwd(q.detach(), k.detach(), v.detach(), cu, max_seqlen, scale)
+    runs = [attention.flash_attn_varlen_bwd(dout, q.detach(), k.detach(), v.detach(), out, lse, cu, max_seqlen, scale,
+                                            dlse, dkdv_splits=s) for s in (1, 3, 3)]
     truth, bound = bounds.attention(q, k, v, cu, dout, dlse, scale)
     for grads in runs:
         for name, got in zip(("dq", "dk", "dv"), grads):

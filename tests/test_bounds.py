@@ -19,7 +19,7 @@ def _attention_case():
 
 
 def _torch_fp32(q, k, v, cu, dout, scale=None):
-    out, lse = reference.attention_varlen(q, k, v, cu, max(LENGTHS), scale, True)
+    out, lse = reference.flash_attn_varlen_func(q, k, v, cu, max(LENGTHS), scale, True)
     grads = torch.autograd.grad((out * dout).sum(), (q, k, v))
     return dict(out=out, lse=lse, dq=grads[0], dk=grads[1], dv=grads[2])
 

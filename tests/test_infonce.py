@@ -39,8 +39,8 @@ def backend(request, monkeypatch):
 
 def torch_ref(q, d, pos_idx, group_size, in_batch_negatives, temperature, gamma, num_mix, mix_lambda, reduction,
               dtype, parts=None):
-    """(loss, stats) of the oracle computed in ``dtype`` (reference.focal_infonce_naive's compute_dtype)."""
-    return reference.focal_infonce_naive(q, d, pos_idx, group_size, in_batch_negatives, temperature, gamma, num_mix,
+    """(loss, stats) of the oracle computed in ``dtype`` (reference.focal_infonce's compute_dtype)."""
+    return reference.focal_infonce(q, d, pos_idx, group_size, in_batch_negatives, temperature, gamma, num_mix,
                                          mix_lambda, reduction, return_stats=True, compute_dtype=dtype, parts=parts)
 
 
@@ -118,7 +118,7 @@ def check_against_oracle(out, q, d, args):
         bounds.assert_within(name, out[i], ref[i], bound[name])
     for key in ("p_pos", "weight", "hard_neg_logit"):
         bounds.assert_within(key, out[3][key], ref[3][key], bound[key])
-    base = run(reference.focal_infonce_naive, q, d, *args, return_stats=True)
+    base = run(reference.focal_infonce, q, d, *args, return_stats=True)
     assert torch.equal(out[3]["hard_neg_idx"], base[3]["hard_neg_idx"])
 
 
@@ -240,7 +240,7 @@ def test_fp16_two_x_rule(backend):
     lam = torch.rand(B, 2, device=DEVICE)
     args = loss_args(B, B * G, gamma=0.5, num_mix=2, mix_lambda=lam)
     out = run_ops(q, d, args)
-    ref = run(reference.focal_infonce_naive, q, d, *args, return_stats=True)
+    ref = run(reference.focal_infonce, q, d, *args, return_stats=True)
     base = run(torch_ref, q, d, *args, dtype=torch.float16)
     assert out[1].dtype == out[2].dtype == torch.float16
     for i, name in enumerate(("loss", "dq", "dd")):
@@ -326,7 +326,7 @@ def test_allocation_recorder_sees_b_by_n():
     B, N, D = 64, 256, 8
     q, d = embeddings(B, N, D)
     with _LargestOutput() as rec:
-        reference.focal_infonce_naive(q, d, *loss_args(B, N))
+        reference.focal_infonce(q, d, *loss_args(B, N))
     assert rec.numel >= B * N
 
 
@@ -585,7 +585,7 @@ def test_gpu_bf16_two_x_rule(monkeypatch, in_batch):
     lam = torch.rand(B, 2, device=DEVICE)
     args = loss_args(B, B * G, in_batch_negatives=in_batch, gamma=0.5, num_mix=2, mix_lambda=lam)
     out = run_ops(q, d, args)
-    ref = run(reference.focal_infonce_naive, q, d, *args, return_stats=True)
+    ref = run(reference.focal_infonce, q, d, *args, return_stats=True)
     base = run(torch_ref, q, d, *args, dtype=torch.bfloat16)
     for i, name in enumerate(("loss", "dq", "dd")):
         assert_2x(name, out[i], ref[i], base[i])

@@ -79,8 +79,8 @@ def test_input_guard_switches_to_the_inputs_device(monkeypatch):
 def test_every_launcher_is_guarded():
     from kalm_fast.kernels import attention, infonce, pooling
 
-    for fn in (attention.attn_fwd, attention.attn_bwd, pooling._pool_fwd, pooling._pool_bwd, infonce._infonce_fwd,
-               infonce._infonce_bwd):
+    for fn in (attention.flash_attn_varlen_fwd, attention.flash_attn_varlen_bwd, pooling.varlen_mean_pool_fwd,
+               pooling.varlen_mean_pool_bwd, infonce.focal_infonce_fwd, infonce.focal_infonce_bwd):
         assert hasattr(fn, "__wrapped__"), f"{fn.__name__} launches without input_guard"
 
 
@@ -313,7 +313,7 @@ def test_gpu_64bit_offsets_attention():
     out = kalm_fast.flash_attn_varlen_func(q, k, v, cu, L)
     s = T - 2 * L
     one = torch.tensor([0, L, 2 * L], dtype=torch.int32, device="cuda")
-    ref = reference.attention_varlen(q[s:].float(), k[s:].float(), v[s:].float(), one, L)
+    ref = reference.flash_attn_varlen_func(q[s:].float(), k[s:].float(), v[s:].float(), one, L)
     ref = ref[0] if isinstance(ref, tuple) else ref
     assert (out[s:].float() - ref).abs().max().item() < 2e-2
 

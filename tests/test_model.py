@@ -517,12 +517,12 @@ def test_embedder_triton_backend_equals_torch_backend(byte_tokenizer, monkeypatc
     monkeypatch.setenv("KALM_FAST_BACKEND", "torch")
     expected, expected_grads = embed_and_grads(run, embedder.model, probe)
     calls = []
-    for module, name in ((attention_kernels, "flash_attn_varlen"), (pooling_kernels, "varlen_pool")):
+    for module, name in ((attention_kernels, "flash_attn_varlen_func"), (pooling_kernels, "varlen_mean_pool")):
         launcher = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _f=launcher, _n=name, **kw: calls.append(_n) or _f(*a, **kw))
     monkeypatch.setenv("KALM_FAST_BACKEND", "triton")
     got, got_grads = embed_and_grads(run, embedder.model, probe)
-    assert calls.count("flash_attn_varlen") == 2 and calls.count("varlen_pool") == 1  # 2 layers, 1 pooling
+    assert calls.count("flash_attn_varlen_func") == 2 and calls.count("varlen_mean_pool") == 1  # 2 layers, 1 pooling
     assert_close(got, expected, atol=ATOL, rtol=RTOL, name="triton embeddings")
     for name in expected_grads:
         atol = ATOL * expected_grads[name].abs().max().item()  # scaled as in test_backward_matches_transformers_sdpa

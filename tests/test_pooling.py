@@ -42,13 +42,13 @@ def triton_calls(monkeypatch):
     fails if dispatch silently took the torch path."""
     monkeypatch.setenv("KALM_FAST_BACKEND", "triton")
     calls = []
-    launcher = pooling._pool_fwd
+    launcher = pooling.varlen_mean_pool_fwd
 
     def spy(*args, **kwargs):
         calls.append(args[0].shape)
         return launcher(*args, **kwargs)
 
-    monkeypatch.setattr(pooling, "_pool_fwd", spy)
+    monkeypatch.setattr(pooling, "varlen_mean_pool_fwd", spy)
     return calls
 
 
@@ -136,7 +136,8 @@ def assert_2x(name, actual, lowp, truth):
 def test_varlen_matches_reference(norm, has_w, has_b, normalize):
     hidden, cu, mask, weight, bias, grad = varlen_batch(384)
     w, b = affine(has_w, has_b, weight, bias)
-    got = fwd_bwd(lambda x, w_, b_: pooling.varlen_pool(x, cu, mask, norm, w_, b_, EPS, normalize), hidden, w, b, grad)
+    got = fwd_bwd(lambda x, w_, b_: pooling.varlen_mean_pool(x, cu, mask, norm, w_, b_, EPS, normalize), hidden, w, b,
+                  grad)
     for name, g, expected in zip(NAMES, got, (hidden, hidden, w, b if norm == "layernorm" else None)):
         assert (g is None) == (expected is None), name
     assert_fp32(got, hidden, cu, mask, norm, w, b, normalize, grad)
@@ -154,7 +155,7 @@ def test_varlen_matches_reference(norm, has_w, has_b, normalize):
 def test_norm_without_affine_parameters(norm, has_w, has_b):
     hidden, cu, mask, weight, bias, grad = varlen_batch(384)
     w, b = affine(has_w, has_b, weight, bias)
-    got = fwd_bwd(lambda x, w_, b_: pooling.varlen_pool(x, cu, mask, norm, w_, b_, EPS, True), hidden, w, b, grad)
+    got = fwd_bwd(lambda x, w_, b_: pooling.varlen_mean_pool(x, cu, mask, norm, w_, b_, EPS, True), hidden, w, b, grad)
     assert_fp32(got, hidden, cu, mask, norm, w, b, True, grad)
 
 
@@ -165,17 +166,18 @@ def test_token_splits_and_tiles(norm, has_w, has_b, num_splits, block_t):
     no token) give the reference result; the GPU picks splits by itself, the interpreter only when told."""
     hidden, cu, mask, weight, bias, grad = varlen_batch(384)
     w, b = affine(has_w, has_b, weight, bias)
-    got = fwd_bwd(lambda x, w_, b_: pooling.varlen_pool(x, cu, mask, norm, w_, b_, EPS, True, num_splits=num_splits,
-                                                        block_t=block_t), hidden, w, b, grad)
+    pool = lambda x, w_, b_: pooling.varlen_mean_pool(x, cu, mask, norm, w_, b_, EPS, True, num_splits=num_splits,
+                                                      block_t=block_t)
+    got = fwd_bwd(pool, hidden, w, b, grad)
     assert_fp32(got, hidden, cu, mask, norm, w, b, True, grad)
 
 
 def test_mask_dtypes_and_no_mask():
     hidden, cu, mask, weight, _, _ = varlen_batch(384)
-    by_bool = pooling.varlen_pool(hidden, cu, mask, "rmsnorm", weight, None, EPS, True)
-    by_int = pooling.varlen_pool(hidden, cu, mask.to(torch.int64), "rmsnorm", weight, None, EPS, True)
+    by_bool = pooling.varlen_mean_pool(hidden, cu, mask, "rmsnorm", weight, None, EPS, True)
+    by_int = pooling.varlen_mean_pool(hidden, cu, mask.to(torch.int64), "rmsnorm", weight, None, EPS, True)
     assert torch.equal(by_bool, by_int)
-    no_mask = pooling.varlen_pool(hidden, cu, None, "rmsnorm", weight, None, EPS, True)
+    no_mask = pooling.varlen_mean_pool(hidden, cu, None, "rmsnorm", weight, None, EPS, True)
     truth, bound = bounds.pooling(hidden, cu, None, "rmsnorm", weight, None, EPS, True, torch.zeros(len(LENGTHS), 384))
     bounds.assert_within("out, no mask", no_mask, truth["out"], bound["out"])
     assert not torch.allclose(no_mask, by_bool)  # the instruction tokens do change the mean
@@ -186,12 +188,12 @@ def test_frozen_inputs():
     hidden, cu, mask, weight, bias, grad = varlen_batch(384)
     w = weight.clone().requires_grad_()
     b = bias.clone().requires_grad_()
-    out = pooling.varlen_pool(hidden, cu, mask, "layernorm", w, b, EPS, True)
+    out = pooling.varlen_mean_pool(hidden, cu, mask, "layernorm", w, b, EPS, True)
     out.backward(grad)
     assert_fp32((out, None, w.grad, b.grad), hidden, cu, mask, "layernorm", weight, bias, True, grad, " (frozen x)")
 
     x = hidden.clone().requires_grad_()
-    pooling.varlen_pool(x, cu, mask, "layernorm", weight, bias, EPS, True).backward(grad)
+    pooling.varlen_mean_pool(x, cu, mask, "layernorm", weight, bias, EPS, True).backward(grad)
     assert_fp32((None, x.grad), hidden, cu, mask, "layernorm", weight, bias, True, grad, " (frozen w, b)")
 
 
@@ -200,13 +202,13 @@ def test_only_empty_rows_and_empty_batch():
     (whose gradient at 0 is g / eps)."""
     hidden, cu, _, weight, bias, grad = varlen_batch(384)
     mask = torch.zeros(hidden.shape[0], dtype=torch.bool, device=DEVICE)
-    out, dx, dw, db = fwd_bwd(lambda x, w_, b_: pooling.varlen_pool(x, cu, mask, "layernorm", w_, b_, EPS, True),
+    out, dx, dw, db = fwd_bwd(lambda x, w_, b_: pooling.varlen_mean_pool(x, cu, mask, "layernorm", w_, b_, EPS, True),
                               hidden, weight, bias, grad)
     for name, t in (("out", out), ("dhidden", dx), ("dweight", dw), ("dbias", db)):
         assert (t == 0).all(), name
 
     empty = torch.zeros(0, 384, device=DEVICE)
-    out, dx, dw, db = fwd_bwd(lambda x, w_, b_: pooling.varlen_pool(x, cu_seqlens_of([0, 0]), None, "layernorm",
+    out, dx, dw, db = fwd_bwd(lambda x, w_, b_: pooling.varlen_mean_pool(x, cu_seqlens_of([0, 0]), None, "layernorm",
                                                                     w_, b_, EPS, True),
                               empty, weight, bias, grad[:2])
     assert out.shape == (2, 384) and (out == 0).all() and dx.shape == (0, 384)
@@ -215,7 +217,8 @@ def test_only_empty_rows_and_empty_batch():
 
 def test_backward_is_deterministic():
     hidden, cu, mask, weight, bias, grad = varlen_batch(384)
-    fn = lambda x, w_, b_: pooling.varlen_pool(x, cu, mask, "layernorm", w_, b_, EPS, True, num_splits=3, block_t=32)
+    fn = lambda x, w_, b_: pooling.varlen_mean_pool(x, cu, mask, "layernorm", w_, b_, EPS, True, num_splits=3,
+                                                    block_t=32)
     first = fwd_bwd(fn, hidden, weight, bias, grad)
     second = fwd_bwd(fn, hidden, weight, bias, grad)
     for name, a, b in zip(("out", "dhidden", "dweight", "dbias"), first, second):
@@ -231,7 +234,7 @@ def test_unpooled_rows_are_loaded_then_discarded(norm):
     w, b = affine(norm is not None, norm == "layernorm", weight, bias)
     dirty = hidden.clone()
     dirty[~mask] = torch.tensor([float("nan"), float("inf"), -float("inf")]).repeat(384 // 3)
-    fn = lambda x, w_, b_: pooling.varlen_pool(x, cu, mask, norm, w_, b_, EPS, True, num_splits=2, block_t=16)
+    fn = lambda x, w_, b_: pooling.varlen_mean_pool(x, cu, mask, norm, w_, b_, EPS, True, num_splits=2, block_t=16)
     clean, poisoned = fwd_bwd(fn, hidden, w, b, grad), fwd_bwd(fn, dirty, w, b, grad)
     for name, a, c in zip(NAMES, clean, poisoned):
         if a is not None:
@@ -290,8 +293,8 @@ def test_fp16_two_x_rule(norm, H, normalize, triton_calls):
     assert triton_calls
     lowp = fwd_bwd(lambda x, w_, b_: torch_lowp_pool(x, pool, norm, w_, b_, EPS, normalize), hidden, w, b, grad)
     up = lambda t: t.float() if t is not None else None
-    truth = fwd_bwd(lambda x, w_, b_: ref.mean_pool(x, pool, norm, w_, b_, EPS, normalize), up(hidden), up(w), up(b),
-                    grad.float())
+    truth = fwd_bwd(lambda x, w_, b_: ref.masked_mean_pool(x, pool, norm, w_, b_, EPS, normalize), up(hidden), up(w),
+                    up(b), grad.float())
     assert got[0].dtype == torch.float16 and got[1].dtype == torch.float16
     for name, g, lp, t in zip(("out", "dhidden", "dweight", "dbias"), got, lowp, truth):
         if t is not None:
@@ -347,7 +350,7 @@ def test_gpu_bf16_large(B, S, H, norm):
                   hidden, w, b, grad)
     lowp = fwd_bwd(lambda x, w_, b_: torch_lowp_pool(x, pool, norm, w_, b_, EPS, True), hidden, w, b, grad)
     up = lambda t: t.float() if t is not None else None
-    truth = fwd_bwd(lambda x, w_, b_: ref.mean_pool(x, pool, norm, w_, b_, EPS, True), up(hidden), up(w), up(b),
+    truth = fwd_bwd(lambda x, w_, b_: ref.masked_mean_pool(x, pool, norm, w_, b_, EPS, True), up(hidden), up(w), up(b),
                     grad.float())
     for name, t, lp, want in zip(("out", "dhidden", "dweight", "dbias"), got, lowp, truth):
         if want is not None:
