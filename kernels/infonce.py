@@ -15,7 +15,8 @@ large one cannot get there; the splits write partials that a small kernel merges
 bits every run, no atomics. A batch that fills the GPU by itself keeps one split.
 
 Forward (``_infonce_fwd_kernel``, one program per (block of BLOCK_M queries, split of the rows of d)): one pass over
-the split's tiles of BLOCK_N rows of d, each tile's scores by tl.dot over D in BLOCK_K chunks; per query an online logsumexp (m_i, l_i), the positive's score,
+the split's tiles of BLOCK_N rows of d, each tile's scores by tl.dot over D in BLOCK_K chunks (D <= BLOCK_K: one dot
+with the query block held on chip, ``_resident``); per query an online logsumexp (m_i, l_i), the positive's score,
 and a running top-(M+1) of negative scores with their indices (ties -> lower index), inserted only when a tile holds
 a score above a row's current (M+1)-th, so after the first tiles most tiles insert nothing.
 ``_infonce_fwd_merge_kernel`` combines the splits' (m, l, positive logit, top list). Then ``_infonce_mix_kernel``
@@ -110,15 +111,15 @@ _INTERPRETER_CONFIG = (64, 128, 64, 4, 1, 0)  # (BLOCK_M, BLOCK_N, BLOCK_K, num_
 # KALM_FAST_AUTOTUNE=1 tunes over. Written by ``python -m bench.compile --pin`` from the committed compile tables.
 # BEGIN PINNED
 PINNED = {
-    ('dd', 'sm_80', '16bit'): [(128, 128, 64, 8, 3, 98304), (128, 64, 128, 8, 2, 65536), (64, 128, 64, 8, 3, 65536), (64, 64, 256, 8, 2, 74752), (64, 64, 128, 4, 2, 32768), (64, 64, 64, 4, 3, 32768), (64, 64, 32, 4, 2, 20480), (32, 64, 256, 8, 2, 53760), (32, 64, 32, 4, 2, 14336)],
+    ('dd', 'sm_80', '16bit'): [(128, 64, 128, 8, 2, 67584), (64, 128, 64, 8, 3, 65536), (64, 64, 256, 8, 2, 74752), (64, 64, 128, 4, 2, 41984), (64, 64, 64, 4, 3, 32768), (64, 64, 32, 4, 2, 20480), (32, 64, 256, 8, 2, 53760), (32, 64, 32, 4, 2, 14336)],
     ('dd', 'sm_80', 'fp32'): [(32, 64, 32, 4, 2, 20480), (32, 32, 32, 4, 2, 8192), (16, 32, 32, 4, 2, 6144)],
-    ('dd', 'sm_90', '16bit'): [(128, 64, 128, 8, 3, 147456), (64, 128, 64, 8, 4, 98304), (64, 64, 64, 4, 4, 65536), (64, 64, 32, 4, 3, 24576), (32, 64, 256, 8, 2, 102400), (32, 64, 32, 4, 2, 12288)],
+    ('dd', 'sm_90', '16bit'): [(64, 128, 64, 8, 4, 98304), (64, 64, 64, 4, 4, 65536), (64, 64, 32, 4, 3, 24576), (32, 64, 256, 8, 2, 102400), (32, 64, 32, 4, 2, 12288)],
     ('dd', 'sm_90', 'fp32'): [(32, 64, 32, 4, 2, 20480), (32, 32, 32, 4, 2, 8192), (16, 32, 32, 4, 2, 6144)],
-    ('dq', 'sm_80', '16bit'): [(128, 128, 64, 8, 3, 98304), (128, 64, 128, 8, 2, 49152), (64, 128, 64, 8, 3, 65536), (64, 64, 256, 8, 2, 73728), (64, 64, 128, 4, 2, 32768), (64, 64, 64, 4, 3, 32768), (64, 64, 32, 4, 2, 20480), (32, 64, 256, 8, 2, 53248), (32, 64, 32, 4, 2, 12288)],
+    ('dq', 'sm_80', '16bit'): [(64, 64, 128, 4, 2, 40960), (64, 64, 64, 4, 3, 32768), (64, 64, 32, 4, 2, 20480), (32, 64, 32, 4, 2, 12288)],
     ('dq', 'sm_80', 'fp32'): [(32, 64, 32, 4, 2, 16384), (32, 32, 32, 4, 2, 8192), (16, 32, 32, 4, 2, 6144)],
-    ('dq', 'sm_90', '16bit'): [(128, 128, 64, 8, 4, 131072), (64, 128, 128, 8, 3, 147456), (64, 128, 64, 8, 4, 98304), (64, 64, 64, 4, 4, 65536), (64, 64, 32, 4, 3, 24576), (32, 64, 256, 8, 2, 53248), (32, 64, 32, 4, 2, 12288)],
+    ('dq', 'sm_90', '16bit'): [(64, 64, 64, 4, 4, 65536), (64, 64, 32, 4, 3, 24576), (32, 64, 256, 8, 2, 53248), (32, 64, 32, 4, 2, 12288)],
     ('dq', 'sm_90', 'fp32'): [(32, 64, 32, 4, 2, 16384), (32, 32, 32, 4, 2, 8192), (16, 32, 32, 4, 2, 6144)],
-    ('fwd', 'sm_80', '16bit'): [(64, 128, 64, 8, 3, 49152), (64, 64, 256, 8, 2, 65536), (64, 64, 32, 4, 2, 8192), (32, 64, 256, 8, 2, 49152), (32, 64, 32, 4, 2, 6144)],
+    ('fwd', 'sm_80', '16bit'): [(64, 128, 64, 8, 3, 49152), (32, 64, 32, 4, 2, 6144)],
     ('fwd', 'sm_80', 'fp32'): [(32, 64, 32, 4, 2, 12288), (32, 32, 32, 4, 2, 8192), (16, 32, 32, 4, 2, 6144)],
     ('fwd', 'sm_90', '16bit'): [(128, 64, 128, 8, 3, 147456), (64, 128, 64, 8, 4, 98304), (64, 64, 256, 8, 2, 131072), (64, 64, 128, 4, 3, 98304), (64, 64, 64, 4, 4, 65536), (64, 64, 32, 4, 3, 24576)],
     ('fwd', 'sm_90', 'fp32'): [(32, 64, 32, 4, 2, 12288)],
@@ -144,8 +145,8 @@ def _tuned(kind: str, key: tuple):
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
                for bm, bn, bk, w, s, _ in PINNED[key][:AUTOTUNE_MAX]]
     kernel = globals()[_KERNELS[kind]]
-    if kind != "fwd":  # the tuned config's BLOCK_K decides whether the accumulator can stay on chip
-        kernel = triton.heuristics({"RESIDENT": lambda a: _resident(a["D"], (0, 0, a["BLOCK_K"]))})(kernel)
+    # the tuned config's BLOCK_K decides whether the whole embedding stays on chip
+    kernel = triton.heuristics({"RESIDENT": lambda a: _resident(a["D"], (0, 0, a["BLOCK_K"]))})(kernel)
     tuner = triton.autotune(configs=configs, key=_AUTOTUNE_KEYS[kind])(kernel)
     _TUNERS[key] = tuner
     return tuner
@@ -269,11 +270,12 @@ def _split_range(lo, hi, split, SPLITS, BLOCK: tl.constexpr):
 def _infonce_fwd_kernel(
     Q, Dm, POS, QORD, PM, PL, PSPOS, PTOPV, PTOPI,
     B, N, D, stride_q, stride_d, G, qk_scale, SPLITS,
-    NUM_TOP: tl.constexpr, TOP_PAD: tl.constexpr, GROUPED: tl.constexpr,
+    NUM_TOP: tl.constexpr, TOP_PAD: tl.constexpr, GROUPED: tl.constexpr, RESIDENT: tl.constexpr,
     INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Program (query block, split): the split's share of the query block's candidate rows of d, in base 2. Writes
+    """Program (query block, split): the split's share of the query block's candidate rows of d, in base 2 (RESIDENT,
+    D <= BLOCK_K: the query block is loaded once and stays on chip; else the scores stream over D). Writes
     the partials of split ``s`` at [s, query]: PM the running max m, PL sum 2^(logit - m), PSPOS the positive's
     base-2 logit (0 when the positive is in another split) and PTOPV/PTOPI (.., NUM_TOP) the split's highest negative
     scores (raw dots) and rows, -inf / -1 past the last one. ``_infonce_fwd_merge_kernel`` combines the splits."""
@@ -297,11 +299,19 @@ def _infonce_fwd_kernel(
     s_pos = tl.zeros([BLOCK_M], dtype=tl.float32)  # the positive's base-2 logit, the same value that enters m_i
     top_v = tl.full([BLOCK_M, TOP_PAD], float("-inf"), tl.float32)
     top_i = tl.full([BLOCK_M, TOP_PAD], -1, tl.int32)
+    if RESIDENT:
+        offs_k = tl.arange(0, BLOCK_K)
+        k_mask = offs_k < D
+        q_all = _load_rows(Q, rows, row_mask, stride_q, offs_k, k_mask, INTERPRET)  # [BLOCK_M, BLOCK_K]
     for n0 in range(n_start, n_end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_mask = cols < n_end
-        s = _dot_rows(Q, rows, row_mask, stride_q, Dm, cols.to(tl.int64), col_mask, stride_d, D,
-                      BLOCK_M, BLOCK_N, BLOCK_K, INTERPRET, DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+        if RESIDENT:
+            d_all = _load_rows(Dm, cols.to(tl.int64), col_mask, stride_d, offs_k, k_mask, INTERPRET)
+            s = tl.dot(q_all, tl.trans(d_all), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+        else:
+            s = _dot_rows(Q, rows, row_mask, stride_q, Dm, cols.to(tl.int64), col_mask, stride_d, D,
+                          BLOCK_M, BLOCK_N, BLOCK_K, INTERPRET, DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
         cand = row_mask[:, None] & col_mask[None, :]
         if GROUPED:
             cand = cand & (cols[None, :] >= pos[:, None]) & (cols[None, :] < pos[:, None] + G)
@@ -662,18 +672,19 @@ def _tile_rows(kind: str, x: torch.Tensor) -> list[tuple]:
 
 
 def _resident(D: int, row: tuple) -> bool:
-    """Whether the backward pass with config ``row`` keeps its accumulator on chip: the whole embedding fits one
-    BLOCK_K slice (the kernels' RESIDENT path: no read-modify-write of the fp32 partial, each tile read once)."""
+    """Whether a pass with config ``row`` keeps its rows on chip: the whole embedding fits one BLOCK_K slice (the
+    kernels' RESIDENT path: the program's own rows loaded once, each tile of the other operand read once for both
+    dots, and in the backward no read-modify-write of the fp32 partial)."""
     return row[2] >= D
 
 
 def _plan(q: torch.Tensor, N: int, group_size: int, in_batch_negatives: bool) -> tuple[dict, dict]:
     """(grid_plan for q's device, {kind: the chosen config row}); off CUDA num_sms is 1: two programs per pass, so
-    every CPU test runs the split-and-merge path. For the backward passes the rows that keep the accumulator on chip
-    at this D (``_resident``) come first, in table order."""
+    every CPU test runs the split-and-merge path. The rows that keep the embedding on chip at this D (``_resident``)
+    come first, in table order."""
     rows = {kind: _tile_rows(kind, q) for kind in _KERNELS}
     B, D = q.shape
-    for kind in ("dq", "dd"):
+    for kind in _KERNELS:
         rows[kind] = sorted(rows[kind], key=lambda r: not _resident(D, r))
     plan = grid_plan(B, N, D, num_sms(q.device), group_size=group_size, in_batch_negatives=in_batch_negatives,
                      tiles={kind: [r[:2] for r in rows[kind]] for kind in _KERNELS})
@@ -739,7 +750,7 @@ def focal_infonce_fwd(q, d, pos_idx, group_size, in_batch_negatives, temperature
     _launchable("fwd", q, config["fwd"])[lambda meta: (triton.cdiv(B, meta["BLOCK_M"]), S)](
         q, d, pos_visit, order, pm, pl, pspos, ptopv, ptopi,
         B, N, D, q.stride(0), d.stride(0), group_size, LOG2E / temperature, S,
-        NUM_TOP=K, TOP_PAD=top_pad, GROUPED=not in_batch_negatives,
+        NUM_TOP=K, TOP_PAD=top_pad, GROUPED=not in_batch_negatives, RESIDENT=_resident(D, config["fwd"]),
         INTERPRET=interp, DOT_PRECISION=_dot_precision(q.dtype),
     )
     lse2 = torch.empty(B, device=dev, dtype=f32)

@@ -445,9 +445,10 @@ def test_splits_bitwise_reproducible_and_within_bound(monkeypatch, in_batch):
 
 @pytest.mark.parametrize("in_batch", [True, False])
 def test_resident_backward_equals_streaming_bitwise(monkeypatch, in_batch):
-    """D <= BLOCK_K: the dq/dd kernels keep the accumulator on chip (RESIDENT: one write of the partial, each tile
-    read once) and give the same bits as the streaming path (read-modify-write of the fp32 partial slice by slice),
-    which runs the same dots in the same order; D = 80 > 64 streams (test_matches_oracle)."""
+    """D <= BLOCK_K: the three kernels keep their own rows on chip, dq/dd also the accumulator (RESIDENT: one write of
+    the partial, each tile read once), and give the same bits as the streaming path (scores over BLOCK_K chunks,
+    read-modify-write of the fp32 partial slice by slice), which runs the same dots in the same order; D = 80 > 64
+    streams (test_matches_oracle)."""
     from kalm_fast.kernels import infonce
 
     monkeypatch.setenv("KALM_FAST_BACKEND", "triton")
