@@ -184,7 +184,7 @@ def _shape_rows(B, D, M, device, smoke, peak_tflops):
                 plan, rows = infonce._plan(q, N, G, True)
                 notes.append("programs fwd/dq/dd " + "/".join(
                     f"{plan[k + '_programs']} ({plan[k + '_tile'][0]}x{plan[k + '_tile'][1]}"
-                    f"{', on chip' if infonce._resident(q.shape[1], rows[k]) else ''})"
+                    f"{', on chip' if infonce._resident(q.shape[1], rows[k][2]) else ''})"
                     for k in ("fwd", "dq", "dd")))
         r["note"] = "; ".join(notes)
     return rows

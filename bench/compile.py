@@ -362,8 +362,6 @@ def make_jobs(variants, archs, *, search: bool, kernels=None, all_pinned: bool =
                 kw = dict(kwargs)
                 if c is not None:
                     kw.update(_config_kwargs(name, c))
-                    if "RESIDENT" in kw:  # InfoNCE's backward: on chip when the config's BLOCK_K holds all of D
-                        kw["RESIDENT"] = v["D"] <= c[2]
                 job["config_str"] = config_of(kw, name)
                 jobs.append(job)
     return jobs

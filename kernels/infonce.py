@@ -146,7 +146,7 @@ def _tuned(kind: str, key: tuple):
                for bm, bn, bk, w, s, _ in PINNED[key][:AUTOTUNE_MAX]]
     kernel = globals()[_KERNELS[kind]]
     # the tuned config's BLOCK_K decides whether the whole embedding stays on chip
-    kernel = triton.heuristics({"RESIDENT": lambda a: _resident(a["D"], (0, 0, a["BLOCK_K"]))})(kernel)
+    kernel = triton.heuristics({"RESIDENT": lambda a: _resident(a["D"], a["BLOCK_K"])})(kernel)
     tuner = triton.autotune(configs=configs, key=_AUTOTUNE_KEYS[kind])(kernel)
     _TUNERS[key] = tuner
     return tuner
@@ -205,6 +205,25 @@ def _load_rows(X, rows, row_mask, stride, offs_k, k_mask, INTERPRET: tl.constexp
     if INTERPRET:  # the interpreter computes 16-bit arithmetic wrongly
         x = x.to(tl.float32)
     return x
+
+
+@triton.jit
+def _accumulate_slices(acc_ptrs, acc_rows, dz, x_ptrs, x_rows, D, offs_k, BLOCK_K: tl.constexpr,
+                       INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The streaming backward's step 4: acc[:, k0:k0 + BLOCK_K] += dz @ x[:, k0:k0 + BLOCK_K] for every slice of D,
+    the fp32 accumulator read from and written back to memory by its owning program (acc_ptrs, x_ptrs: row pointers
+    at column 0; acc_rows, x_rows: their row masks). The barrier after: the next tile rereads these slices, maybe
+    from other threads of the program."""
+    for k0 in range(0, D, BLOCK_K):
+        k_mask = (k0 + offs_k) < D
+        x = tl.load(x_ptrs + k0, mask=x_rows[:, None] & k_mask[None, :], other=0.0)
+        if INTERPRET:
+            x = x.to(tl.float32)
+        acc_mask = acc_rows[:, None] & k_mask[None, :]
+        acc = tl.load(acc_ptrs + k0, mask=acc_mask, other=0.0)
+        acc = tl.dot(dz, x, acc, input_precision=DOT_PRECISION)
+        tl.store(acc_ptrs + k0, acc, mask=acc_mask)
+    tl.debug_barrier()
 
 
 @triton.jit
@@ -477,16 +496,8 @@ def _infonce_dq_kernel(
             acc = tl.dot(dz, d_all, acc, input_precision=DOT_PRECISION)
         else:
             d_ptrs = Dm + cols.to(tl.int64)[:, None] * stride_d + offs_k[None, :]  # [BLOCK_N, BLOCK_K]
-            for k0 in range(0, D, BLOCK_K):  # step 4, one BLOCK_K slice of the program's dq rows at a time
-                k_mask = (k0 + offs_k) < D
-                dk = tl.load(d_ptrs + k0, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-                if INTERPRET:
-                    dk = dk.to(tl.float32)
-                acc_mask = row_mask[:, None] & k_mask[None, :]
-                acc = tl.load(acc_ptrs + k0, mask=acc_mask, other=0.0)
-                acc = tl.dot(dz, dk, acc, input_precision=DOT_PRECISION)
-                tl.store(acc_ptrs + k0, acc, mask=acc_mask)
-            tl.debug_barrier()  # the next tile rereads these slices, maybe from other threads of the program
+            _accumulate_slices(acc_ptrs, row_mask, dz, d_ptrs, col_mask, D, offs_k, BLOCK_K, INTERPRET,
+                               DOT_PRECISION)  # step 4, one BLOCK_K slice of the program's dq rows at a time
     if RESIDENT:
         tl.store(acc_ptrs, acc, mask=row_mask[:, None] & k_mask[None, :])
 
@@ -566,16 +577,8 @@ def _infonce_dd_kernel(
             acc = tl.dot(dz_t, q_all, acc, input_precision=DOT_PRECISION)
         else:
             q_ptrs = Q + rows[:, None] * stride_q + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
-            for k0 in range(0, D, BLOCK_K):
-                k_mask = (k0 + offs_k) < D
-                qk = tl.load(q_ptrs + k0, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-                if INTERPRET:
-                    qk = qk.to(tl.float32)
-                acc_mask = col_mask[:, None] & k_mask[None, :]
-                acc = tl.load(acc_ptrs + k0, mask=acc_mask, other=0.0)
-                acc = tl.dot(dz_t, qk, acc, input_precision=DOT_PRECISION)
-                tl.store(acc_ptrs + k0, acc, mask=acc_mask)
-            tl.debug_barrier()  # the next query block rereads these slices, maybe from other threads of the program
+            _accumulate_slices(acc_ptrs, col_mask, dz_t, q_ptrs, row_mask, D, offs_k, BLOCK_K, INTERPRET,
+                               DOT_PRECISION)
     if RESIDENT:
         tl.store(acc_ptrs, acc, mask=col_mask[:, None] & k_mask[None, :])
 
@@ -671,11 +674,11 @@ def _tile_rows(kind: str, x: torch.Tensor) -> list[tuple]:
     return [first] + [r for r in PINNED[key] if r != first and r[-1] <= smem]
 
 
-def _resident(D: int, row: tuple) -> bool:
-    """Whether a pass with config ``row`` keeps its rows on chip: the whole embedding fits one BLOCK_K slice (the
+def _resident(D: int, block_k: int) -> bool:
+    """Whether a pass with BLOCK_K ``block_k`` keeps its rows on chip: the whole embedding fits one slice (the
     kernels' RESIDENT path: the program's own rows loaded once, each tile of the other operand read once for both
     dots, and in the backward no read-modify-write of the fp32 partial)."""
-    return row[2] >= D
+    return block_k >= D
 
 
 def _plan(q: torch.Tensor, N: int, group_size: int, in_batch_negatives: bool) -> tuple[dict, dict]:
@@ -685,7 +688,7 @@ def _plan(q: torch.Tensor, N: int, group_size: int, in_batch_negatives: bool) ->
     rows = {kind: _tile_rows(kind, q) for kind in _KERNELS}
     B, D = q.shape
     for kind in _KERNELS:
-        rows[kind] = sorted(rows[kind], key=lambda r: not _resident(D, r))
+        rows[kind] = sorted(rows[kind], key=lambda r: not _resident(D, r[2]))
     plan = grid_plan(B, N, D, num_sms(q.device), group_size=group_size, in_batch_negatives=in_batch_negatives,
                      tiles={kind: [r[:2] for r in rows[kind]] for kind in _KERNELS})
     return plan, {kind: next(r for r in rows[kind] if tuple(r[:2]) == plan[f"{kind}_tile"]) for kind in _KERNELS}
@@ -750,7 +753,7 @@ def focal_infonce_fwd(q, d, pos_idx, group_size, in_batch_negatives, temperature
     _launchable("fwd", q, config["fwd"])[lambda meta: (triton.cdiv(B, meta["BLOCK_M"]), S)](
         q, d, pos_visit, order, pm, pl, pspos, ptopv, ptopi,
         B, N, D, q.stride(0), d.stride(0), group_size, LOG2E / temperature, S,
-        NUM_TOP=K, TOP_PAD=top_pad, GROUPED=not in_batch_negatives, RESIDENT=_resident(D, config["fwd"]),
+        NUM_TOP=K, TOP_PAD=top_pad, GROUPED=not in_batch_negatives, RESIDENT=_resident(D, config["fwd"][2]),
         INTERPRET=interp, DOT_PRECISION=_dot_precision(q.dtype),
     )
     lse2 = torch.empty(B, device=dev, dtype=f32)
@@ -809,7 +812,7 @@ def focal_infonce_bwd(q, d, pos_idx, group_size, in_batch_negatives, temperature
         S = plan["dq_splits"]
         part = torch.empty(S, B, D, device=q.device, dtype=torch.float32)
         _launchable("dq", q, config["dq"])[lambda meta: (triton.cdiv(B, meta["BLOCK_M"]), S)](
-            *args, part, *sizes, S, RESIDENT=_resident(D, config["dq"]), **common)
+            *args, part, *sizes, S, RESIDENT=_resident(D, config["dq"][2]), **common)
         dq = _merge_rows(part, torch.empty(B, D, device=q.device, dtype=q.dtype), scale, d, top_i, c_a, c_b,
                          temperature)
         del part  # freed before the dd partials exist (4 * S * B * D bytes off the peak)
@@ -817,7 +820,7 @@ def focal_infonce_bwd(q, d, pos_idx, group_size, in_batch_negatives, temperature
         S = plan["dd_splits"]
         part = torch.empty(S, N, D, device=d.device, dtype=torch.float32)
         _launchable("dd", q, config["dd"])[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), S)](
-            *args, part, *sizes, S, RESIDENT=_resident(D, config["dd"]), **common)
+            *args, part, *sizes, S, RESIDENT=_resident(D, config["dd"][2]), **common)
         dd = _merge_rows(part, torch.empty(N, D, device=d.device, dtype=d.dtype), scale, d, None, None, None,
                          temperature)
     return dq, dd

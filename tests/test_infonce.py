@@ -456,9 +456,9 @@ def test_resident_backward_equals_streaming_bitwise(monkeypatch, in_batch):
     q, d = embeddings(B, B * G, D)
     lam = torch.rand(B, 2, device=DEVICE)
     args = loss_args(B, B * G, group_size=G, in_batch_negatives=in_batch, gamma=0.5, num_mix=2, mix_lambda=lam)
-    assert all(infonce._resident(D, row) for row in infonce._plan(q, B * G, G, in_batch)[1].values())
+    assert all(infonce._resident(D, row[2]) for row in infonce._plan(q, B * G, G, in_batch)[1].values())
     on_chip = run_ops(q, d, args)
-    monkeypatch.setattr(infonce, "_resident", lambda D, row: False)
+    monkeypatch.setattr(infonce, "_resident", lambda D, block_k: False)
     streamed = run_ops(q, d, args)
     for name, a, b in zip(("loss", "dq", "dd"), on_chip[:3], streamed[:3]):
         assert torch.equal(a, b), name
@@ -473,8 +473,8 @@ def test_resident_rows_for_the_recipe_mrl_dims():
     for arch in ("sm_80", "sm_90"):
         for kind in ("dq", "dd"):
             rows = infonce.PINNED[(kind, arch, "16bit")]
-            assert any(infonce._resident(64, r) for r in rows), (kind, arch)
-            assert any(infonce._resident(128, r) for r in rows), (kind, arch, rows)
+            assert any(infonce._resident(64, r[2]) for r in rows), (kind, arch)
+            assert any(infonce._resident(128, r[2]) for r in rows), (kind, arch, rows)
 
 
 def test_fp16_tiny_upstream_gradient_keeps_its_bits(monkeypatch):
