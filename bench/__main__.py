@@ -61,12 +61,11 @@ def main(argv=None) -> int:
             for path in plots.write_plots(all_rows, out):
                 print(f"plot: {path}")
     if os.environ.get("KALM_FAST_AUTOTUNE") == "1":  # what the autotuner chose, for the record
-        from kalm_fast.kernels import attention, infonce
+        from kalm_fast.kernels import utils
 
-        for mod in (attention, infonce):
-            for key, chosen in mod.chosen_configs().items():
-                for tune_key, config in chosen.items():
-                    print(f"autotuned {mod.__name__.rsplit('.', 1)[-1]} {key} {tune_key}: {config}")
+        for (op, key), chosen in utils.chosen_configs().items():
+            for tune_key, config in chosen.items():
+                print(f"autotuned {op} {key} {tune_key}: {config}")
     if failed:
         print(f"\nsuites that failed: {', '.join(failed)}", file=sys.stderr)
         return 1

@@ -178,13 +178,13 @@ def _shape_rows(B, D, M, device, smoke, peak_tflops):
         if r["provider"] == "kalm_fast":
             notes.append("triton" if ops.use_triton(torch.empty(0, device=device)) else "torch path")
             if _cuda(device):  # the launch plan: programs per pass (issue 12: >= 2 per SM)
-                from kalm_fast.kernels import infonce
+                from kalm_fast.kernels import infonce_configs
 
                 q = torch.empty(B, D, device=device, dtype=dtype)
-                plan, rows = infonce._plan(q, N, G, True)
+                plan, rows = infonce_configs.launch_plan(q, N, G, True)
                 notes.append("programs fwd/dq/dd " + "/".join(
                     f"{plan[k + '_programs']} ({plan[k + '_tile'][0]}x{plan[k + '_tile'][1]}"
-                    f"{', on chip' if infonce._resident(q.shape[1], rows[k][2]) else ''})"
+                    f"{', on chip' if infonce_configs.resident(q.shape[1], rows[k][2]) else ''})"
                     for k in ("fwd", "dq", "dd")))
         r["note"] = "; ".join(notes)
     return rows

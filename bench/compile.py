@@ -2,7 +2,7 @@
 
     python -m bench.compile                 # pinned configs x every variant, both archs (the table the README shows)
     python -m bench.compile --search        # every candidate config x one variant per class (what --pin chooses from)
-    python -m bench.compile --pin           # rewrite the PINNED tables of kernels/*.py from the committed tables
+    python -m bench.compile --pin           # rewrite kernels/*_configs.py PINNED tables from the committed tables
     python -m bench.compile --smoke         # pinned configs of a few variants, sm_80 + sm_90 (a few minutes)
     python -m bench.compile --reduced       # the pinned matrix cut to fit 2 cores (what the committed tables hold)
     python -m bench.compile --estimate      # compiles and seconds a cold GPU process spends on the pinned configs
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import functools
+import importlib
 import itertools
 import json
 import multiprocessing as mp
@@ -59,6 +60,11 @@ def _mount_kernels():
 _mount_kernels()
 ARCHS = {"sm_80": 80, "sm_90": 90, "sm_100": 100}  # sm_100 only on request (--arch): not in the pinned tables
 SHARED_MEMORY_OPTIN = {"sm_80": 166_912, "sm_90": 232_448, "sm_100": 232_448}
+
+
+def table_arch(arch: str) -> str:
+    """The arch whose PINNED rows the runtime reads on ``arch`` (kernels.utils.device_arch: sm_90 on sm_100)."""
+    return "sm_90" if arch == "sm_100" else arch
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 # kernels whose tiles come from a table (kind, file); the others take the launcher's fixed launch parameters
 TABLED = {"_attn_fwd_kernel": ("fwd", "attention"), "_attn_bwd_dkdv_kernel": ("dkdv", "attention"),
@@ -138,10 +144,10 @@ def capture(v: dict, arch: str, config: tuple | None):
         launches.append((self, args, kwargs))
 
     def fake_pick(table, key, device):
-        table_arch = "sm_90" if arch == "sm_100" else arch  # the runtime reads the sm_90 rows on sm_100
-        return (*config, 0) if config is not None else table[(key[0], table_arch, *key[1:])][0]
+        return (*config, 0) if config is not None else table[(key[0], table_arch(arch), *key[1:])][0]
 
-    mods = (attention, infonce, pooling)
+    # every kernel module that imported the device queries (launchers, launch plans)
+    mods = [m for name, m in sorted(sys.modules.items()) if name.startswith("kalm_fast.kernels.") and m is not None]
     saved = [(m, n, getattr(m, n)) for m in mods for n in ("device_arch", "pick") if hasattr(m, n)]
     JITFunction.run = record
     try:
@@ -211,9 +217,10 @@ def bind(jit, args, kwargs, arch: str):
 def variant_counts(variant: dict, sizes: list[dict], arch: str = "sm_90") -> dict[str, int]:
     """{kernel: number of distinct runtime specializations} over the per-call ``sizes`` of one variant (needs the real
     JIT functions: run without TRITON_INTERPRET). Equal specialization keys mean one entry in Triton's kernel cache."""
-    from kalm_fast.kernels import attention, infonce
+    from kalm_fast.kernels import attention_configs, infonce_configs
 
-    config = {"attention": attention.CANDIDATES["fwd"][0], "infonce": infonce.CANDIDATES[arch][0]}.get(variant["op"])
+    config = {"attention": attention_configs.CANDIDATES["fwd"][0],
+              "infonce": infonce_configs.CANDIDATES[arch][0]}.get(variant["op"])
     keys: dict[str, set] = {}
     for s in sizes:
         for jit, args, kwargs in capture({**variant, **s}, arch, config):
@@ -332,13 +339,15 @@ def base_row(job: dict) -> dict:
 
 def _candidates(kernel: str, arch: str, dtype: str):
     kind, op = TABLED[kernel]
+    configs = _configs_module(op)
     if op == "attention":
-        from kalm_fast.kernels import attention
+        return configs.CANDIDATES_FP32[kind] if dtype == "fp32" else configs.CANDIDATES[kind]
+    return configs.CANDIDATES_FP32 if dtype == "fp32" else configs.CANDIDATES[arch]
 
-        return attention.CANDIDATES_FP32[kind] if dtype == "fp32" else attention.CANDIDATES[kind]
-    from kalm_fast.kernels import infonce
 
-    return infonce.CANDIDATES_FP32 if dtype == "fp32" else infonce.CANDIDATES[arch]
+def _configs_module(op: str):
+    """kernels/<op>_configs.py: the op's candidate tiles and PINNED table."""
+    return importlib.import_module(f"kalm_fast.kernels.{op}_configs")
 
 
 def make_jobs(variants, archs, *, search: bool, kernels=None, all_pinned: bool = False):
@@ -369,10 +378,7 @@ def make_jobs(variants, archs, *, search: bool, kernels=None, all_pinned: bool =
 
 def _pinned_rows(kernel: str, arch: str, v: dict) -> list[tuple]:
     kind, op = TABLED[kernel]
-    from kalm_fast.kernels import attention, infonce
-
-    table = (attention if op == "attention" else infonce).PINNED
-    return table[(kind, "sm_90" if arch == "sm_100" else arch, *variant_class(kernel, v)[1:])]
+    return _configs_module(op).PINNED[(kind, table_arch(arch), *variant_class(kernel, v)[1:])]
 
 
 def _first_candidate(v, arch):
@@ -655,7 +661,7 @@ def mark_pinned(folder: Path, pins: dict):
 
 def write_pins(pins: dict):
     for op in ("attention", "infonce"):
-        path = ROOT / "kernels" / f"{op}.py"
+        path = ROOT / "kernels" / f"{op}_configs.py"
         text = path.read_text()
         body = ["PINNED = {"]
         for (o, key), rows in sorted(pins.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
@@ -738,7 +744,7 @@ def reduced_variants():
 
 def search_variants():
     # GROUP > 1 turns the dK/dV kernel's loop over the group's query heads into a real loop (more registers): searched
-    # at GROUP 7. fp32 attention (exact FMA dots) has its own small candidates (attention.CANDIDATES_FP32).
+    # at GROUP 7. fp32 attention (exact FMA dots) has its own small candidates (attention_configs.CANDIDATES_FP32).
     return (attention_variants(head_dims=(32, 64, 128, 256), groups=(1,), dtypes=("bf16", "fp32"))
             + attention_variants(head_dims=(32, 64, 128, 256), groups=(7,), dtypes=("bf16", "fp32"), dkdv_splits=(1,))
             + infonce_variants(dims=(256, 1024), mixes=(2,), dtypes=("bf16", "fp32"), in_batch=(True,)))

@@ -38,25 +38,31 @@ plain int argument (>= 16, so Triton's divisibility specialization sees one case
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
 
+from kalm_fast.kernels import attention_configs as configs
+from kalm_fast.kernels import utils
+from kalm_fast.kernels.attention_configs import dkdv_plan
 from kalm_fast.kernels.utils import (
-    autotuning,
+    Pinned,
     device_arch,
+    dot_precision,
+    dtype_class,
     input_guard,
     interpreting,
+    launchable,
     next_power_of_2,
     num_sms,
     pick,
+    rows_contiguous,
 )
 
-LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x * log2(e))
-LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # ln(2): ln(x) = log2(x) * ln(2)
+LOG2E: tl.constexpr = tl.constexpr(utils.LOG2E)  # exp(x) = exp2(x * log2(e)); jit globals must be constexpr
+LN2: tl.constexpr = tl.constexpr(utils.LN2)  # ln(x) = log2(x) * ln(2)
 _MAX_GRID_YZ = 65535  # CUDA limit of grid dims 1 and 2: longer batches are launched in chunks of sequences
 
 
@@ -412,144 +418,20 @@ def _attn_bwd_dq_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# configs: compile facts, not estimates
+# configs (tiles, PINNED table, dK/dV plan: kernels/attention_configs.py)
 # ----------------------------------------------------------------------------------------------------------------
 
 _AUTOTUNE_KEY = ["HEAD_DIM", "GROUP", "seqlen_bucket"]  # + the tensor dtypes, which triton's autotuner appends
 _KERNELS = {"fwd": "_attn_fwd_kernel", "dkdv": "_attn_bwd_dkdv_kernel", "dq": "_attn_bwd_dq_kernel"}
 
-# Candidate tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) that ``python -m bench.compile --search`` compiles for
-# sm_80 and sm_90. Forward and dQ own BLOCK_M query rows and loop over BLOCK_N keys; dK/dV owns BLOCK_N keys and loops
-# over BLOCK_M queries (small BLOCK_M keeps its two [BLOCK_N, BLOCK_D] accumulators in registers).
-CANDIDATES = {
-    "fwd": [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 4, 4), (128, 64, 4, 3), (128, 32, 4, 4),
-            (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2)],
-    "dkdv": [(64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 3), (32, 128, 4, 4), (32, 128, 8, 2), (64, 64, 4, 3),
-             (64, 64, 4, 2), (32, 64, 4, 4), (32, 64, 4, 3), (32, 64, 8, 2), (16, 64, 8, 2), (16, 64, 4, 3), (32, 32, 8, 2), (16, 32, 8, 2),
-             (16, 32, 4, 2)],
-    "dq": [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 4, 4), (128, 32, 8, 4), (128, 32, 4, 3), (64, 64, 4, 3),
-           (64, 64, 4, 2), (64, 32, 4, 4), (64, 32, 4, 3), (32, 32, 4, 2)],
-}
-
-# fp32 (exact FMA dots, no tensor cores): the FMA dot holds both operand tiles in registers at four bytes an element,
-# so the 16-bit candidates spill at D >= 128 (32 x 32 at 4 warps: 244-2,420 B at D = 128); small tiles, more warps.
-CANDIDATES_FP32 = {
-    "fwd": [(32, 32, 8, 2), (32, 32, 4, 2), (32, 16, 4, 2), (16, 32, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2),
-            (16, 16, 4, 1)],
-    "dkdv": [(16, 32, 8, 2), (16, 32, 4, 2), (16, 16, 8, 2), (16, 16, 4, 2), (16, 16, 4, 1)],
-    "dq": [(32, 32, 8, 2), (32, 32, 4, 2), (32, 16, 4, 2), (16, 32, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2),
-           (16, 16, 4, 1)],
-}
-
-# one big tile under the interpreter: its cost grows with programs x loop iterations, not with tile size
-_CONFIGS = {"interpreter": {"fwd": [(128, 128, 4, 1)], "dkdv": [(128, 128, 4, 1)], "dq": [(128, 128, 4, 1)]}}
-
-# (kind, arch, BLOCK_D, dtype class) -> configs (BLOCK_M, BLOCK_N, num_warps, num_stages, shared memory bytes) that
-# compiled for the arch with zero spill bytes, tensor cores and shared memory within the arch's opt-in limit, under
-# the CI's Triton and under Triton 3.6, best first: the first is the pinned config (the default), the rest are what
-# KALM_FAST_AUTOTUNE=1 tunes over. Written by ``python -m bench.compile --pin`` from the committed compile tables.
-# BEGIN PINNED
-PINNED = {
-    ('dkdv', 'sm_80', 128, '16bit'): [(32, 64, 8, 2, 53504), (16, 64, 8, 2, 43136)],
-    ('dkdv', 'sm_80', 128, 'fp32'): [(16, 16, 4, 2, 33920)],
-    ('dkdv', 'sm_80', 256, '16bit'): [(32, 32, 8, 2, 67840), (16, 32, 8, 2, 50304)],
-    ('dkdv', 'sm_80', 256, 'fp32'): [(16, 32, 8, 2, 100480), (16, 16, 4, 1, 66560)],
-    ('dkdv', 'sm_80', 32, '16bit'): [(64, 128, 8, 3, 33792), (64, 128, 8, 2, 25088)],
-    ('dkdv', 'sm_80', 32, 'fp32'): [(16, 32, 4, 2, 14464), (16, 32, 8, 2, 14464)],
-    ('dkdv', 'sm_80', 64, '16bit'): [(32, 128, 8, 3, 49664), (32, 128, 8, 2, 41216)],
-    ('dkdv', 'sm_80', 64, 'fp32'): [(16, 32, 4, 2, 26752), (16, 32, 8, 2, 26752)],
-    ('dkdv', 'sm_90', 128, '16bit'): [(32, 64, 8, 2, 65792), (16, 64, 8, 2, 49280)],
-    ('dkdv', 'sm_90', 128, 'fp32'): [(16, 16, 4, 1, 33792)],
-    ('dkdv', 'sm_90', 256, '16bit'): [(16, 32, 8, 2, 50304)],
-    ('dkdv', 'sm_90', 256, 'fp32'): [(16, 16, 8, 2, 66688)],
-    ('dkdv', 'sm_90', 32, '16bit'): [(64, 128, 8, 3, 41984), (64, 128, 8, 2, 33280)],
-    ('dkdv', 'sm_90', 32, 'fp32'): [(16, 32, 8, 2, 14464), (16, 16, 4, 2, 9344)],
-    ('dkdv', 'sm_90', 64, '16bit'): [(64, 128, 8, 2, 66048), (32, 128, 8, 3, 57856)],
-    ('dkdv', 'sm_90', 64, 'fp32'): [(16, 32, 8, 2, 26752), (16, 16, 4, 2, 17536)],
-    ('dq', 'sm_80', 128, '16bit'): [(128, 32, 8, 4, 114688)],
-    ('dq', 'sm_80', 128, 'fp32'): [(32, 16, 4, 2, 51200), (16, 32, 8, 2, 51200)],
-    ('dq', 'sm_80', 256, '16bit'): [(64, 32, 4, 3, 135168), (32, 32, 4, 2, 67584)],
-    ('dq', 'sm_80', 256, 'fp32'): [(16, 32, 8, 2, 100352), (16, 16, 4, 2, 66560)],
-    ('dq', 'sm_80', 32, '16bit'): [(128, 64, 8, 2, 24576), (128, 32, 4, 4, 28672)],
-    ('dq', 'sm_80', 32, 'fp32'): [(32, 32, 4, 2, 20480), (32, 32, 8, 2, 20480)],
-    ('dq', 'sm_80', 64, '16bit'): [(128, 64, 8, 3, 65536), (128, 64, 8, 2, 49152)],
-    ('dq', 'sm_80', 64, 'fp32'): [(32, 32, 4, 2, 36864), (32, 32, 8, 2, 36864)],
-    ('dq', 'sm_90', 128, '16bit'): [(128, 64, 8, 3, 163840), (128, 64, 8, 2, 131072)],
-    ('dq', 'sm_90', 128, 'fp32'): [(32, 32, 8, 2, 69632), (16, 32, 4, 2, 51200)],
-    ('dq', 'sm_90', 256, '16bit'): [(32, 32, 4, 2, 67584)],
-    ('dq', 'sm_90', 256, 'fp32'): [(16, 32, 8, 2, 100352), (16, 16, 4, 2, 66560)],
-    ('dq', 'sm_90', 32, '16bit'): [(128, 64, 8, 3, 40960), (128, 64, 8, 2, 32768)],
-    ('dq', 'sm_90', 32, 'fp32'): [(32, 32, 4, 2, 20480), (32, 32, 8, 2, 20480)],
-    ('dq', 'sm_90', 64, '16bit'): [(128, 64, 8, 3, 81920), (128, 64, 8, 2, 65536)],
-    ('dq', 'sm_90', 64, 'fp32'): [(32, 32, 4, 2, 36864), (32, 32, 8, 2, 36864)],
-    ('fwd', 'sm_80', 128, '16bit'): [(64, 32, 4, 3, 53248), (64, 32, 4, 2, 36864)],
-    ('fwd', 'sm_80', 128, 'fp32'): [(32, 32, 8, 2, 53248), (32, 16, 4, 2, 34944)],
-    ('fwd', 'sm_80', 256, '16bit'): [(32, 32, 4, 2, 51200)],
-    ('fwd', 'sm_80', 256, 'fp32'): [(16, 32, 8, 2, 84032), (16, 16, 4, 2, 50240)],
-    ('fwd', 'sm_80', 32, '16bit'): [(128, 128, 8, 3, 40960), (128, 128, 8, 2, 24576)],
-    ('fwd', 'sm_80', 32, 'fp32'): [(32, 32, 4, 2, 16384), (32, 32, 8, 2, 16384)],
-    ('fwd', 'sm_80', 64, '16bit'): [(128, 128, 8, 3, 81920)],
-    ('fwd', 'sm_80', 64, 'fp32'): [(32, 32, 4, 2, 28800), (32, 32, 8, 2, 28800)],
-    ('fwd', 'sm_90', 128, '16bit'): [(128, 64, 8, 3, 131072), (64, 64, 4, 3, 114688)],
-    ('fwd', 'sm_90', 128, 'fp32'): [(16, 32, 8, 2, 43072), (16, 16, 4, 2, 25664)],
-    ('fwd', 'sm_90', 256, '16bit'): [(64, 32, 4, 3, 131072), (64, 32, 4, 2, 98304)],
-    ('fwd', 'sm_90', 256, 'fp32'): [(16, 32, 8, 2, 84032), (16, 16, 4, 2, 50240)],
-    ('fwd', 'sm_90', 32, '16bit'): [(128, 128, 8, 3, 57344), (128, 128, 8, 2, 40960)],
-    ('fwd', 'sm_90', 32, 'fp32'): [(32, 32, 4, 2, 16384), (32, 32, 8, 2, 16384)],
-    ('fwd', 'sm_90', 64, '16bit'): [(128, 128, 8, 3, 114688), (128, 128, 8, 2, 81920)],
-    ('fwd', 'sm_90', 64, 'fp32'): [(32, 32, 4, 2, 28800), (32, 32, 8, 2, 28800)],
-}
-# END PINNED
-
-
-AUTOTUNE_MAX = 4  # KALM_FAST_AUTOTUNE=1 benchmarks at most this many surviving configs per key (cold-GPU budget)
-
-
-def chosen_configs() -> dict:
-    """{(kind, arch, BLOCK_D, dtype class): {autotune key: chosen config}} of this process (KALM_FAST_AUTOTUNE=1)."""
-    return {args[2]: {k: str(c) for k, c in tuner.cache.items()} for args, tuner in _TUNERS.items() if args[2]}
-
-
-_TUNERS: dict = {}
-
-
-def _dtype_class(dtype: torch.dtype) -> str:
-    return "fp32" if dtype == torch.float32 else "16bit"
-
-
-@functools.cache
-def _tuned(kind: str, arch: str, key: tuple = ()):
-    """The autotuned kernel of ``kind``: the interpreter's tile, or on GPU (KALM_FAST_AUTOTUNE=1) the surviving
-    configs of ``PINNED[key]`` (one Autotuner per key, so each keeps its own cache)."""
-    tiles = _CONFIGS[arch][kind] if arch == "interpreter" else [row[:4] for row in PINNED[key][:AUTOTUNE_MAX]]
-    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in tiles]
-    tuner = triton.autotune(configs=configs, key=_AUTOTUNE_KEY)(globals()[_KERNELS[kind]])
-    _TUNERS[(kind, arch, key)] = tuner
-    return tuner
-
 
 def _launchable(kind: str, q: torch.Tensor, block_d: int):
-    """``kernel[grid](...)``-able object for ``kind`` on q's device: the pinned config by default (same tiles in every
+    """``kernel[grid](...)``-able ``kind`` kernel on q's device: the pinned config by default (the same tiles in every
     process), the autotuner over the surviving configs with KALM_FAST_AUTOTUNE=1, one big tile when interpreting."""
     arch = device_arch(q.device)
-    if arch == "interpreter":
-        return _tuned(kind, arch)
-    key = (kind, arch, max(32, block_d), _dtype_class(q.dtype))  # D < 32 (not promised) borrows the D=32 tiles
-    if autotuning():
-        return _tuned(kind, arch, key)
-    bm, bn, w, s, _ = pick(PINNED, key, q.device)
-    kernel = globals()[_KERNELS[kind]]
-    return _Pinned(kernel, dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s))
-
-
-class _Pinned:
-    """kernel[grid](*args, **kw) with the pinned config's compile-time arguments added."""
-
-    def __init__(self, kernel, config: dict):
-        self.kernel, self.config = kernel, config
-
-    def __getitem__(self, grid):
-        return lambda *args, **kw: self.kernel[grid](*args, **kw, **self.config)
+    key = (kind, arch, max(32, block_d), dtype_class(q.dtype))  # D < 32 (not promised) borrows the D=32 tiles
+    row = configs.INTERPRETER_TILES[kind] if arch == "interpreter" else pick(configs.PINNED, key, q.device)
+    return launchable("attention", globals()[_KERNELS[kind]], configs.PINNED, key, row, configs.TILE, _AUTOTUNE_KEY)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -568,8 +450,7 @@ def _meta(q: torch.Tensor) -> dict:
         HEAD_DIM=q.shape[-1],
         BLOCK_D=max(16, next_power_of_2(q.shape[-1])),  # tl.dot needs >= 16
         INTERPRET=interpreting(),
-        # fp32 inputs get true fp32 products (tl.dot defaults to tf32 for fp32); fp16/bf16 ignore the setting
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PRECISION=dot_precision(q.dtype),
     )
 
 
@@ -587,11 +468,6 @@ def _strides(unit: int, *tensors: torch.Tensor) -> list[int]:
     return [st // unit for x in tensors for st in x.stride()[:2]]
 
 
-def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
-    """The kernels need unit stride along the head dim only (any token/head strides)."""
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def longest_first(cu_seqlens: torch.Tensor) -> torch.Tensor:
     """int32 (B,): sequence indices by length, longest first; a stable sort, so ties keep batch order and the order
     is the same in every run. Computed on cu_seqlens' device (no host sync)."""
@@ -605,29 +481,9 @@ def _order_chunks(order: torch.Tensor):
         yield order[b0:b0 + _MAX_GRID_YZ]
 
 
-WAVES = 2  # dK/dV grids under this many waves of programs get per-query-head partials (dkdv_plan)
-
-
-def dkdv_plan(T: int, B: int, max_seqlen: int, Hkv: int, group: int, block_n: int, num_sms: int) -> dict:
-    """Launch plan of the dK/dV pass, from host integers only (pure).
-
-    One program per (key block, kv head, sequence) has work; their number is at most
-    ``min(cdiv(max_seqlen, block_n) * B, cdiv(T, block_n) + B) * Hkv`` (each sequence's blocks, the last one partial).
-    When even that bound is under WAVES waves (``WAVES * num_sms`` programs) and the group has more than one query
-    head, each (key block, kv head) gets one program per query head (``group`` splits) writing fp32 partials that
-    ``_attn_bwd_dkdv_reduce_kernel`` adds in head order. (Splits of several heads each looped over a runtime range of
-    heads, which spilled 12-52 bytes at the pinned tiles on sm_90: per-head programs have no head loop.)
-    Returns dict(splits (1 or group), programs (upper bound, splits included), waves).
-    """
-    blocks = min(triton.cdiv(max_seqlen, block_n) * B, triton.cdiv(T, block_n) + B) if B else 0
-    programs = blocks * Hkv
-    splits = group if 0 < programs < WAVES * num_sms and group > 1 else 1
-    return dict(splits=splits, programs=programs * splits, waves=programs * splits / max(num_sms, 1))
-
-
 def _block_n(kernel) -> int:
     """BLOCK_N of the pinned config, or of the autotuner's first config (the pinned one): the dK/dV plan's tile."""
-    return kernel.config["BLOCK_N"] if isinstance(kernel, _Pinned) else kernel.configs[0].kwargs["BLOCK_N"]
+    return kernel.config["BLOCK_N"] if isinstance(kernel, Pinned) else kernel.configs[0].kwargs["BLOCK_N"]
 
 
 @input_guard
@@ -635,7 +491,7 @@ def flash_attn_varlen_fwd(q, k, v, cu_seqlens, max_seqlen: int, softmax_scale: f
     """Forward launcher. q (T, Hq, D), k/v (T, Hkv, D), cu_seqlens int32 (B+1,) -> out (T, Hq, D) in q's dtype,
     lse (Hq, T) fp32 (natural log of the scaled scores' sum of exponentials). ``order``: ``longest_first(cu_seqlens)``
     when the caller has it."""
-    q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
+    q, k, v = rows_contiguous(q), rows_contiguous(k), rows_contiguous(v)
     cu_seqlens = cu_seqlens.contiguous()
     T, Hq, _ = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -663,7 +519,7 @@ def flash_attn_varlen_bwd(do, q, k, v, out, lse, cu_seqlens, max_seqlen: int, so
     Deterministic: every gradient element is written by exactly one program (dK/dV partials: one program per split,
     added in head order). ``dkdv_splits`` overrides ``dkdv_plan``: 1 no partials, > 1 per-query-head partials
     (tests, compile tables)."""
-    do, q, k, v, out = (_rows_contiguous(x) for x in (do, q, k, v, out))
+    do, q, k, v, out = (rows_contiguous(x) for x in (do, q, k, v, out))
     cu_seqlens = cu_seqlens.contiguous()
     T, Hq, D = q.shape
     Hkv = k.shape[1]

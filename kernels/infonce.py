@@ -8,17 +8,14 @@ Notation: q (B, D), d (N, D), s_ij = q_i . d_j (fp32 accumulation), z_ij = s_ij 
 sum_m e^zh), log p_i = z_i,pos - lse_i, loss_i = -(1 - p_i)^gamma log p_i. Inside the kernels the logits are in base
 2: s * qk_scale with qk_scale = log2(e) / tau, so exp2 replaces exp (the log2(e) is folded into the scale).
 
-Launch plan (``grid_plan``): one program per block of queries would leave an H100 (132 SMs) nearly idle at the
-recipe's B = 512 (4-8 programs), so every pass splits its looped dimension into contiguous runs of whole tiles until it
-launches >= 2 programs per SM (or every tile is a program), choosing a smaller tile from the pinned table when the
-large one cannot get there; the splits write partials that a small kernel merges in split order 0, 1, ... -- the same
-bits every run, no atomics. A batch that fills the GPU by itself keeps one split.
+Launch plan, tiles and the PINNED table: kernels/infonce_configs.py (every pass splits its looped dimension until it
+launches >= 2 programs per SM; a small kernel merges the splits in a fixed order).
 
 Forward (``_infonce_fwd_kernel``, one program per (block of BLOCK_M queries, split of the rows of d)): one pass over
 the split's tiles of BLOCK_N rows of d, each tile's scores by tl.dot over D in BLOCK_K chunks (D <= BLOCK_K: one dot
-with the query block held on chip, ``_resident``); per query an online logsumexp (m_i, l_i), the positive's score,
-and a running top-(M+1) of negative scores with their indices (ties -> lower index), inserted only when a tile holds
-a score above a row's current (M+1)-th, so after the first tiles most tiles insert nothing.
+with the query block held on chip, ``infonce_configs.resident``); per query an online logsumexp (m_i, l_i), the
+positive's score, and a running top-(M+1) of negative scores with their indices (ties -> lower index), inserted only
+when a tile holds a score above a row's current (M+1)-th, so after the first tiles most tiles insert nothing.
 ``_infonce_fwd_merge_kernel`` combines the splits' (m, l, positive logit, top list). Then ``_infonce_mix_kernel``
 loads the two rows of each pair (h_1, h_{m+1}) and forms the synthetic logits from q.d_a, q.d_b (the top scores),
 d_a.d_b, |d_a|^2, |d_b|^2 -- no mixed embedding exists. The O(B * M) head (lse, log p, focal weight, loss) is torch.
@@ -40,137 +37,60 @@ program in a fixed order (deterministic): ``_infonce_dq_kernel`` (a program per 
 and ``_infonce_dd_kernel`` (a program per (block of d rows, split of the query blocks)). dz = g (1[pos] - P) is formed
 times a power of two 2^-e that brings max |g| to [1, 2) before its cast to the input dtype (g ~ 1/B would flush to
 zero in fp16 at large B); ``_infonce_grad_merge_kernel`` sums the splits in order, multiplies by the exact 2^e, adds
-step 5 (dq) and scales by 1/tau. Where the whole embedding fits one BLOCK_K slice (D <= BLOCK_K, ``_resident``; the
-recipe's Matryoshka dims 64-256 against the 64/128/256-wide configs, which the plan then prefers), the program keeps
-its rows, each tile of the other operand (read once for both dots) and the fp32 accumulator on chip and writes its
-partial once (RESIDENT): (2 BLOCK_N) D bytes per tile of the dq kernel against 4 BLOCK_M BLOCK_N D flops. A larger D
-cannot stay on chip (D = 1024: 256 KiB of fp32 for 64 rows, the whole register file of an SM), so the program
-accumulates its rows of its split's fp32 partial (S, B, D) / (S, N, D) chunk by chunk of BLOCK_K columns
-(read-modify-write by the owning program only, L2-resident, a barrier after each tile because the next tile's loads
-may map the slice to other threads): per tile of the dq kernel (2 BLOCK_M + 4 BLOCK_N + 8 BLOCK_M) D bytes (q, d
-twice, the fp32 slice read and written). The splits add 8 S B D bytes (write, then the merge's read).
+step 5 (dq) and scales by 1/tau. Where the whole embedding fits one BLOCK_K slice (D <= BLOCK_K,
+``infonce_configs.resident``: the recipe's Matryoshka dims 64-256 against the 64/128/256-wide configs, which the plan
+prefers), the program keeps its rows, each tile of the other operand (read once for both dots) and the fp32
+accumulator on chip and writes its partial once (RESIDENT): (2 BLOCK_N) D bytes per tile of the dq kernel against
+4 BLOCK_M BLOCK_N D flops. A larger D cannot stay on chip (D = 1024: 256 KiB of fp32 for 64 rows, an SM's whole
+register file), so the program accumulates its rows of its split's fp32 partial (S, B, D) / (S, N, D) slice by
+slice of BLOCK_K columns (read-modify-write by the owning program only, L2-resident, a barrier after each tile
+because the next tile's loads may map the slice to other threads): per tile of the dq kernel (2 BLOCK_M + 4 BLOCK_N
++ 8 BLOCK_M) D bytes (q, d twice, the fp32 slice read and written); the splits add 8 S B D bytes (the merge).
 
 Without in-batch negatives the queries are visited in the order of their positives (a stable argsort), so a query
 block only scans the rows [min pos, max pos + G) and a d block only the queries whose group can reach it (found by
 binary search in the sorted positives): O(B * G * D) work rather than O(B * N * D).
 
 Memory: O((B + N) * D) for the fp32 partials and the gradients plus, when the batch is too small to fill the GPU,
-the extra splits' partials (under 2 * target * BLOCK * D * 4 bytes whatever B and N: see ``grid_plan``); O(splits *
-B * M) for the forward's partials, O(B * M) saved; no tensor of B * N elements.
+the extra splits' partials (under 2 * target * BLOCK * D * 4 bytes whatever B and N: ``infonce_configs.grid_plan``);
+O(splits * B * M) for the forward's partials, O(B * M) saved; no tensor of B * N elements.
 """
 
 from __future__ import annotations
-
-import functools
-import math
 
 import torch
 import triton
 import triton.language as tl
 
 from kalm_fast import heads
+from kalm_fast.kernels import infonce_configs as configs
 from kalm_fast.kernels.utils import (
-    autotuning,
+    LN2,
+    LOG2E,
     device_arch,
+    dot_precision,
+    dtype_class,
     input_guard,
     interpreting,
+    launchable,
     next_power_of_2,
-    num_sms,
-    pick,
-    shared_memory_optin,
+    rows_contiguous,
 )
 
-LOG2E = math.log2(math.e)
-LN2 = math.log(2.0)
 _INT32_MAX = tl.constexpr(2**31 - 1)  # module constants used inside @triton.jit must be constexpr
 _NORM_EPS = tl.constexpr(heads.L2_EPS)
 
-
-# Candidate tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) that ``python -m bench.compile --search`` compiles
-# per arch: 32 fp32 scores per thread (128 x 64 tiles on 8 warps) stay near 180-230 registers, 64 per thread
-# (128 x 128 on 8 warps) reach 255; a long looped dimension (BLOCK_N for the forward and dq, BLOCK_M for dd)
-# amortizes the scratch read-modify-write. sm_90 has 228 KiB of shared memory per SM: one more stage than sm_80.
-# The search keeps the best passing config of every (tile size, BLOCK_K): ``grid_plan`` picks a smaller tile when the
-# large one cannot give every SM two programs, and a BLOCK_K >= D lets the backward keep its accumulator on chip
-# (``_resident``: BLOCK_K 128 and 256 serve the recipe's Matryoshka dims 64-256).
-CANDIDATES = {
-    arch: [(128, 128, 64, 8, s), (64, 128, 64, 8, s), (128, 64, 64, 8, s), (128, 64, 128, 8, s - 1),
-           (64, 128, 128, 8, s - 1), (64, 256, 64, 8, s - 1), (256, 64, 64, 8, s - 1), (64, 64, 64, 4, s),
-           (64, 64, 128, 4, s - 1), (64, 64, 256, 8, 2), (64, 64, 32, 4, s - 1), (32, 64, 256, 8, 2),
-           (32, 64, 32, 4, 2)]
-    for arch, s in (("sm_80", 3), ("sm_90", 4))
-}
-# fp32 (exact FMA dots, no tensor cores): small tiles only, larger ones spill
-CANDIDATES_FP32 = [(64, 64, 32, 4, 2), (32, 64, 32, 4, 2), (32, 32, 32, 4, 2), (16, 32, 32, 4, 2)]
-# one big tile under the interpreter (its cost ~ programs x loop iterations)
-_INTERPRETER_CONFIG = (64, 128, 64, 4, 1, 0)  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, smem)
-
-# (kind, arch, dtype class) -> configs (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, shared memory bytes) that
-# compiled for the arch with zero spill bytes, tensor cores and shared memory within the arch's opt-in limit, under
-# the CI's Triton and under Triton 3.6, best first: the first is the pinned config (the default), the rest are what
-# KALM_FAST_AUTOTUNE=1 tunes over. Written by ``python -m bench.compile --pin`` from the committed compile tables.
-# BEGIN PINNED
-PINNED = {
-    ('dd', 'sm_80', '16bit'): [(128, 64, 128, 8, 2, 67584), (64, 128, 64, 8, 3, 65536), (64, 64, 256, 8, 2, 74752), (64, 64, 128, 4, 2, 41984), (64, 64, 64, 4, 3, 32768), (64, 64, 32, 4, 2, 20480), (32, 64, 256, 8, 2, 53760), (32, 64, 32, 4, 2, 14336)],
-    ('dd', 'sm_80', 'fp32'): [(32, 64, 32, 4, 2, 20480), (32, 32, 32, 4, 2, 8192), (16, 32, 32, 4, 2, 6144)],
-    ('dd', 'sm_90', '16bit'): [(64, 128, 64, 8, 4, 98304), (64, 64, 64, 4, 4, 65536), (64, 64, 32, 4, 3, 24576), (32, 64, 256, 8, 2, 102400), (32, 64, 32, 4, 2, 12288)],
-    ('dd', 'sm_90', 'fp32'): [(32, 64, 32, 4, 2, 20480), (32, 32, 32, 4, 2, 8192), (16, 32, 32, 4, 2, 6144)],
-    ('dq', 'sm_80', '16bit'): [(64, 64, 128, 4, 2, 40960), (64, 64, 64, 4, 3, 32768), (64, 64, 32, 4, 2, 20480), (32, 64, 32, 4, 2, 12288)],
-    ('dq', 'sm_80', 'fp32'): [(32, 64, 32, 4, 2, 16384), (32, 32, 32, 4, 2, 8192), (16, 32, 32, 4, 2, 6144)],
-    ('dq', 'sm_90', '16bit'): [(64, 64, 64, 4, 4, 65536), (64, 64, 32, 4, 3, 24576), (32, 64, 256, 8, 2, 53248), (32, 64, 32, 4, 2, 12288)],
-    ('dq', 'sm_90', 'fp32'): [(32, 64, 32, 4, 2, 16384), (32, 32, 32, 4, 2, 8192), (16, 32, 32, 4, 2, 6144)],
-    ('fwd', 'sm_80', '16bit'): [(64, 128, 64, 8, 3, 49152), (32, 64, 32, 4, 2, 6144)],
-    ('fwd', 'sm_80', 'fp32'): [(32, 64, 32, 4, 2, 12288), (32, 32, 32, 4, 2, 8192), (16, 32, 32, 4, 2, 6144)],
-    ('fwd', 'sm_90', '16bit'): [(128, 64, 128, 8, 3, 147456), (64, 128, 64, 8, 4, 98304), (64, 64, 256, 8, 2, 131072), (64, 64, 128, 4, 3, 98304), (64, 64, 64, 4, 4, 65536), (64, 64, 32, 4, 3, 24576)],
-    ('fwd', 'sm_90', 'fp32'): [(32, 64, 32, 4, 2, 12288)],
-}
-# END PINNED
-
-_KERNELS = {"fwd": "_infonce_fwd_kernel", "dq": "_infonce_dq_kernel", "dd": "_infonce_dd_kernel"}
 _AUTOTUNE_KEYS = {"fwd": ["D", "NUM_TOP", "GROUPED"], "dq": ["D", "NUM_TOP", "NUM_MIX", "GROUPED"],
                   "dd": ["D", "GROUPED"]}
 
 
-AUTOTUNE_MAX = 4  # KALM_FAST_AUTOTUNE=1 benchmarks at most this many surviving configs per key (cold-GPU budget)
-_TUNERS: dict = {}
-
-
-def chosen_configs() -> dict:
-    """{(kind, arch, dtype class): {autotune key: chosen config}} of this process (KALM_FAST_AUTOTUNE=1)."""
-    return {key: {k: str(c) for k, c in tuner.cache.items()} for key, tuner in _TUNERS.items()}
-
-
-@functools.cache
-def _tuned(kind: str, key: tuple):
-    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-               for bm, bn, bk, w, s, _ in PINNED[key][:AUTOTUNE_MAX]]
-    kernel = globals()[_KERNELS[kind]]
-    # the tuned config's BLOCK_K decides whether the whole embedding stays on chip
-    kernel = triton.heuristics({"RESIDENT": lambda a: _resident(a["D"], a["BLOCK_K"])})(kernel)
-    tuner = triton.autotune(configs=configs, key=_AUTOTUNE_KEYS[kind])(kernel)
-    _TUNERS[key] = tuner
-    return tuner
-
-
 def _launchable(kind: str, x: torch.Tensor, row: tuple):
-    """``kernel[grid](...)``-able object: the plan's config ``row`` by default (the same tiles in every process), the
-    autotuner over the surviving configs with KALM_FAST_AUTOTUNE=1; one big tile when interpreting."""
-    kernel = globals()[_KERNELS[kind]]
-    arch = device_arch(x.device)
-    if arch != "interpreter" and autotuning():
-        return _tuned(kind, (kind, arch, "fp32" if x.dtype == torch.float32 else "16bit"))
-    bm, bn, bk, w, s, _ = row
-    return _Pinned(kernel, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=s))
-
-
-class _Pinned:
-    """kernel[grid](*args, **kw) with the pinned config's compile-time arguments added."""
-
-    def __init__(self, kernel, config: dict):
-        self.kernel, self.config = kernel, config
-
-    def __getitem__(self, grid):
-        return lambda *args, **kw: self.kernel[grid](*args, **kw, **self.config)
+    """``kernel[grid](...)``-able ``_infonce_<kind>_kernel``: the plan's config ``row`` (``configs.launch_plan``) by
+    default, the autotuner over the surviving configs with KALM_FAST_AUTOTUNE=1 (RESIDENT from the tuned BLOCK_K)."""
+    key = (kind, device_arch(x.device), dtype_class(x.dtype))
+    resident = {"RESIDENT": lambda a: configs.resident(a["D"], a["BLOCK_K"])}
+    return launchable("infonce", globals()[f"_infonce_{kind}_kernel"], configs.PINNED, key, row, configs.TILE,
+                      _AUTOTUNE_KEYS[kind], heuristics=resident)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -205,6 +125,16 @@ def _load_rows(X, rows, row_mask, stride, offs_k, k_mask, INTERPRET: tl.constexp
     if INTERPRET:  # the interpreter computes 16-bit arithmetic wrongly
         x = x.to(tl.float32)
     return x
+
+
+@triton.jit
+def _zero_slices(acc_ptrs, acc_rows, D, offs_k, BLOCK_ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The streaming backward's fp32 accumulator rows set to 0, slice by slice (the kernel owns the zeroing, so an
+    autotuning re-run starts clean); the barrier after: the first tile's slices may map to other threads."""
+    for k0 in range(0, D, BLOCK_K):
+        tl.store(acc_ptrs + k0, tl.zeros([BLOCK_ROWS, BLOCK_K], dtype=tl.float32),
+                 mask=acc_rows[:, None] & ((k0 + offs_k) < D)[None, :])
+    tl.debug_barrier()
 
 
 @triton.jit
@@ -473,10 +403,7 @@ def _infonce_dq_kernel(
         q_all = _load_rows(Q, rows, row_mask, stride_q, offs_k, k_mask, INTERPRET)  # [BLOCK_M, BLOCK_K]
         acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
     else:
-        for k0 in range(0, D, BLOCK_K):  # the kernel owns the zeroing, so an autotuning re-run starts clean
-            tl.store(acc_ptrs + k0, tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32),
-                     mask=row_mask[:, None] & ((k0 + offs_k) < D)[None, :])
-        tl.debug_barrier()
+        _zero_slices(acc_ptrs, row_mask, D, offs_k, BLOCK_M, BLOCK_K)
     for n0 in range(n_start, n_end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_mask = cols < n_end
@@ -538,10 +465,7 @@ def _infonce_dd_kernel(
         d_all = _load_rows(Dm, cols64, col_mask, stride_d, offs_k, k_mask, INTERPRET)  # [BLOCK_N, BLOCK_K]
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     else:
-        for k0 in range(0, D, BLOCK_K):
-            tl.store(acc_ptrs + k0, tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32),
-                     mask=col_mask[:, None] & ((k0 + offs_k) < D)[None, :])
-        tl.debug_barrier()
+        _zero_slices(acc_ptrs, col_mask, D, offs_k, BLOCK_N, BLOCK_K)
     if GROUPED:
         # queries in positive order whose group [pos, pos + G) meets these rows: pos in [n0 - G + 1, n0 + BLOCK_N)
         q_lo = _lower_bound(POS, B, pid * BLOCK_N - G + 1)
@@ -590,7 +514,7 @@ def _infonce_grad_merge_kernel(
     NUM_MIX: tl.constexpr, NUM_TOP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """OUT[r] = (1/tau) (SCALE[1] sum_s P[s, r] + step 5), the splits summed in split order 0, 1, ... (bitwise the
-    same every run); step 5 (dq only, NUM_MIX > 0): c_a,r d_a + sum_m c_b,rm d_b,m from the rows a = h_1, b = h_{m+1}."""
+    same every run); step 5 (dq only, NUM_MIX > 0): c_a,r d_a + sum_m c_b,rm d_b,m, rows a = h_1, b = h_{m+1}."""
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     row_mask = rows < R
@@ -612,87 +536,6 @@ def _infonce_grad_merge_kernel(
     tl.store(OUT + rows[:, None] * D + offs_k[None, :], (acc * inv_tau).to(OUT.dtype.element_ty), mask=mask)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# launch plan: how many programs each pass launches (issue 12: fill the GPU)
-# ----------------------------------------------------------------------------------------------------------------
-
-PROGRAMS_PER_SM = 2  # every pass launches at least this many programs per SM whenever B * N allows
-
-
-def _tiles_per_block(kind: str, B: int, N: int, tile: tuple, group_size: int, in_batch_negatives: bool) -> tuple:
-    """(blocks, tiles of the looped dimension per block) of a pass: the forward and dq own BLOCK_M queries and loop
-    over tiles of BLOCK_N rows of d, dd owns BLOCK_N rows of d and loops over blocks of BLOCK_M queries. Without
-    in-batch negatives a query block only meets the rows of its groups (about BLOCK_M * G of them)."""
-    bm, bn = tile
-    if kind == "dd":
-        span = B if in_batch_negatives else min(B, -(-bn // max(1, group_size)) + 1)
-        return -(-N // bn), max(1, -(-span // bm))
-    span = N if in_batch_negatives else min(N, bm * group_size + bn)
-    return -(-B // bm), max(1, -(-span // bn))
-
-
-def grid_plan(B: int, N: int, D: int, num_sms: int, *, group_size: int = 1, in_batch_negatives: bool = True,
-              tiles: dict | None = None) -> dict:
-    """The launch plan of the loss for B queries, N documents of dim D on a GPU with ``num_sms`` SMs (pure: the same
-    plan in every process and rank for the same shapes, so the results are bitwise reproducible).
-
-    Per pass ("fwd", "dq", "dd"): the tile (BLOCK_M, BLOCK_N) -- the first of ``tiles[kind]`` (best first; default:
-    the sm_90 16-bit rows of PINNED) that can give ``PROGRAMS_PER_SM * num_sms`` programs, else the one that gives the
-    most -- and the number of splits of the looped dimension (the forward and dq split the rows of d, dd the query
-    blocks): the fewest that bring blocks x splits to that target, each a balanced run of whole tiles. Returns
-    {"<kind>_tile", "<kind>_splits", "<kind>_programs"} for the three passes (merges excluded), "target" and
-    "partial_bytes": the fp32 partials of the backward, 4 * D * (dq_splits * B + dd_splits * N). A pass splits only
-    when blocks < target, and then has splits * B < (target + blocks) * BLOCK_M partial rows (dd: N, BLOCK_N): under
-    2 * target * BLOCK * D * 4 bytes whatever B and N (the forward's partials are O(splits * B * M))."""
-    if num_sms < 1:
-        raise ValueError(f"num_sms must be >= 1, got {num_sms}")
-    if tiles is None:
-        tiles = {kind: [row[:2] for row in PINNED[(kind, "sm_90", "16bit")]] for kind in _KERNELS}
-    target = PROGRAMS_PER_SM * num_sms
-    plan = {"target": target}
-    for kind in _KERNELS:
-        options = [(t, *_tiles_per_block(kind, B, N, t, group_size, in_batch_negatives)) for t in tiles[kind]]
-        fit = [o for o in options if o[1] * o[2] >= target]
-        tile, blocks, per_block = fit[0] if fit else max(options, key=lambda o: o[1] * o[2])
-        splits = min(per_block, -(-target // blocks))  # balanced runs of whole tiles (``_split_range``)
-        plan.update({f"{kind}_tile": tuple(tile), f"{kind}_splits": splits, f"{kind}_programs": blocks * splits})
-    plan["partial_bytes"] = 4 * D * (plan["dq_splits"] * B + plan["dd_splits"] * N)
-    return plan
-
-
-def _tile_rows(kind: str, x: torch.Tensor) -> list[tuple]:
-    """Configs (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, smem) the plan may choose from, best first: the
-    pinned one (``pick``) then the other rows of the table that fit the device; one big tile under the interpreter."""
-    arch = device_arch(x.device)
-    if arch == "interpreter":
-        return [_INTERPRETER_CONFIG]
-    key = (kind, arch, "fp32" if x.dtype == torch.float32 else "16bit")
-    first = pick(PINNED, key, x.device)
-    if x.device.type != "cuda":  # the compile capture: the pinned row only
-        return [first]
-    smem = shared_memory_optin(x.device)
-    return [first] + [r for r in PINNED[key] if r != first and r[-1] <= smem]
-
-
-def _resident(D: int, block_k: int) -> bool:
-    """Whether a pass with BLOCK_K ``block_k`` keeps its rows on chip: the whole embedding fits one slice (the
-    kernels' RESIDENT path: the program's own rows loaded once, each tile of the other operand read once for both
-    dots, and in the backward no read-modify-write of the fp32 partial)."""
-    return block_k >= D
-
-
-def _plan(q: torch.Tensor, N: int, group_size: int, in_batch_negatives: bool) -> tuple[dict, dict]:
-    """(grid_plan for q's device, {kind: the chosen config row}); off CUDA num_sms is 1: two programs per pass, so
-    every CPU test runs the split-and-merge path. The rows that keep the embedding on chip at this D (``_resident``)
-    come first, in table order."""
-    rows = {kind: _tile_rows(kind, q) for kind in _KERNELS}
-    B, D = q.shape
-    for kind in _KERNELS:
-        rows[kind] = sorted(rows[kind], key=lambda r: not _resident(D, r[2]))
-    plan = grid_plan(B, N, D, num_sms(q.device), group_size=group_size, in_batch_negatives=in_batch_negatives,
-                     tiles={kind: [r[:2] for r in rows[kind]] for kind in _KERNELS})
-    return plan, {kind: next(r for r in rows[kind] if tuple(r[:2]) == plan[f"{kind}_tile"]) for kind in _KERNELS}
-
 
 def _grad_scale(g: torch.Tensor) -> torch.Tensor:
     """(2,) fp32 [2^-e, 2^e] with e = floor(log2 max |g|): dz = g (1[pos] - P) times 2^-e has max |g| in [1, 2), so
@@ -708,26 +551,6 @@ def _grad_scale(g: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
-    """The kernels take a row stride and need unit stride along D."""
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
-def _visit_order(pos_idx: torch.Tensor, in_batch_negatives: bool):
-    """(positives in visiting order, query order) -- sorted by positive without in-batch negatives (stable argsort:
-    a query block then spans few rows of d), the natural order otherwise (the order array is then unused)."""
-    pos_idx = pos_idx.contiguous()
-    if in_batch_negatives:
-        return pos_idx, pos_idx
-    order = torch.argsort(pos_idx, stable=True)
-    return pos_idx[order].contiguous(), order
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs get a full-precision dot (tf32 would add ~1e-3 relative error to logits scaled by 1/tau)."""
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 @input_guard
 def focal_infonce_fwd(q, d, pos_idx, group_size, in_batch_negatives, temperature, num_mix, mix_lambda):
     """Forward kernels. q (B, D), d (N, D), pos_idx int64 (B,), mix_lambda (B, M) fp32 when num_mix > 0.
@@ -737,13 +560,13 @@ def focal_infonce_fwd(q, d, pos_idx, group_size, in_batch_negatives, temperature
     q.d_j and their rows, descending, ties -> lower row; -inf / -1 past the last negative), and with num_mix > 0 the
     synthetic logits zh (B, M) and norms |e| (B, M) (else None, None).
     """
-    q, d = _rows_contiguous(q), _rows_contiguous(d)
+    q, d = rows_contiguous(q), rows_contiguous(d)
     B, D = q.shape
     N = d.shape[0]
     K = num_mix + 1
-    plan, config = _plan(q, N, group_size, in_batch_negatives)
+    plan, config = configs.launch_plan(q, N, group_size, in_batch_negatives)
     S = plan["fwd_splits"]
-    pos_visit, order = _visit_order(pos_idx, in_batch_negatives)
+    pos_visit, order = configs.visit_order(pos_idx, in_batch_negatives)
     dev, f32 = q.device, torch.float32
     pm, pl, pspos = (torch.empty(S, B, device=dev, dtype=f32) for _ in range(3))
     ptopv = torch.empty(S, B, K, device=dev, dtype=f32)
@@ -753,8 +576,8 @@ def focal_infonce_fwd(q, d, pos_idx, group_size, in_batch_negatives, temperature
     _launchable("fwd", q, config["fwd"])[lambda meta: (triton.cdiv(B, meta["BLOCK_M"]), S)](
         q, d, pos_visit, order, pm, pl, pspos, ptopv, ptopi,
         B, N, D, q.stride(0), d.stride(0), group_size, LOG2E / temperature, S,
-        NUM_TOP=K, TOP_PAD=top_pad, GROUPED=not in_batch_negatives, RESIDENT=_resident(D, config["fwd"][2]),
-        INTERPRET=interp, DOT_PRECISION=_dot_precision(q.dtype),
+        NUM_TOP=K, TOP_PAD=top_pad, GROUPED=not in_batch_negatives, RESIDENT=configs.resident(D, config["fwd"][2]),
+        INTERPRET=interp, DOT_PRECISION=dot_precision(q.dtype),
     )
     lse2 = torch.empty(B, device=dev, dtype=f32)
     logp2 = torch.empty(B, device=dev, dtype=f32)
@@ -796,23 +619,23 @@ def focal_infonce_bwd(q, d, pos_idx, group_size, in_batch_negatives, temperature
     """Backward kernels: dq (B, D) and dd (N, D) in the input dtype (None where not needed) from lse2 (B,) (base-2
     lse, synthetic negatives included), g (B,) = dL/dlog p and, with mixing, top_i (B, M+1) int32 and the
     coefficients c_a (B,), c_b (B, M) of step 5 (``heads.infonce_grad_coeffs``)."""
-    q, d = _rows_contiguous(q), _rows_contiguous(d)
+    q, d = rows_contiguous(q), rows_contiguous(d)
     B, D = q.shape
     N = d.shape[0]
-    plan, config = _plan(q, N, group_size, in_batch_negatives)
-    pos_visit, order = _visit_order(pos_idx, in_batch_negatives)
+    plan, config = configs.launch_plan(q, N, group_size, in_batch_negatives)
+    pos_visit, order = configs.visit_order(pos_idx, in_batch_negatives)
     lse2 = lse2.contiguous()
     g = g.float().contiguous()
     scale = _grad_scale(g)
     args = (q, d, pos_visit, order, lse2, g, scale)
-    common = dict(GROUPED=not in_batch_negatives, INTERPRET=interpreting(), DOT_PRECISION=_dot_precision(q.dtype))
+    common = dict(GROUPED=not in_batch_negatives, INTERPRET=interpreting(), DOT_PRECISION=dot_precision(q.dtype))
     sizes = (B, N, D, q.stride(0), d.stride(0), group_size, LOG2E / temperature)
     dq = dd = None
     if need_dq:
         S = plan["dq_splits"]
         part = torch.empty(S, B, D, device=q.device, dtype=torch.float32)
         _launchable("dq", q, config["dq"])[lambda meta: (triton.cdiv(B, meta["BLOCK_M"]), S)](
-            *args, part, *sizes, S, RESIDENT=_resident(D, config["dq"][2]), **common)
+            *args, part, *sizes, S, RESIDENT=configs.resident(D, config["dq"][2]), **common)
         dq = _merge_rows(part, torch.empty(B, D, device=q.device, dtype=q.dtype), scale, d, top_i, c_a, c_b,
                          temperature)
         del part  # freed before the dd partials exist (4 * S * B * D bytes off the peak)
@@ -820,7 +643,7 @@ def focal_infonce_bwd(q, d, pos_idx, group_size, in_batch_negatives, temperature
         S = plan["dd_splits"]
         part = torch.empty(S, N, D, device=d.device, dtype=torch.float32)
         _launchable("dd", q, config["dd"])[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), S)](
-            *args, part, *sizes, S, RESIDENT=_resident(D, config["dd"][2]), **common)
+            *args, part, *sizes, S, RESIDENT=configs.resident(D, config["dd"][2]), **common)
         dd = _merge_rows(part, torch.empty(N, D, device=d.device, dtype=d.dtype), scale, d, None, None, None,
                          temperature)
     return dq, dd

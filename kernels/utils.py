@@ -1,12 +1,19 @@
-"""Small helpers shared by the Triton kernels: interpreter switch, the arch key of the pinned-config tables, the
-autotune switch and the device guard of the launchers. Nothing here touches CUDA at import time."""
+"""Small helpers shared by the Triton kernels: constants, the interpreter switch, the arch key of the pinned-config
+tables, the pinned/autotuned launch of a table row, input layout and dot precision, and the device guard of the
+launchers. Nothing here touches CUDA at import time."""
 
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import torch
+import triton
+
+LOG2E = math.log2(math.e)  # exp(x) = exp2(x * LOG2E); kernels take tl.constexpr(LOG2E) (jit globals must be constexpr)
+LN2 = math.log(2.0)  # ln(x) = log2(x) * LN2
+AUTOTUNE_MAX = 4  # KALM_FAST_AUTOTUNE=1 benchmarks at most this many surviving configs per key (cold-GPU budget)
 
 # Opt-in shared memory per block (bytes) of the archs the pinned tables are compiled for (bench/compile.py).
 SHARED_MEMORY_OPTIN = {"sm_80": 166_912, "sm_90": 232_448}
@@ -83,3 +90,67 @@ def input_guard(fn):
         return fn(*args, **kwargs)
 
     return wrapper
+
+
+def dtype_class(dtype: torch.dtype) -> str:
+    """Dtype key of the pinned tables: "fp32" (exact FMA dots, own tiles) or "16bit" (bf16/fp16, tensor cores)."""
+    return "fp32" if dtype == torch.float32 else "16bit"
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input_precision: fp32 inputs get true fp32 products ("ieee"; tf32 would add ~1e-3 relative error);
+    fp16/bf16 ignore the setting."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def rows_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """x itself when its last dim has unit stride (the kernels take the other strides), else a contiguous copy."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def config_kwargs(names: tuple[str, ...], row: tuple) -> dict:
+    """A table row (tile sizes named by ``names``, num_warps, num_stages[, shared memory bytes]) as launch kwargs."""
+    n = len(names)
+    return {**dict(zip(names, row[:n])), "num_warps": row[n], "num_stages": row[n + 1]}
+
+
+class Pinned:
+    """``kernel[grid](*args, **kw)`` with one config's compile-time arguments added: the same tiles in every process
+    and rank (the default launch of a table row)."""
+
+    def __init__(self, kernel, config: dict):
+        self.kernel, self.config = kernel, config
+
+    def __getitem__(self, grid):
+        return lambda *args, **kw: self.kernel[grid](*args, **kw, **self.config)
+
+
+_TUNERS: dict = {}  # (op, table key) -> triton Autotuner: one per key, so each keeps its own cache
+
+
+def _autotuner(op: str, key: tuple, kernel, rows: list[tuple], names: tuple[str, ...], tune_key: list[str],
+              heuristics: dict | None = None):
+    """The autotuner of ``kernel`` over the first AUTOTUNE_MAX ``rows`` of its pinned table (KALM_FAST_AUTOTUNE=1),
+    built once per (op, key); ``heuristics`` derive further compile-time arguments from the tuned config."""
+    tuner = _TUNERS.get((op, key))
+    if tuner is None:
+        configs = [triton.Config(dict(zip(names, row)), num_warps=row[len(names)], num_stages=row[len(names) + 1])
+                   for row in rows[:AUTOTUNE_MAX]]
+        tuned = triton.heuristics(heuristics)(kernel) if heuristics else kernel
+        tuner = _TUNERS[(op, key)] = triton.autotune(configs=configs, key=tune_key)(tuned)
+    return tuner
+
+
+def launchable(op: str, kernel, table: dict, key: tuple, row: tuple, names: tuple[str, ...], tune_key: list[str],
+               heuristics: dict | None = None):
+    """``kernel[grid](...)``-able object for ``row`` of the op's pinned ``table`` at ``key`` = (kind, arch, ...):
+    that row (the pinned config or the launch plan's choice: the same tiles in every process) by default, the
+    autotuner over the first AUTOTUNE_MAX rows of ``table[key]`` with KALM_FAST_AUTOTUNE=1 on a GPU."""
+    if key[1] != "interpreter" and autotuning():
+        return _autotuner(op, key, kernel, table[key], names, tune_key, heuristics)
+    return Pinned(kernel, config_kwargs(names, row))
+
+
+def chosen_configs() -> dict:
+    """{(op, table key): {autotune key: chosen config}} of this process (KALM_FAST_AUTOTUNE=1), for the record."""
+    return {k: {tk: str(c) for tk, c in tuner.cache.items()} for k, tuner in _TUNERS.items() if tuner.cache}

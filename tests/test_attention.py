@@ -216,29 +216,25 @@ def test_unequal_tiles(monkeypatch):
     """BLOCK_M != BLOCK_N in every kernel (the GPU autotune configs mostly are), with a non-power-of-two head dim."""
     from kalm_fast.kernels import attention
 
-    tiles = {"fwd": [(64, 32, 4, 1)], "dkdv": [(32, 64, 4, 1)], "dq": [(64, 32, 4, 1)]}
-    monkeypatch.setitem(attention._CONFIGS, "interpreter", tiles)
-    attention._tuned.cache_clear()
-    try:
-        q, k, v, cu, max_seqlen = _inputs((1, 97, 0, 64), 4, 2, 40, torch.float32)
-        dout = torch.randn(q.shape, device=DEVICE)
-        _check_fp32(_kalm(q, k, v, cu, max_seqlen, dout), q, k, v, cu, dout)
-    finally:
-        attention._tuned.cache_clear()  # the next test gets the default tiles again
+    tiles = {"fwd": (64, 32, 4, 1), "dkdv": (32, 64, 4, 1), "dq": (64, 32, 4, 1)}
+    monkeypatch.setattr(attention.configs, "INTERPRETER_TILES", tiles)
+    q, k, v, cu, max_seqlen = _inputs((1, 97, 0, 64), 4, 2, 40, torch.float32)
+    dout = torch.randn(q.shape, device=DEVICE)
+    _check_fp32(_kalm(q, k, v, cu, max_seqlen, dout), q, k, v, cu, dout)
 
 
 @pytest.mark.parametrize("smem", [232448, 166912, 101376], ids=["h100", "a100", "sm86"])
 def test_pinned_config_fits_the_device(monkeypatch, smem):
     """The launcher's choice on a GPU: the pinned (first) config of the compile-verified table when the device has the
     shared memory it measured, else the first surviving config that fits (an sm_86 reading the sm_80 table)."""
-    from kalm_fast.kernels import attention, utils
+    from kalm_fast.kernels import attention_configs, utils
 
     monkeypatch.setattr(utils, "_device_facts", lambda index: (9 if smem > 200_000 else 8, smem))
     arch = "sm_90" if smem > 200_000 else "sm_80"
-    for key, rows in attention.PINNED.items():
+    for key, rows in attention_configs.PINNED.items():
         if key[1] != arch:
             continue
-        chosen = utils.pick(attention.PINNED, key, torch.device("cuda", 0))
+        chosen = utils.pick(attention_configs.PINNED, key, torch.device("cuda", 0))
         fitting = [r for r in rows if r[-1] <= smem]
         assert chosen == (fitting[0] if fitting else min(rows, key=lambda r: r[-1])), key
 
@@ -303,7 +299,7 @@ def test_backward_is_deterministic():
 def test_dkdv_plan_fills_two_waves():
     """Qwen2-0.5B (14 query / 2 kv heads) with 4 x 1,024 tokens: 128 dK/dV programs on 132 SMs, under one wave; the
     plan gives one program per query head (7 partials per kv head): 896 programs, 6.8 waves."""
-    from kalm_fast.kernels.attention import dkdv_plan
+    from kalm_fast.kernels.attention_configs import dkdv_plan
 
     plan = dkdv_plan(T=4096, B=4, max_seqlen=1024, Hkv=2, group=7, block_n=64, num_sms=132)
     assert plan["splits"] == 7 and plan["programs"] == 4 * 16 * 2 * 7 and plan["waves"] >= 2
@@ -323,7 +319,7 @@ def triton_cdiv(a, b):
 def test_dkdv_plan_threshold():
     """Over a sweep: partials exactly when the unsplit grid is under two waves (264 programs on 132 SMs) and the
     group has more than one head."""
-    from kalm_fast.kernels.attention import dkdv_plan
+    from kalm_fast.kernels.attention_configs import dkdv_plan
 
     for T in (1, 100, 1000, 4096, 8448, 8449, 9000, 20000):
         for group in (1, 2, 4, 7, 8):

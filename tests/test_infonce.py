@@ -350,15 +350,15 @@ def test_chunked_never_allocates_b_by_n(in_batch):
 def test_triton_glue_never_allocates_b_by_n(monkeypatch, num_sms):
     """Everything torch does around the Triton kernels (launchers, autograd, head) is O((B + N) * D + B * M), plus
     with a GPU's launch plan the split partials (at most ~2 x target x BLOCK x D: a constant, not B x N)."""
-    from kalm_fast.kernels import infonce
+    from kalm_fast.kernels import infonce_configs
 
     monkeypatch.setenv("KALM_FAST_BACKEND", "triton")
     B, G, D = 256, 4, 8  # B * N = 2^18 = 26 x (B + N) * D
     N = B * G
     allowed = (B + N) * D
     if num_sms is not None:
-        monkeypatch.setattr(infonce, "num_sms", lambda device: num_sms)
-        plan = infonce._plan(torch.empty(B, D), N, G, True)[0]
+        monkeypatch.setattr(infonce_configs, "num_sms", lambda device: num_sms)
+        plan = infonce_configs.launch_plan(torch.empty(B, D), N, G, True)[0]
         assert plan["fwd_splits"] > 1 and plan["dq_splits"] > 1 and plan["dd_splits"] > 1, plan
         allowed = max(allowed, max(plan["dq_splits"] * B, plan["dd_splits"] * N) * D)
     q, d = embeddings(B, N, D)
@@ -378,15 +378,15 @@ def test_triton_glue_never_allocates_b_by_n(monkeypatch, num_sms):
 def test_grid_plan_fills_an_h100_at_the_recipe_batch():
     """B = 512 queries (recipes/kalm-v2-mini.yaml), N = 4096, D = 1024 on 132 SMs: every pass >= 2 programs per SM
     (one program per query block would be 4-8); a batch that fills the GPU by itself keeps one split."""
-    from kalm_fast.kernels import infonce
+    from kalm_fast.kernels import infonce_configs
 
-    plan = infonce.grid_plan(512, 4096, 1024, 132)
+    plan = infonce_configs.grid_plan(512, 4096, 1024, 132)
     for kind in ("fwd", "dq", "dd"):
         assert plan[f"{kind}_programs"] >= 264, (kind, plan)
-    big = infonce.grid_plan(65536, 8 * 65536, 1024, 132)
+    big = infonce_configs.grid_plan(65536, 8 * 65536, 1024, 132)
     for kind in ("fwd", "dq", "dd"):
         assert big[f"{kind}_splits"] == 1, (kind, big)
-        assert big[f"{kind}_tile"] == tuple(infonce.PINNED[(kind, "sm_90", "16bit")][0][:2]), (kind, big)
+        assert big[f"{kind}_tile"] == tuple(infonce_configs.PINNED[(kind, "sm_90", "16bit")][0][:2]), (kind, big)
 
 
 @pytest.mark.parametrize("B,N,G,in_batch,num_sms", [
@@ -399,26 +399,26 @@ def test_grid_plan_fills_an_h100_at_the_recipe_batch():
 def test_grid_plan_invariants(B, N, G, in_batch, num_sms):
     """Each pass: splits >= 1, programs = blocks x splits, every split a non-empty run of whole tiles, and the
     target reached whenever blocks x tiles allow it (else every tile is its own program)."""
-    from kalm_fast.kernels import infonce
+    from kalm_fast.kernels import infonce_configs
 
-    plan = infonce.grid_plan(B, N, 1024, num_sms, group_size=G, in_batch_negatives=in_batch)
-    assert plan["target"] == infonce.PROGRAMS_PER_SM * num_sms
+    plan = infonce_configs.grid_plan(B, N, 1024, num_sms, group_size=G, in_batch_negatives=in_batch)
+    assert plan["target"] == infonce_configs.PROGRAMS_PER_SM * num_sms
     for kind in ("fwd", "dq", "dd"):
-        blocks, per_block = infonce._tiles_per_block(kind, B, N, plan[f"{kind}_tile"], G, in_batch)
+        blocks, per_block = infonce_configs._tiles_per_block(kind, B, N, plan[f"{kind}_tile"], G, in_batch)
         splits = plan[f"{kind}_splits"]
         assert 1 <= splits <= per_block and plan[f"{kind}_programs"] == blocks * splits  # no empty split
         assert plan[f"{kind}_programs"] >= min(plan["target"], blocks * per_block), (kind, plan)
         if splits > 1:  # the fewest splits that reach the target: the partials stay under (target + blocks) rows
             assert blocks * (splits - 1) < plan["target"], (kind, plan)
     with pytest.raises(ValueError, match="num_sms"):
-        infonce.grid_plan(B, N, 1024, 0)
+        infonce_configs.grid_plan(B, N, 1024, 0)
 
 
 @pytest.mark.parametrize("in_batch", [True, False])
 def test_splits_bitwise_reproducible_and_within_bound(monkeypatch, in_batch):
     """Many splits: two runs bitwise equal (partials merged in split order, no atomics); many splits and one split
     both within the fp32 forward-error bound of SPEC 4.3 in float64, with the same hardest negatives."""
-    from kalm_fast.kernels import infonce
+    from kalm_fast.kernels import infonce_configs
 
     monkeypatch.setenv("KALM_FAST_BACKEND", "triton")
     B, G, D = 40, 8, 48
@@ -427,16 +427,16 @@ def test_splits_bitwise_reproducible_and_within_bound(monkeypatch, in_batch):
     lam = torch.rand(B, 2, device=DEVICE)
     args = loss_args(B, B * G, pos_idx=pos_idx, group_size=G, in_batch_negatives=in_batch, gamma=0.5, num_mix=2,
                      mix_lambda=lam)
-    monkeypatch.setattr(infonce, "num_sms", lambda device: 64)
-    plan = infonce._plan(q, B * G, G, in_batch)[0]
+    monkeypatch.setattr(infonce_configs, "num_sms", lambda device: 64)
+    plan = infonce_configs.launch_plan(q, B * G, G, in_batch)[0]
     if in_batch:
         assert plan["fwd_splits"] >= 3 and plan["dq_splits"] >= 3, plan
     many, again = run_ops(q, d, args), run_ops(q, d, args)
     for a, b in zip(many[:3], again[:3]):
         assert torch.equal(a, b)
-    monkeypatch.setattr(infonce, "num_sms", lambda device: 1)
-    monkeypatch.setattr(infonce, "PROGRAMS_PER_SM", 1)
-    assert infonce._plan(q, B * G, G, in_batch)[0]["fwd_splits"] == 1
+    monkeypatch.setattr(infonce_configs, "num_sms", lambda device: 1)
+    monkeypatch.setattr(infonce_configs, "PROGRAMS_PER_SM", 1)
+    assert infonce_configs.launch_plan(q, B * G, G, in_batch)[0]["fwd_splits"] == 1
     one = run_ops(q, d, args)
     check_against_oracle(many, q, d, args)
     check_against_oracle(one, q, d, args)
@@ -449,16 +449,17 @@ def test_resident_backward_equals_streaming_bitwise(monkeypatch, in_batch):
     the partial, each tile read once), and give the same bits as the streaming path (scores over BLOCK_K chunks,
     read-modify-write of the fp32 partial slice by slice), which runs the same dots in the same order; D = 80 > 64
     streams (test_matches_oracle)."""
-    from kalm_fast.kernels import infonce
+    from kalm_fast.kernels import infonce_configs
 
     monkeypatch.setenv("KALM_FAST_BACKEND", "triton")
     B, G, D = 40, 4, 48
     q, d = embeddings(B, B * G, D)
     lam = torch.rand(B, 2, device=DEVICE)
     args = loss_args(B, B * G, group_size=G, in_batch_negatives=in_batch, gamma=0.5, num_mix=2, mix_lambda=lam)
-    assert all(infonce._resident(D, row[2]) for row in infonce._plan(q, B * G, G, in_batch)[1].values())
+    rows = infonce_configs.launch_plan(q, B * G, G, in_batch)[1]
+    assert all(infonce_configs.resident(D, row[2]) for row in rows.values())
     on_chip = run_ops(q, d, args)
-    monkeypatch.setattr(infonce, "_resident", lambda D, block_k: False)
+    monkeypatch.setattr(infonce_configs, "resident", lambda D, block_k: False)
     streamed = run_ops(q, d, args)
     for name, a, b in zip(("loss", "dq", "dd"), on_chip[:3], streamed[:3]):
         assert torch.equal(a, b), name
@@ -468,13 +469,13 @@ def test_resident_backward_equals_streaming_bitwise(monkeypatch, in_batch):
 def test_resident_rows_for_the_recipe_mrl_dims():
     """The recipe's Matryoshka dims 64 and 128 (recipes/kalm-v2-mini.yaml) find a pinned 16-bit dq and dd config whose
     BLOCK_K holds the whole embedding on every tabled arch, and the plan puts such rows first."""
-    from kalm_fast.kernels import infonce
+    from kalm_fast.kernels import infonce_configs
 
     for arch in ("sm_80", "sm_90"):
         for kind in ("dq", "dd"):
-            rows = infonce.PINNED[(kind, arch, "16bit")]
-            assert any(infonce._resident(64, r[2]) for r in rows), (kind, arch)
-            assert any(infonce._resident(128, r[2]) for r in rows), (kind, arch, rows)
+            rows = infonce_configs.PINNED[(kind, arch, "16bit")]
+            assert any(infonce_configs.resident(64, r[2]) for r in rows), (kind, arch)
+            assert any(infonce_configs.resident(128, r[2]) for r in rows), (kind, arch, rows)
 
 
 def test_fp16_tiny_upstream_gradient_keeps_its_bits(monkeypatch):

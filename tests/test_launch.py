@@ -147,20 +147,20 @@ LIMITS = {"sm_80": 166_912, "sm_90": 232_448}
 
 
 def test_pinned_tables_cover_every_launch():
-    from kalm_fast.kernels import attention, infonce
+    from kalm_fast.kernels import attention_configs, infonce_configs
 
     for arch in ("sm_80", "sm_90"):
         for kind in ("fwd", "dkdv", "dq"):
             for block_d in (16, 32, 64, 128, 256):
                 for dcls in ("16bit", "fp32"):
-                    rows = attention.PINNED.get((kind, arch, block_d, dcls))
+                    rows = attention_configs.PINNED.get((kind, arch, block_d, dcls))
                     if block_d == 16:  # head dims < 16 are padded to 16 but not promised (SPEC: 32-256)
                         continue
                     assert rows, f"attention {kind} {arch} BLOCK_D={block_d} {dcls}: no pinned config"
                     assert all(r[-1] <= LIMITS[arch] for r in rows)
         for kind in ("fwd", "dq", "dd"):
             for dcls in ("16bit", "fp32"):
-                rows = infonce.PINNED.get((kind, arch, dcls))
+                rows = infonce_configs.PINNED.get((kind, arch, dcls))
                 assert rows and all(r[-1] <= LIMITS[arch] for r in rows), f"infonce {kind} {arch} {dcls}"
 
 
@@ -196,7 +196,7 @@ def test_committed_tables_pinned_rows_pass():
 
 def test_pinned_rows_are_the_tables_first_configs():
     """The pinned config the code launches is the one the committed tables verified (no silent drift)."""
-    from kalm_fast.kernels import attention, infonce
+    from kalm_fast.kernels import attention_configs, infonce_configs
 
     for path in _committed_tables():
         for line in path.read_text().splitlines():
@@ -204,7 +204,7 @@ def test_pinned_rows_are_the_tables_first_configs():
             if not (r["pinned"] and r["kernel"] in TABLED):
                 continue
             op, key, tup = pinned_key(r)
-            first = (attention if op == "attention" else infonce).PINNED[key][0]
+            first = (attention_configs if op == "attention" else infonce_configs).PINNED[key][0]
             assert first[:len(tup)] == tup, (path, r)
 
 
@@ -221,7 +221,7 @@ def test_every_infonce_plan_row_verified():
     """InfoNCE's launch plan may choose any row of its PINNED table (a smaller tile when the batch cannot fill the
     GPU): every row, fp32 included, compiled in every committed table for every variant of its class that the table
     holds, with zero spill bytes, within shared memory and (16-bit) with tensor cores."""
-    from kalm_fast.kernels import infonce
+    from kalm_fast.kernels import infonce_configs
 
     for path in _committed_tables():
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -230,7 +230,7 @@ def test_every_infonce_plan_row_verified():
             if r["kernel"] in TABLED and TABLED[r["kernel"]][1] == "infonce":
                 _op, key, tup = pinned_key(r)
                 seen.setdefault((key, tup), []).append(r)
-        for key, table_rows in infonce.PINNED.items():
+        for key, table_rows in infonce_configs.PINNED.items():
             for row in table_rows:
                 facts = seen.get((key, tuple(row[:5])))
                 assert facts, f"{path.parent.name}: {key} {row[:5]} never compiled"
