@@ -227,6 +227,19 @@ class Embedder(torch.nn.Module):
     Build it with ``Embedder.from_pretrained(path, ...)``, or wrap a loaded ``model`` (a base model such as
     ``AutoModel``'s; heads are dropped) and its ``tokenizer`` with ``Embedder(model, tokenizer, ...)``, which
     prepares the model in place (attention implementation, causality, attention dropout 0).
+
+    Arguments:
+        model: a transformers ``PreTrainedModel`` of a type in DECODER_TYPES (llama, mistral, qwen2, qwen3) or
+            ENCODER_TYPES (bert); its ``base_model`` is kept.
+        tokenizer: the model's tokenizer (any padding side).
+        bidirectional: decoders attend to the whole sequence (an encoder, the recipe's default); False keeps them
+            causal. Encoders are always bidirectional.
+        pooling: "mean" (masked mean over the non-prompt tokens, fused with the final norm).
+        normalize: L2-normalize the embeddings (and again after a Matryoshka cut).
+        mrl_dims: the Matryoshka dims ``encode(dim=)`` accepts: distinct, sorted, each in [1, hidden size]
+            (None: any dim).
+        max_length: truncation length in tokens (encoders: at most the model's absolute positions).
+        include_prompt: pool the prompt's tokens too (False: only the text's).
     """
 
     def __init__(self, model: PreTrainedModel, tokenizer, *, bidirectional: bool = True, pooling: str = "mean",

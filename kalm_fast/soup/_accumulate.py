@@ -221,8 +221,16 @@ def greedy_soup(candidates: Sequence, evaluate: Callable[[dict[str, torch.Tensor
     Scores every candidate on its own with ``evaluate(state_dict) -> float`` (higher is better), visits them from the
     best score down, and keeps a candidate only if the uniform average of the soup plus it scores strictly higher
     than the soup so far (the paper keeps ties; here a tie does not improve, so it is left out). The soup starts
-    from the best single candidate. Candidates: state dicts, nn.Modules or checkpoint paths; ``evaluate`` receives a
-    {name: tensor} dict on ``device`` in ``dtype`` (default: the first candidate's dtypes).
+    from the best single candidate.
+
+    Arguments:
+        candidates: state dicts, nn.Modules or checkpoint paths (.safetensors files or Hugging Face folders), all
+            with the same tensor names and shapes.
+        evaluate: ``evaluate(state_dict) -> float``, higher is better; receives {name: tensor} on ``device`` in
+            ``dtype``.
+        device: where the soup is accumulated ("cpu" or "cuda").
+        compensated: compensated fp32 sums (``SoupAccumulator(compensated=True)``).
+        dtype: dtype of the state dicts ``evaluate`` receives (default: the first candidate's, per tensor).
     """
     candidates = list(candidates)
     if not candidates:
