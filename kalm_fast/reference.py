@@ -109,17 +109,29 @@ def flash_attn_varlen_func(
 
 
 def apply_norm(x, norm, weight, bias, eps):
-    """Per-token final norm of the model, in fp32. x (..., H)."""
+    """Per-token final norm of the model in x's dtype (the compute dtype). x (..., H); weight, bias (H,) or None.
+    fp32/float64 by the formula; fp16/bf16 through torch's own F.rms_norm / F.layer_norm (the unfused pipeline a
+    16-bit model runs: the 2x rule's baseline)."""
+    if norm not in (None, "rmsnorm", "layernorm"):
+        raise ValueError(f"norm must be None, 'rmsnorm' or 'layernorm', got {norm!r}")
     if norm is None:
         return x
+    w, b = (t.to(x.dtype) if t is not None else None for t in (weight, bias))
+    if x.dtype.itemsize < 4:
+        H = x.shape[-1]
+        return F.rms_norm(x, (H,), w, eps) if norm == "rmsnorm" else F.layer_norm(x, (H,), w, b, eps)
     if norm == "rmsnorm":
         y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-        return y * weight.float() if weight is not None else y
-    if norm == "layernorm":
-        y = F.layer_norm(x, x.shape[-1:], None, None, eps)
-        y = y * weight.float() if weight is not None else y
-        return y + bias.float() if bias is not None else y
-    raise ValueError(f"norm must be None, 'rmsnorm' or 'layernorm', got {norm!r}")
+        return y * w if w is not None else y
+    y = F.layer_norm(x, x.shape[-1:], None, None, eps)
+    y = y * w if w is not None else y
+    return y + b if b is not None else y
+
+
+def _l2_normalize(pooled):
+    # F.normalize's floor L2_EPS underflows to 0 in fp16, which would turn rows without a pooled token into 0/0; the
+    # dtype's smallest normal number keeps them at 0 and changes nothing else (fp32/float64/bf16: L2_EPS itself)
+    return F.normalize(pooled, dim=-1, eps=max(L2_EPS, torch.finfo(pooled.dtype).tiny))
 
 
 def masked_mean_pool(
@@ -130,32 +142,40 @@ def masked_mean_pool(
     norm_bias: torch.Tensor | None = None,
     eps: float = 1e-6,
     normalize: bool = True,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """hidden (B, S, H), mask (B, S) -> (B, H) in hidden's dtype: norm each token, mean over mask-true tokens,
-    L2 normalize. A row without a valid token gives zeros (and, because the mask multiplies, zero gradient)."""
-    x = apply_norm(hidden.float(), norm, norm_weight, norm_bias, eps)
-    m = (mask != 0).to(torch.float32)  # any non-zero value marks a pooled token, as in the kernel
+    """Padded masked mean pooling: norm each token, mean over the mask-true tokens, L2 normalize.
+
+    Arguments:
+        hidden: (B, S, H) the last hidden states.
+        mask: (B, S) any dtype; a non-zero entry marks a pooled token (as in the kernel).
+        norm, norm_weight, norm_bias, eps: the model's final norm (None, "rmsnorm", "layernorm"), (H,) each or None.
+        normalize: L2-normalize the pooled rows.
+        compute_dtype: every step in this dtype: fp32 (the CPU fallback), float64, or fp16/bf16 (torch's unfused
+            pipeline in the model's dtype: the 2x rule's baseline).
+    Returns (B, H) in hidden's dtype. A row without a pooled token gives zeros (and, because the mask multiplies, zero
+    gradient)."""
+    x = apply_norm(hidden.to(compute_dtype), norm, norm_weight, norm_bias, eps)
+    m = (mask != 0).to(compute_dtype)
     pooled = (x * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp_min(1.0)
-    if normalize:
-        pooled = F.normalize(pooled, dim=-1, eps=L2_EPS)
-    return pooled.to(hidden.dtype)
+    return (_l2_normalize(pooled) if normalize else pooled).to(hidden.dtype)
 
 
 def varlen_mean_pool(hidden, cu_seqlens, mask=None, norm=None, norm_weight=None, norm_bias=None, eps=1e-6,
-                     normalize=True):
-    """hidden (T, H) packed, cu_seqlens int32 (B+1,), optional token mask (T,) -> (B, H)."""
+                     normalize=True, compute_dtype=torch.float32):
+    """The packed layout of ``masked_mean_pool``: hidden (T, H), cu_seqlens int32 (B+1,), optional token mask (T,)
+    -> (B, H) in hidden's dtype; the other arguments as there."""
     T, H = hidden.shape
     B = cu_seqlens.numel() - 1
-    x = apply_norm(hidden.float(), norm, norm_weight, norm_bias, eps)
-    m = torch.ones(T, device=hidden.device) if mask is None else (mask != 0).to(torch.float32)
+    x = apply_norm(hidden.to(compute_dtype), norm, norm_weight, norm_bias, eps)
+    m = (torch.ones(T, device=hidden.device, dtype=compute_dtype) if mask is None
+         else (mask != 0).to(compute_dtype))
     seg = torch.repeat_interleave(torch.arange(B, device=hidden.device), (cu_seqlens[1:] - cu_seqlens[:-1]).long(),
                                   output_size=T)
-    sums = torch.zeros(B, H, device=hidden.device).index_add(0, seg, x * m[:, None])
-    counts = torch.zeros(B, device=hidden.device).index_add(0, seg, m)
+    sums = torch.zeros(B, H, device=hidden.device, dtype=compute_dtype).index_add(0, seg, x * m[:, None])
+    counts = torch.zeros(B, device=hidden.device, dtype=compute_dtype).index_add(0, seg, m)
     pooled = sums / counts[:, None].clamp_min(1.0)
-    if normalize:
-        pooled = F.normalize(pooled, dim=-1, eps=L2_EPS)
-    return pooled.to(hidden.dtype)
+    return (_l2_normalize(pooled) if normalize else pooled).to(hidden.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ the low dtype (norm, masked mean, F.normalize, each rounding to that dtype).
 import bounds
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import DEVICE
 
 from kalm_fast import ops
@@ -92,22 +91,6 @@ def fwd_bwd(fn, hidden, weight, bias, grad):
 
 def affine(has_w, has_b, weight, bias):
     return (weight if has_w else None), (bias if has_b else None)
-
-
-def torch_lowp_pool(hidden, mask, norm, weight, bias, eps, normalize):
-    """The unfused PyTorch pipeline in hidden's dtype (the 2x rule's low-precision baseline). hidden (B, S, H)."""
-    H = hidden.shape[-1]
-    if norm == "rmsnorm":
-        x = F.rms_norm(hidden, (H,), weight, eps)
-    elif norm == "layernorm":
-        x = F.layer_norm(hidden, (H,), weight, bias, eps)
-    else:
-        x = hidden
-    m = mask.to(hidden.dtype)[..., None]
-    pooled = (x * m).sum(1) / m.sum(1).clamp_min(1)
-    # F.normalize's default eps (1e-12) underflows to 0 in fp16, which would turn the rows without a pooled token
-    # into 0/0; the smallest normal number of the dtype keeps them at 0 and changes nothing for the other rows
-    return F.normalize(pooled, dim=-1, eps=torch.finfo(hidden.dtype).tiny) if normalize else pooled
 
 
 def assert_fp32(got, hidden, cu, mask, norm, weight, bias, normalize, grad, what=""):
@@ -291,7 +274,8 @@ def test_fp16_two_x_rule(norm, H, normalize, triton_calls):
     got = fwd_bwd(lambda x, w_, b_: ops.masked_mean_pool(x, pool, norm=norm, norm_weight=w_, norm_bias=b_, eps=EPS,
                                                          normalize=normalize), hidden, w, b, grad)
     assert triton_calls
-    lowp = fwd_bwd(lambda x, w_, b_: torch_lowp_pool(x, pool, norm, w_, b_, EPS, normalize), hidden, w, b, grad)
+    lowp = fwd_bwd(lambda x, w_, b_: ref.masked_mean_pool(x, pool, norm, w_, b_, EPS, normalize, compute_dtype=x.dtype),
+                   hidden, w, b, grad)  # torch's own fp16 pipeline
     up = lambda t: t.float() if t is not None else None
     truth = fwd_bwd(lambda x, w_, b_: ref.masked_mean_pool(x, pool, norm, w_, b_, EPS, normalize), up(hidden), up(w),
                     up(b), grad.float())
@@ -348,7 +332,8 @@ def test_gpu_bf16_large(B, S, H, norm):
     w, b = affine(norm is not None, norm == "layernorm", weight, bias)
     got = fwd_bwd(lambda x, w_, b_: ops.masked_mean_pool(x, pool, norm=norm, norm_weight=w_, norm_bias=b_, eps=EPS),
                   hidden, w, b, grad)
-    lowp = fwd_bwd(lambda x, w_, b_: torch_lowp_pool(x, pool, norm, w_, b_, EPS, True), hidden, w, b, grad)
+    lowp = fwd_bwd(lambda x, w_, b_: ref.masked_mean_pool(x, pool, norm, w_, b_, EPS, True, compute_dtype=x.dtype),
+                   hidden, w, b, grad)  # torch's own bf16 pipeline
     up = lambda t: t.float() if t is not None else None
     truth = fwd_bwd(lambda x, w_, b_: ref.masked_mean_pool(x, pool, norm, w_, b_, EPS, True), up(hidden), up(w), up(b),
                     grad.float())
@@ -376,7 +361,7 @@ def test_gpu_bf16_long_sequences_split(norm):
     pool = to_padded(mask[:, None].to(hidden.dtype))[..., 0].bool()
 
     def lowp_fn(x, w_, b_):
-        return torch_lowp_pool(to_padded(x), pool, norm, w_, b_, EPS, True)
+        return ref.masked_mean_pool(to_padded(x), pool, norm, w_, b_, EPS, True, compute_dtype=x.dtype)
 
     lowp = fwd_bwd(lowp_fn, hidden, w, b, grad)
     up = lambda t: t.float() if t is not None else None
