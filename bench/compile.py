@@ -1,6 +1,6 @@
-"""Compile facts without a GPU: every launched Triton kernel of kalm_fast compiled for sm_80 and sm_90 (issue 11).
+"""Compile facts without a GPU: every launched Triton kernel of kalm_fast compiled for sm_80, sm_90 and sm_100.
 
-    python -m bench.compile                 # pinned configs x every variant, both archs (the table the README shows)
+    python -m bench.compile                 # pinned configs x every variant, every arch (the table the README shows)
     python -m bench.compile --search        # every candidate config x one variant per class (what --pin chooses from)
     python -m bench.compile --pin           # rewrite kernels/*_configs.py PINNED tables from the committed tables
     python -m bench.compile --smoke         # pinned configs of a few variants, sm_80 + sm_90 (a few minutes)
@@ -14,8 +14,8 @@ arguments are exactly the launcher's; they are bound by the kernel's own binder 
 specialization: 16-divisible pointers and integers, ``do_not_specialize``), and the result goes to ``triton.compile`` as
 the runtime would send it.
 Registers and spill stores come from the ``ptxas -v`` log of that compile, shared memory from the kernel's metadata,
-tensor-core instructions from ``cuobjdump -sass`` (HGMMA on sm_90, HMMA on sm_80). Identical specializations (a D that
-is only a runtime bound, say) are compiled once and reported for each variant.
+tensor-core instructions from ``cuobjdump -sass`` (HGMMA on sm_90, HMMA on sm_80, UTC*MMA on sm_100). Identical
+specializations (a D that is only a runtime bound, say) are compiled once and reported for each variant.
 
 Rows go to bench/results/compile-triton<version>/compile.jsonl (replacing rows with the same key) and compile.md.
 """
@@ -58,12 +58,13 @@ def _mount_kernels():
 
 
 _mount_kernels()
-ARCHS = {"sm_80": 80, "sm_90": 90, "sm_100": 100}  # sm_100 only on request (--arch): not in the pinned tables
+ARCHS = {"sm_80": 80, "sm_90": 90, "sm_100": 100}
 SHARED_MEMORY_OPTIN = {"sm_80": 166_912, "sm_90": 232_448, "sm_100": 232_448}
 
 
 def table_arch(arch: str) -> str:
-    """The arch whose PINNED rows the runtime reads on ``arch`` (kernels.utils.device_arch: sm_90 on sm_100)."""
+    """The arch whose candidate tiles and PINNED rows are the candidates on ``arch``: sm_100 (Blackwell) starts from
+    sm_90's (the same 227 KiB of shared memory per block); ``--pin`` keeps those that pass on sm_100 itself."""
     return "sm_90" if arch == "sm_100" else arch
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 # kernels whose tiles come from a table (kind, file); the others take the launcher's fixed launch parameters
@@ -117,8 +118,14 @@ def variant_class(kernel: str, v: dict):
     kind, op = TABLED[kernel]
     dcls = "fp32" if v["dtype"] == "fp32" else "16bit"
     if op == "attention":
-        return (kind, max(16, 1 << (v["D"] - 1).bit_length()), dcls)
+        return (kind, _table_block_d(v["D"]), dcls)
     return (kind, dcls)
+
+
+def _table_block_d(D: int) -> int:
+    """BLOCK_D of attention's PINNED keys for head dim D: the next power of two, at least 32 (the launcher's rule,
+    ``attention._launchable``: D < 32 borrows the D=32 tiles)."""
+    return max(32, 1 << (D - 1).bit_length())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -143,8 +150,10 @@ def capture(v: dict, arch: str, config: tuple | None):
     def record(self, *args, grid, warmup, **kwargs):
         launches.append((self, args, kwargs))
 
-    def fake_pick(table, key, device):
-        return (*config, 0) if config is not None else table[(key[0], table_arch(arch), *key[1:])][0]
+    def fake_pick(table, key, device):  # the arch's own pinned row, else the row it starts from (table_arch)
+        if config is not None:
+            return (*config, 0)
+        return (table.get((key[0], arch, *key[1:])) or table[(key[0], table_arch(arch), *key[1:])])[0]
 
     # every kernel module that imported the device queries (launchers, launch plans)
     mods = [m for name, m in sorted(sys.modules.items()) if name.startswith("kalm_fast.kernels.") and m is not None]
@@ -220,7 +229,7 @@ def variant_counts(variant: dict, sizes: list[dict], arch: str = "sm_90") -> dic
     from kalm_fast.kernels import attention_configs, infonce_configs
 
     config = {"attention": attention_configs.CANDIDATES["fwd"][0],
-              "infonce": infonce_configs.CANDIDATES[arch][0]}.get(variant["op"])
+              "infonce": infonce_configs.CANDIDATES[table_arch(arch)][0]}.get(variant["op"])
     keys: dict[str, set] = {}
     for s in sizes:
         for jit, args, kwargs in capture({**variant, **s}, arch, config):
@@ -342,7 +351,7 @@ def _candidates(kernel: str, arch: str, dtype: str):
     configs = _configs_module(op)
     if op == "attention":
         return configs.CANDIDATES_FP32[kind] if dtype == "fp32" else configs.CANDIDATES[kind]
-    return configs.CANDIDATES_FP32 if dtype == "fp32" else configs.CANDIDATES[arch]
+    return configs.CANDIDATES_FP32 if dtype == "fp32" else configs.CANDIDATES[table_arch(arch)]
 
 
 def _configs_module(op: str):
@@ -377,8 +386,10 @@ def make_jobs(variants, archs, *, search: bool, kernels=None, all_pinned: bool =
 
 
 def _pinned_rows(kernel: str, arch: str, v: dict) -> list[tuple]:
+    """PINNED rows of the kernel's class for variant v on ``arch``: the arch's own, else those of ``table_arch``."""
     kind, op = TABLED[kernel]
-    return _configs_module(op).PINNED[(kind, table_arch(arch), *variant_class(kernel, v)[1:])]
+    table, rest = _configs_module(op).PINNED, variant_class(kernel, v)[1:]
+    return table.get((kind, arch, *rest)) or table[(kind, table_arch(arch), *rest)]
 
 
 def _first_candidate(v, arch):
@@ -493,8 +504,8 @@ def markdown(rows: list[dict]) -> str:
     prov = rows[0] if rows else {}
     lines = [f"# Compile facts, Triton {prov.get('triton')} (git {prov.get('git_sha')}, {prov.get('date')})", "",
              "Written by `python -m bench.compile`; registers and spill stores from `ptxas -v`, shared memory from the "
-             "kernel metadata, tensor cores from `cuobjdump -sass` (HGMMA sm_90, HMMA sm_80). Limits: shared memory "
-             "sm_90 232,448 B, sm_80 166,912 B; verdict empty = within every limit.", ""]
+             "kernel metadata, tensor cores from `cuobjdump -sass` (HGMMA sm_90, HMMA sm_80, UTC*MMA sm_100). Limits: "
+             "shared memory sm_90/sm_100 232,448 B, sm_80 166,912 B; verdict empty = within every limit.", ""]
     n = len(rows)
     pinned = [r for r in rows if r["pinned"]]
     n_spill = sum(1 for r in rows if r["spill_bytes"])
@@ -523,7 +534,7 @@ def pinned_key(r: dict) -> tuple[str, tuple, tuple]:
     dcls = "fp32" if r["dtype"] == "fp32" else "16bit"
     if op == "attention":
         D = int(r["variant"].split()[0].split("=")[1])
-        return op, (kind, r["arch"], max(16, 1 << (D - 1).bit_length()), dcls), (
+        return op, (kind, r["arch"], _table_block_d(D), dcls), (
             c["BLOCK_M"], c["BLOCK_N"], c["num_warps"], c["num_stages"])
     return op, (kind, r["arch"], dcls), (c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["num_warps"], c["num_stages"])
 
@@ -636,25 +647,13 @@ def search(archs, workers: int, out: Path, need: int = 2, only_passing: Path | N
     return all_rows, n_total, t_total
 
 
-def _class_key(r: dict):
-    """((op, table key), config tuple) of a row of a tabled kernel."""
-    kind, op = TABLED[r["kernel"]]
-    c = _parse_config(r["config"])
-    dcls = "fp32" if r["dtype"] == "fp32" else "16bit"
-    if op == "attention":
-        D = int(r["variant"].split()[0].split("=")[1])
-        return (op, (kind, r["arch"], max(32, 1 << (D - 1).bit_length()), dcls)), (
-            c["BLOCK_M"], c["BLOCK_N"], c["num_warps"], c["num_stages"])
-    return (op, (kind, r["arch"], dcls)), (c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["num_warps"], c["num_stages"])
-
-
 def mark_pinned(folder: Path, pins: dict):
     """Re-mark the ``pinned`` column of a table after the pins changed (rows of other configs stay as facts)."""
     rows = load_rows(folder / "compile.jsonl")
     for r in rows:
         if r["kernel"] in TABLED:
-            key, tup = _class_key(r)
-            r["pinned"] = key in pins and pins[key][0][:len(tup)] == tup
+            op, key, tup = pinned_key(r)
+            r["pinned"] = (op, key) in pins and pins[(op, key)][0][:len(tup)] == tup
     (folder / "compile.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (folder / "compile.md").write_text(markdown(rows))
 
@@ -771,7 +770,7 @@ def main(argv=None) -> int:
     mode.add_argument("--reduced", action="store_true", help="the pinned matrix cut to fit 2 CPU cores")
     p.add_argument("--all-pinned", action="store_true", help="every row of the PINNED tables, not only the first")
     mode.add_argument("--readme", action="store_true", help="rewrite README.md's compiled-for table")
-    p.add_argument("--arch", action="append", choices=sorted(ARCHS), help="default: sm_80 and sm_90")
+    p.add_argument("--arch", action="append", choices=sorted(ARCHS), help="default: all (--smoke: sm_80, sm_90)")
     p.add_argument("--op", action="append", choices=["attention", "pooling", "infonce"], help="default: all")
     p.add_argument("--kernel", action="append", help="only these kernels (repeatable)")
     p.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="only these dtypes (repeatable)")
@@ -801,7 +800,7 @@ def main(argv=None) -> int:
               f"this project's CPUs one at a time ({s / max(n, 1):.1f} s each); a cold GPU process compiles only the "
               f"variants it launches, one at a time")
         return 0
-    archs = args.arch or ["sm_80", "sm_90"]
+    archs = args.arch or (["sm_80", "sm_90"] if args.smoke else list(ARCHS))
     if args.smoke:
         variants = smoke_variants()
     elif args.search:

@@ -15,10 +15,6 @@ LOG2E = math.log2(math.e)  # exp(x) = exp2(x * LOG2E); kernels take tl.constexpr
 LN2 = math.log(2.0)  # ln(x) = log2(x) * LN2
 AUTOTUNE_MAX = 4  # KALM_FAST_AUTOTUNE=1 benchmarks at most this many surviving configs per key (cold-GPU budget)
 
-# Opt-in shared memory per block (bytes) of the archs the pinned tables are compiled for (bench/compile.py).
-SHARED_MEMORY_OPTIN = {"sm_80": 166_912, "sm_90": 232_448}
-
-
 def interpreting() -> bool:
     """True under the Triton CPU interpreter (TRITON_INTERPRET=1). The interpreter computes bf16 arithmetic wrongly,
     so kernels take this as a constexpr and upcast loaded tiles to fp32 when it is set."""
@@ -44,11 +40,14 @@ def _device_facts(index: int) -> tuple[int, int, int]:
 
 
 def device_arch(device: torch.device) -> str:
-    """Key of the pinned-config tables: "interpreter", "sm_90" (Hopper and newer) or "sm_80" (Ampere, Ada)."""
+    """Key of the pinned-config tables: "interpreter", "sm_90" (Hopper: wgmma), "sm_100" (Blackwell datacenter,
+    major 10: tcgen05) or "sm_80" (every other major: Ampere, Ada and consumer Blackwell sm_120, which have mma.sync
+    tensor cores and ~100-164 KB of shared memory). Each table row was compiled for that arch (bench/compile.py);
+    ``pick`` falls back to a smaller row where the device has less shared memory."""
     if interpreting():
         return "interpreter"
     major = _device_facts(_index(device))[0]
-    return "sm_90" if major >= 9 else "sm_80"
+    return {9: "sm_90", 10: "sm_100"}.get(major, "sm_80")
 
 
 def shared_memory_optin(device: torch.device) -> int:

@@ -223,18 +223,25 @@ def test_unequal_tiles(monkeypatch):
     _check_fp32(_kalm(q, k, v, cu, max_seqlen, dout), q, k, v, cu, dout)
 
 
-@pytest.mark.parametrize("smem", [232448, 166912, 101376], ids=["h100", "a100", "sm86"])
-def test_pinned_config_fits_the_device(monkeypatch, smem):
-    """The launcher's choice on a GPU: the pinned (first) config of the compile-verified table when the device has the
-    shared memory it measured, else the first surviving config that fits (an sm_86 reading the sm_80 table)."""
+@pytest.mark.parametrize("major,smem,arch", [(9, 232448, "sm_90"), (8, 166912, "sm_80"), (8, 101376, "sm_80"),
+                                             (10, 232448, "sm_100"), (12, 101376, "sm_80")],
+                         ids=["h100", "a100", "sm86", "b200", "sm120"])
+def test_pinned_config_fits_the_device(monkeypatch, major, smem, arch):
+    """The launcher's choice on a GPU: the table of the device's arch (``device_arch``: Blackwell datacenter parts
+    have their own compile-verified rows; consumer Blackwell, mma.sync and 99 KB, reads sm_80's), its pinned (first)
+    config when the device has the shared memory it measured, else the first surviving config that fits (an sm_86
+    reading the sm_80 table)."""
     from kalm_fast.kernels import attention_configs, utils
 
-    monkeypatch.setattr(utils, "_device_facts", lambda index: (9 if smem > 200_000 else 8, smem))
-    arch = "sm_90" if smem > 200_000 else "sm_80"
-    for key, rows in attention_configs.PINNED.items():
-        if key[1] != arch:
-            continue
-        chosen = utils.pick(attention_configs.PINNED, key, torch.device("cuda", 0))
+    monkeypatch.setattr(utils, "_device_facts", lambda index: (major, smem, 132))
+    monkeypatch.setattr(utils, "interpreting", lambda: False)
+    dev = torch.device("cuda", 0)
+    assert utils.device_arch(dev) == arch
+    keys = [key for key in attention_configs.PINNED if key[1] == arch]
+    assert keys, arch
+    for key in keys:
+        rows = attention_configs.PINNED[key]
+        chosen = utils.pick(attention_configs.PINNED, key, dev)
         fitting = [r for r in rows if r[-1] <= smem]
         assert chosen == (fitting[0] if fitting else min(rows, key=lambda r: r[-1])), key
 

@@ -468,9 +468,14 @@ def test_resident_backward_equals_streaming_bitwise(monkeypatch, in_batch):
 
 def test_resident_rows_for_the_recipe_mrl_dims():
     """The recipe's Matryoshka dims 64 and 128 (recipes/kalm-v2-mini.yaml) find a pinned 16-bit dq and dd config whose
-    BLOCK_K holds the whole embedding on every tabled arch, and the plan puts such rows first."""
+    BLOCK_K holds the whole embedding on sm_80 and sm_90, and the plan puts such rows first. sm_100 (2026-12-05): dq
+    has one; the 16-bit dd has none -- every dd config with BLOCK_K >= 64 compiles clean where it runs resident
+    (D <= BLOCK_K) but spills streaming D = 896/1024, and a PINNED row must pass at every D (open: a resident-only
+    row class)."""
     from kalm_fast.kernels import infonce_configs
 
+    assert not any(infonce_configs.resident(64, r[2]) for r in infonce_configs.PINNED[("dd", "sm_100", "16bit")])
+    assert any(infonce_configs.resident(128, r[2]) for r in infonce_configs.PINNED[("dq", "sm_100", "16bit")])
     for arch in ("sm_80", "sm_90"):
         for kind in ("dq", "dd"):
             rows = infonce_configs.PINNED[(kind, arch, "16bit")]
