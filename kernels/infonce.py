@@ -215,19 +215,11 @@ def _split_range(lo, hi, split, SPLITS, BLOCK: tl.constexpr):
     return start, end
 
 
-@triton.jit(do_not_specialize=["B", "N", "G", "SPLITS"])  # per-call sizes: bounds only, no recompilation
-def _infonce_fwd_kernel(
-    Q, Dm, POS, QORD, PM, PL, PSPOS, PTOPV, PTOPI,
-    B, N, D, stride_q, stride_d, G, qk_scale, SPLITS,
-    NUM_TOP: tl.constexpr, TOP_PAD: tl.constexpr, GROUPED: tl.constexpr, RESIDENT: tl.constexpr,
-    INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """Program (query block, split): the split's share of the query block's candidate rows of d, in base 2 (RESIDENT,
-    D <= BLOCK_K: the query block is loaded once and stays on chip; else the scores stream over D). Writes
-    the partials of split ``s`` at [s, query]: PM the running max m, PL sum 2^(logit - m), PSPOS the positive's
-    base-2 logit (0 when the positive is in another split) and PTOPV/PTOPI (.., NUM_TOP) the split's highest negative
-    scores (raw dots) and rows, -inf / -1 past the last one. ``_infonce_fwd_merge_kernel`` combines the splits."""
+@triton.jit
+def _query_block(POS, QORD, B, N, G, SPLITS, GROUPED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program (query block, split) of the forward and dq kernels -> (split, rows [BLOCK_M] of q in the visiting
+    order, their mask, their positives' rows of d, [n_start, n_end) the split's share of the rows of d that hold the
+    block's candidates: all N in-batch, the span of the block's groups when GROUPED)."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -242,28 +234,58 @@ def _infonce_fwd_kernel(
         lo = 0
         hi = N
     n_start, n_end = _split_range(lo, hi, split, SPLITS, BLOCK_N)
+    return split, rows, row_mask, pos, n_start, n_end
+
+
+@triton.jit
+def _tile_scores(Q, rows, row_mask, stride_q, q_all, Dm, n0, n_end, stride_d, D, offs_k, k_mask, pos, G,
+                 GROUPED: tl.constexpr, RESIDENT: tl.constexpr, INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Step 1's raw dots of a (query block, tile of d) pair -> (cols [BLOCK_N] rows of d, their mask,
+    s [BLOCK_M, BLOCK_N], cand: the candidate mask, d_all: the [BLOCK_N, BLOCK_K] tile of d when RESIDENT (the query block q_all stays on
+    chip and the tile is read once for every dot of the program), else 0 (s streams over D in BLOCK_K slices))."""
+    cols = n0 + tl.arange(0, BLOCK_N)
+    col_mask = cols < n_end
+    if RESIDENT:
+        d_all = _load_rows(Dm, cols.to(tl.int64), col_mask, stride_d, offs_k, k_mask, INTERPRET)
+        s = tl.dot(q_all, tl.trans(d_all), input_precision=DOT_PRECISION)
+    else:
+        d_all = 0
+        s = _dot_rows(Q, rows, row_mask, stride_q, Dm, cols.to(tl.int64), col_mask, stride_d, D,
+                      BLOCK_M, BLOCK_N, BLOCK_K, INTERPRET, DOT_PRECISION)
+    cand = row_mask[:, None] & col_mask[None, :]
+    if GROUPED:
+        cand = cand & (cols[None, :] >= pos[:, None]) & (cols[None, :] < pos[:, None] + G)
+    return cols, col_mask, s, cand, d_all
+
+
+@triton.jit(do_not_specialize=["B", "N", "G", "SPLITS"])  # per-call sizes: bounds only, no recompilation
+def _infonce_fwd_kernel(
+    Q, Dm, POS, QORD, PM, PL, PSPOS, PTOPV, PTOPI,
+    B, N, D, stride_q, stride_d, G, qk_scale, SPLITS,
+    NUM_TOP: tl.constexpr, TOP_PAD: tl.constexpr, GROUPED: tl.constexpr, RESIDENT: tl.constexpr,
+    INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Program (query block, split): the split's share of the query block's candidate rows of d, in base 2 (RESIDENT,
+    D <= BLOCK_K: the query block is loaded once and stays on chip; else the scores stream over D). Writes
+    the partials of split ``s`` at [s, query]: PM the running max m, PL sum 2^(logit - m), PSPOS the positive's
+    base-2 logit (0 when the positive is in another split) and PTOPV/PTOPI (.., NUM_TOP) the split's highest negative
+    scores (raw dots) and rows, -inf / -1 past the last one. ``_infonce_fwd_merge_kernel`` combines the splits."""
+    split, rows, row_mask, pos, n_start, n_end = _query_block(POS, QORD, B, N, G, SPLITS, GROUPED, BLOCK_M, BLOCK_N)
     slots = tl.arange(0, TOP_PAD)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of the base-2 logits
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(logit - m_i)
     s_pos = tl.zeros([BLOCK_M], dtype=tl.float32)  # the positive's base-2 logit, the same value that enters m_i
     top_v = tl.full([BLOCK_M, TOP_PAD], float("-inf"), tl.float32)
     top_i = tl.full([BLOCK_M, TOP_PAD], -1, tl.int32)
-    if RESIDENT:
-        offs_k = tl.arange(0, BLOCK_K)
-        k_mask = offs_k < D
-        q_all = _load_rows(Q, rows, row_mask, stride_q, offs_k, k_mask, INTERPRET)  # [BLOCK_M, BLOCK_K]
+    offs_k = tl.arange(0, BLOCK_K)
+    k_mask = offs_k < D
+    q_all = _load_rows(Q, rows, row_mask, stride_q, offs_k, k_mask, INTERPRET) if RESIDENT else 0  # [BLOCK_M, BLOCK_K]
     for n0 in range(n_start, n_end, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_mask = cols < n_end
-        if RESIDENT:
-            d_all = _load_rows(Dm, cols.to(tl.int64), col_mask, stride_d, offs_k, k_mask, INTERPRET)
-            s = tl.dot(q_all, tl.trans(d_all), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
-        else:
-            s = _dot_rows(Q, rows, row_mask, stride_q, Dm, cols.to(tl.int64), col_mask, stride_d, D,
-                          BLOCK_M, BLOCK_N, BLOCK_K, INTERPRET, DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
-        cand = row_mask[:, None] & col_mask[None, :]
-        if GROUPED:
-            cand = cand & (cols[None, :] >= pos[:, None]) & (cols[None, :] < pos[:, None] + G)
+        cols, _, s, cand, _ = _tile_scores(Q, rows, row_mask, stride_q, q_all, Dm, n0, n_end, stride_d, D, offs_k,
+                                           k_mask, pos, G, GROUPED, RESIDENT, INTERPRET, DOT_PRECISION, BLOCK_M,
+                                           BLOCK_N, BLOCK_K)  # s, cand [BLOCK_M, BLOCK_N]
         is_pos = cols[None, :] == pos[:, None]
         # online logsumexp; m_safe keeps rows without a candidate so far (m = -inf) free of inf - inf
         s2 = tl.where(cand, s * qk_scale, float("-inf"))
@@ -378,44 +400,24 @@ def _infonce_dq_kernel(
     DQP[split] (SPLITS, B, D) fp32. ``_infonce_grad_merge_kernel`` sums the splits and adds step 5. RESIDENT (D <=
     BLOCK_K): the query block, each tile of d (read once for both dots) and the dq accumulator are single on-chip
     tiles, and the partial is written once at the end; else the accumulator streams through DQP slice by slice."""
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
-    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = offs_m < B
-    pos = tl.load(POS + offs_m, mask=row_mask, other=0)
-    if GROUPED:
-        rows = tl.load(QORD + offs_m, mask=row_mask, other=0)
-        lo = tl.min(tl.where(row_mask, pos, N), 0).to(tl.int32)
-        hi = (tl.max(tl.where(row_mask, pos, 0), 0) + G).to(tl.int32)
-    else:
-        rows = offs_m.to(tl.int64)
-        lo = 0
-        hi = N
-    n_start, n_end = _split_range(lo, hi, split, SPLITS, BLOCK_N)
+    split, rows, row_mask, pos, n_start, n_end = _query_block(POS, QORD, B, N, G, SPLITS, GROUPED, BLOCK_M, BLOCK_N)
     lse2 = tl.load(LSE2 + rows, mask=row_mask, other=0.0)  # base-2 lse: P = exp2(s * qk_scale - lse2)
     # dL/dlog p (step 1) times a power of two that brings max |g| to [1, 2): dz keeps its bits through the cast to
     # fp16/bf16 at any batch size (g ~ 1/B); the merge multiplies by the exact inverse
     g = tl.load(GRAD + rows, mask=row_mask, other=0.0) * tl.load(SCALE)
     offs_k = tl.arange(0, BLOCK_K)
     acc_ptrs = DQP + (split.to(tl.int64) * B + rows)[:, None] * D + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
+    k_mask = offs_k < D
     if RESIDENT:
-        k_mask = offs_k < D
         q_all = _load_rows(Q, rows, row_mask, stride_q, offs_k, k_mask, INTERPRET)  # [BLOCK_M, BLOCK_K]
         acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
     else:
+        q_all = 0  # streamed slice by slice
         _zero_slices(acc_ptrs, row_mask, D, offs_k, BLOCK_M, BLOCK_K)
     for n0 in range(n_start, n_end, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_mask = cols < n_end
-        if RESIDENT:
-            d_all = _load_rows(Dm, cols.to(tl.int64), col_mask, stride_d, offs_k, k_mask, INTERPRET)
-            s = tl.dot(q_all, tl.trans(d_all), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
-        else:
-            s = _dot_rows(Q, rows, row_mask, stride_q, Dm, cols.to(tl.int64), col_mask, stride_d, D,
-                          BLOCK_M, BLOCK_N, BLOCK_K, INTERPRET, DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
-        cand = row_mask[:, None] & col_mask[None, :]
-        if GROUPED:
-            cand = cand & (cols[None, :] >= pos[:, None]) & (cols[None, :] < pos[:, None] + G)
+        cols, col_mask, s, cand, d_all = _tile_scores(Q, rows, row_mask, stride_q, q_all, Dm, n0, n_end, stride_d, D,
+                                                      offs_k, k_mask, pos, G, GROUPED, RESIDENT, INTERPRET,
+                                                      DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)  # s, cand [BM, BN]
         p = tl.where(cand, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)  # step 2, 0 off the candidates
         dz = g[:, None] * (tl.where(cand & (cols[None, :] == pos[:, None]), 1.0, 0.0) - p)  # step 3 (scaled)
         dz = _mm_operand(dz, Dm.dtype.element_ty, INTERPRET)
