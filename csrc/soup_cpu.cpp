@@ -74,35 +74,13 @@ std::vector<int64_t> prefix_starts(const std::vector<Entry>& entries, int64_t* t
   return starts;
 }
 
-template <int kDtype>
-inline float load(const void* __restrict src, int64_t i) {
-  if constexpr (kDtype == kF32) {
-    return static_cast<const float*>(src)[i];
-  } else if constexpr (kDtype == kBF16) {
-    return bf16_to_f32(static_cast<const uint16_t*>(src)[i]);
-  } else {
-    return f16_to_f32(static_cast<const uint16_t*>(src)[i]);
-  }
-}
-
-template <int kDtype>
-inline void store(void* __restrict dst, int64_t i, float v) {
-  if constexpr (kDtype == kF32) {
-    static_cast<float*>(dst)[i] = v;
-  } else if constexpr (kDtype == kBF16) {
-    static_cast<uint16_t*>(dst)[i] = f32_to_bf16(v);
-  } else {
-    static_cast<uint16_t*>(dst)[i] = f32_to_f16(v);
-  }
-}
-
 // Plain: acc = w * x (first) or acc += w * x. Compensated: (acc, comp) as (s, c) of soup_math.h's neumaier_first /
 // neumaier with w = hi + lo, the lo term present iff kLo (lo != 0), decided outside the loop so it vectorizes.
 template <int kDtype, bool kCompensated, bool kFirst, bool kLo>
 KF_CLONES void accumulate_loop(float* __restrict acc, float* __restrict comp, const void* __restrict src,
                                int64_t n, float w, float hi, float lo) {
   for (int64_t i = 0; i < n; ++i) {
-    const float x = load<kDtype>(src, i);
+    const float x = load_elem<kDtype>(src, i);
     if constexpr (kCompensated) {
       float s, c;
       if constexpr (kFirst) {
@@ -129,7 +107,7 @@ KF_CLONES void cast_loop(const float* __restrict acc, const float* __restrict co
                          int64_t n, float divisor) {
   for (int64_t i = 0; i < n; ++i) {
     const float total = kCompensated ? compensated_total(acc[i], comp[i]) : acc[i];
-    store<kDtype>(dst, i, f32_div(total, divisor));
+    store_elem<kDtype>(dst, i, f32_div(total, divisor));
   }
 }
 

@@ -65,28 +65,6 @@ __device__ __forceinline__ int find_tensor(const int* first_block, int num_tenso
 
 __device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
-template <int kDtype>
-__device__ __forceinline__ float load1(const void* src, int64_t i) {
-  if constexpr (kDtype == kF32) {
-    return static_cast<const float*>(src)[i];
-  } else if constexpr (kDtype == kBF16) {
-    return bf16_to_f32(static_cast<const uint16_t*>(src)[i]);
-  } else {
-    return f16_to_f32(static_cast<const uint16_t*>(src)[i]);
-  }
-}
-
-template <int kDtype>
-__device__ __forceinline__ void store1(void* dst, int64_t i, float v) {
-  if constexpr (kDtype == kF32) {
-    static_cast<float*>(dst)[i] = v;
-  } else if constexpr (kDtype == kBF16) {
-    static_cast<uint16_t*>(dst)[i] = f32_to_bf16(v);
-  } else {
-    static_cast<uint16_t*>(dst)[i] = f32_to_f16(v);
-  }
-}
-
 __device__ __forceinline__ void load8_f32(const float* p, float (&v)[kVec]) {
   const float4 a = reinterpret_cast<const float4*>(p)[0];
   const float4 b = reinterpret_cast<const float4*>(p)[1];
@@ -167,7 +145,7 @@ __device__ void accumulate_chunk(float* acc, float* comp, const void* src, int64
   for (int64_t i = scalar_begin + threadIdx.x; i < end; i += kThreads) {
     float s = kFirst ? 0.0f : acc[i];
     float c = (kCompensated && !kFirst) ? comp[i] : 0.0f;
-    step<kCompensated, kFirst>(s, c, w, hi, lo, load1<kDtype>(src, i));
+    step<kCompensated, kFirst>(s, c, w, hi, lo, load_elem<kDtype>(src, i));
     acc[i] = s;
     if constexpr (kCompensated) comp[i] = c;
   }
@@ -216,7 +194,7 @@ __device__ void cast_chunk(const float* acc, const float* comp, void* dst, int64
   }
   for (int64_t i = scalar_begin + threadIdx.x; i < end; i += kThreads) {
     const float total = kCompensated ? compensated_total(acc[i], comp[i]) : acc[i];
-    store1<kDtype>(dst, i, f32_div(total, divisor));
+    store_elem<kDtype>(dst, i, f32_div(total, divisor));
   }
 }
 

@@ -121,6 +121,29 @@ KF_HD uint16_t f32_to_f16(float f) {
   return static_cast<uint16_t>(h | sign);
 }
 
+// Element i of a flat tensor of the dtype code kDtype, read as / written from fp32 (the conversions above).
+template <int kDtype>
+KF_HD float load_elem(const void* __restrict src, int64_t i) {
+  if constexpr (kDtype == kF32) {
+    return static_cast<const float*>(src)[i];
+  } else if constexpr (kDtype == kBF16) {
+    return bf16_to_f32(static_cast<const uint16_t*>(src)[i]);
+  } else {
+    return f16_to_f32(static_cast<const uint16_t*>(src)[i]);
+  }
+}
+
+template <int kDtype>
+KF_HD void store_elem(void* __restrict dst, int64_t i, float v) {
+  if constexpr (kDtype == kF32) {
+    static_cast<float*>(dst)[i] = v;
+  } else if constexpr (kDtype == kBF16) {
+    static_cast<uint16_t*>(dst)[i] = f32_to_bf16(v);
+  } else {
+    static_cast<uint16_t*>(dst)[i] = f32_to_f16(v);
+  }
+}
+
 // ---- the accumulation steps ---------------------------------------------------------------------------------------
 
 // acc += w * x, two roundings (product, then sum).
