@@ -386,10 +386,19 @@ def make_jobs(variants, archs, *, search: bool, kernels=None, all_pinned: bool =
 
 
 def _pinned_rows(kernel: str, arch: str, v: dict) -> list[tuple]:
-    """PINNED rows of the kernel's class for variant v on ``arch``: the arch's own, else those of ``table_arch``."""
+    """PINNED rows of the kernel's class for variant v on ``arch`` (the arch's own, else those of ``table_arch``),
+    and for InfoNCE the class's resident-only rows that run resident at v's D."""
     kind, op = TABLED[kernel]
     table, rest = _configs_module(op).PINNED, variant_class(kernel, v)[1:]
-    return table.get((kind, arch, *rest)) or table[(kind, table_arch(arch), *rest)]
+    key = (kind, arch, *rest) if (kind, arch, *rest) in table else (kind, table_arch(arch), *rest)
+    extra = [r for r in table.get((*key, "resident"), ()) if r[2] >= v["D"]] if op == "infonce" else []
+    return table[key] + extra
+
+
+def _runs_resident(r: dict) -> bool:
+    """An InfoNCE compile row whose kernel keeps the embedding on chip (D <= BLOCK_K: the launcher's RESIDENT)."""
+    D = int(r["variant"].split()[0].split("=")[1])
+    return _parse_config(r["config"])["BLOCK_K"] >= D
 
 
 def _first_candidate(v, arch):
@@ -544,7 +553,9 @@ def choose_pins(tables: list[list[dict]]):
     every Triton version's table (any variant of the class, search or verification), ordered largest tile first
     (BLOCK_M x BLOCK_N, then BLOCK_K, then more stages, then fewer warps). A key where nothing passes everywhere gets
     the config with the fewest spill bytes among those that compile within shared memory everywhere (stated by the
-    tests that allow it), so the launcher always has a config. Returns {(op, key): [row tuples]}."""
+    tests that allow it), so the launcher always has a config. InfoNCE keys also get a resident-only class,
+    (*key, "resident"): the configs that pass in every row where they run resident (D <= BLOCK_K) but not at every D.
+    Returns {(op, key): [row tuples]}."""
     seen, failed, smem, spills, unfit = {}, set(), {}, {}, set()
     n_tables = len(tables)
     for t, rows in enumerate(tables):
@@ -552,24 +563,33 @@ def choose_pins(tables: list[list[dict]]):
             if r["kernel"] not in TABLED:
                 continue
             op, key, tup = pinned_key(r)
-            seen.setdefault((op, key, tup), set()).add(t)
+            # an InfoNCE row run resident (D <= BLOCK_K) is also evidence for the key's resident-only class
+            keys = [key] + ([(*key, "resident")] if op == "infonce" and _runs_resident(r) else [])
             v = verdict(r)
-            if v:
-                failed.add((op, key, tup))
-            if v in ("", "spills"):
-                smem[(op, key, tup)] = max(smem.get((op, key, tup), 0), r["shared_bytes"])
-                spills[(op, key, tup)] = max(spills.get((op, key, tup), 0), r["spill_bytes"])
-            else:
-                unfit.add((op, key, tup))
+            for k in keys:
+                seen.setdefault((op, k, tup), set()).add(t)
+                if v:
+                    failed.add((op, k, tup))
+                if v in ("", "spills"):
+                    smem[(op, k, tup)] = max(smem.get((op, k, tup), 0), r["shared_bytes"])
+                    spills[(op, k, tup)] = max(spills.get((op, k, tup), 0), r["spill_bytes"])
+                else:
+                    unfit.add((op, k, tup))
     pins = {}
     for (op, key, tup), ts in seen.items():
         if (op, key, tup) not in failed and len(ts) == n_tables:
             pins.setdefault((op, key), []).append((*tup, smem[(op, key, tup)]))
+    for (op, key), rows in list(pins.items()):  # resident-only: the configs that do not pass at every D
+        if key[-1] == "resident":
+            general = {r[:-1] for r in pins.get((op, key[:-1]), ())}
+            pins[(op, key)] = [r for r in rows if r[:-1] not in general]
+            if not pins[(op, key)]:
+                del pins[(op, key)]
     for rows in pins.values():
         rows.sort(key=preference)
     least: dict = {}
     for (op, key, tup), ts in seen.items():
-        if (op, key) in pins or (op, key, tup) in unfit or len(ts) < n_tables:
+        if (op, key) in pins or (op, key, tup) in unfit or len(ts) < n_tables or key[-1] == "resident":
             continue
         if (op, key) not in least or spills[(op, key, tup)] < least[(op, key)][0]:
             least[(op, key)] = (spills[(op, key, tup)], (*tup, smem[(op, key, tup)]))

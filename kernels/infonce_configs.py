@@ -41,10 +41,14 @@ _INTERPRETER_CONFIG = (64, 128, 64, 4, 1, 0)  # (BLOCK_M, BLOCK_N, BLOCK_K, num_
 # (kind, arch, dtype class) -> configs (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, shared memory bytes) that
 # compiled for the arch with zero spill bytes, tensor cores and shared memory within the arch's opt-in limit, under
 # the CI's Triton and under Triton 3.6, best first: the first is the pinned config (the default), the rest are what
-# KALM_FAST_AUTOTUNE=1 tunes over. Written by ``python -m bench.compile --pin`` from the committed compile tables.
+# KALM_FAST_AUTOTUNE=1 tunes over. (kind, arch, dtype class, "resident") -> configs that pass that bar wherever they
+# run resident (every compiled D <= BLOCK_K) but not streaming a larger D (a wide BLOCK_K slice next to the streamed
+# accumulator spills): the launch plan offers them only at D <= BLOCK_K (``plan_rows``), the autotuner never.
+# Written by ``python -m bench.compile --pin`` from the committed compile tables.
 # BEGIN PINNED
 PINNED = {
     ('dd', 'sm_100', '16bit'): [(32, 64, 32, 4, 2, 18448)],
+    ('dd', 'sm_100', '16bit', 'resident'): [(64, 128, 64, 8, 4, 60448), (64, 64, 256, 8, 2, 132128), (64, 64, 64, 4, 4, 52256), (32, 64, 256, 8, 2, 82464)],
     ('dd', 'sm_100', 'fp32'): [(32, 64, 32, 4, 2, 20480), (32, 32, 32, 4, 2, 8192), (16, 32, 32, 4, 2, 6144)],
     ('dd', 'sm_80', '16bit'): [(128, 64, 128, 8, 2, 67584), (64, 128, 64, 8, 3, 65536), (64, 64, 256, 8, 2, 74752), (64, 64, 128, 4, 2, 41984), (64, 64, 64, 4, 3, 32768), (64, 64, 32, 4, 2, 20480), (32, 64, 256, 8, 2, 53760), (32, 64, 32, 4, 2, 14336)],
     ('dd', 'sm_80', 'fp32'): [(32, 64, 32, 4, 2, 20480), (32, 32, 32, 4, 2, 8192), (16, 32, 32, 4, 2, 6144)],
@@ -53,8 +57,10 @@ PINNED = {
     ('dq', 'sm_100', '16bit'): [(64, 64, 64, 4, 4, 94224), (64, 64, 32, 4, 3, 38928), (32, 64, 256, 8, 2, 53248), (32, 64, 32, 4, 2, 12288)],
     ('dq', 'sm_100', 'fp32'): [(32, 64, 32, 4, 2, 16384), (32, 32, 32, 4, 2, 8192), (16, 32, 32, 4, 2, 6144)],
     ('dq', 'sm_80', '16bit'): [(64, 64, 128, 4, 2, 40960), (64, 64, 64, 4, 3, 32768), (64, 64, 32, 4, 2, 20480), (32, 64, 32, 4, 2, 12288)],
+    ('dq', 'sm_80', '16bit', 'resident'): [(64, 64, 256, 8, 2, 73728)],
     ('dq', 'sm_80', 'fp32'): [(32, 64, 32, 4, 2, 16384), (32, 32, 32, 4, 2, 8192), (16, 32, 32, 4, 2, 6144)],
     ('dq', 'sm_90', '16bit'): [(64, 64, 64, 4, 4, 65536), (64, 64, 32, 4, 3, 24576), (32, 64, 256, 8, 2, 53248), (32, 64, 32, 4, 2, 12288)],
+    ('dq', 'sm_90', '16bit', 'resident'): [(64, 64, 256, 8, 2, 98304)],
     ('dq', 'sm_90', 'fp32'): [(32, 64, 32, 4, 2, 16384), (32, 32, 32, 4, 2, 8192), (16, 32, 32, 4, 2, 6144)],
     ('fwd', 'sm_100', '16bit'): [(32, 64, 32, 4, 2, 6144)],
     ('fwd', 'sm_100', 'fp32'): [(32, 64, 32, 4, 2, 12288)],
@@ -113,18 +119,24 @@ def grid_plan(B: int, N: int, D: int, num_sms: int, *, group_size: int = 1, in_b
     return plan
 
 
+def plan_rows(key: tuple, D: int, smem: int) -> list[tuple]:
+    """Configs (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, smem) of PINNED[key] a pass at embedding dim D may
+    run on a device with ``smem`` bytes of opt-in shared memory, best first: the rows that fit (none fits: the
+    smallest, as ``pick``), then the key's resident-only rows that hold D in one slice and fit."""
+    rows = PINNED[key]
+    fitting = [r for r in rows if r[-1] <= smem] or [min(rows, key=lambda r: r[-1])]
+    return fitting + [r for r in PINNED.get((*key, "resident"), ()) if resident(D, r[2]) and r[-1] <= smem]
+
+
 def tile_rows(kind: str, x: torch.Tensor) -> list[tuple]:
-    """Configs (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, smem) the plan may choose from, best first: the
-    pinned one (``pick``) then the other rows of the table that fit the device; one big tile under the interpreter."""
+    """``plan_rows`` for x (B, D) on its device; one big tile under the interpreter."""
     arch = device_arch(x.device)
     if arch == "interpreter":
         return [_INTERPRETER_CONFIG]
     key = (kind, arch, dtype_class(x.dtype))
-    first = pick(PINNED, key, x.device)
-    if x.device.type != "cuda":  # the compile capture: the pinned row only
-        return [first]
-    smem = shared_memory_optin(x.device)
-    return [first] + [r for r in PINNED[key] if r != first and r[-1] <= smem]
+    if x.device.type != "cuda":  # the compile capture: the row it compiles (bench.compile patches ``pick``)
+        return [pick(PINNED, key, x.device)]
+    return plan_rows(key, x.shape[1], shared_memory_optin(x.device))
 
 
 def resident(D: int, block_k: int) -> bool:

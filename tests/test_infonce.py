@@ -467,20 +467,33 @@ def test_resident_backward_equals_streaming_bitwise(monkeypatch, in_batch):
 
 
 def test_resident_rows_for_the_recipe_mrl_dims():
-    """The recipe's Matryoshka dims 64 and 128 (recipes/kalm-v2-mini.yaml) find a pinned 16-bit dq and dd config whose
-    BLOCK_K holds the whole embedding on sm_80 and sm_90, and the plan puts such rows first. sm_100 (2026-12-05): dq
-    has one; the 16-bit dd has none -- every dd config with BLOCK_K >= 64 compiles clean where it runs resident
-    (D <= BLOCK_K) but spills streaming D = 896/1024, and a PINNED row must pass at every D (open: a resident-only
-    row class)."""
+    """The recipe's Matryoshka dims 64 and 128 (recipes/kalm-v2-mini.yaml) find a 16-bit dq and dd config whose
+    BLOCK_K holds the whole embedding on every tabled arch (sm_100's dd only among its resident-only rows: every dd
+    config with BLOCK_K >= 64 spills streaming D = 896/1024 there), and the plan puts such rows first."""
     from kalm_fast.kernels import infonce_configs
 
-    assert not any(infonce_configs.resident(64, r[2]) for r in infonce_configs.PINNED[("dd", "sm_100", "16bit")])
-    assert any(infonce_configs.resident(128, r[2]) for r in infonce_configs.PINNED[("dq", "sm_100", "16bit")])
-    for arch in ("sm_80", "sm_90"):
+    for arch in ("sm_80", "sm_90", "sm_100"):
         for kind in ("dq", "dd"):
-            rows = infonce_configs.PINNED[(kind, arch, "16bit")]
-            assert any(infonce_configs.resident(64, r[2]) for r in rows), (kind, arch)
-            assert any(infonce_configs.resident(128, r[2]) for r in rows), (kind, arch, rows)
+            for D in (64, 128):
+                rows = infonce_configs.plan_rows((kind, arch, "16bit"), D, 232_448 if arch != "sm_80" else 166_912)
+                assert any(infonce_configs.resident(D, r[2]) for r in rows), (kind, arch, D, rows)
+    assert not any(infonce_configs.resident(64, r[2]) for r in infonce_configs.PINNED[("dd", "sm_100", "16bit")])
+
+
+def test_plan_rows_resident_only_where_resident(monkeypatch):
+    """plan_rows: the key's rows that fit the device (none: the smallest, as pick), then its resident-only rows
+    where they hold D in one slice (the only variants the compile tables verified them for) and fit."""
+    from kalm_fast.kernels import infonce_configs
+
+    table = {("dd", "sm_x", "16bit"): [(64, 64, 32, 4, 3, 200), (32, 64, 32, 4, 2, 100)],
+             ("dd", "sm_x", "16bit", "resident"): [(64, 64, 256, 8, 2, 150), (64, 64, 64, 4, 4, 90)]}
+    monkeypatch.setattr(infonce_configs, "PINNED", table)
+    key = ("dd", "sm_x", "16bit")
+    assert infonce_configs.plan_rows(key, 64, 1000) == [*table[key], *table[(*key, "resident")]]
+    assert infonce_configs.plan_rows(key, 128, 1000) == [*table[key], (64, 64, 256, 8, 2, 150)]
+    assert infonce_configs.plan_rows(key, 1024, 1000) == table[key]
+    assert infonce_configs.plan_rows(key, 64, 120) == [(32, 64, 32, 4, 2, 100), (64, 64, 64, 4, 4, 90)]
+    assert infonce_configs.plan_rows(key, 1024, 50) == [(32, 64, 32, 4, 2, 100)]
 
 
 def test_fp16_tiny_upstream_gradient_keeps_its_bits(monkeypatch):

@@ -231,7 +231,8 @@ FP32_SPILL_ALLOWED = {("fwd", "sm_90", "fp32"): 8,
 def test_every_infonce_plan_row_verified():
     """InfoNCE's launch plan may choose any row of its PINNED table (a smaller tile when the batch cannot fill the
     GPU): every row, fp32 included, compiled in every committed table for every variant of its class that the table
-    holds, with zero spill bytes, within shared memory and (16-bit) with tensor cores."""
+    holds, with zero spill bytes, within shared memory and (16-bit) with tensor cores -- a resident-only row for every
+    variant where it runs resident (D <= BLOCK_K), the only ones the plan gives it (``plan_rows``)."""
     from kalm_fast.kernels import infonce_configs
 
     for path in _committed_tables():
@@ -241,6 +242,8 @@ def test_every_infonce_plan_row_verified():
             if r["kernel"] in TABLED and TABLED[r["kernel"]][1] == "infonce":
                 _op, key, tup = pinned_key(r)
                 seen.setdefault((key, tup), []).append(r)
+                if _compile._runs_resident(r):  # the facts of a resident-only row: where it runs resident
+                    seen.setdefault(((*key, "resident"), tup), []).append(r)
         for key, table_rows in infonce_configs.PINNED.items():
             for row in table_rows:
                 facts = seen.get((key, tuple(row[:5])))
