@@ -143,16 +143,21 @@ def _accumulate_slices(acc_ptrs, acc_rows, dz, x_ptrs, x_rows, D, offs_k, BLOCK_
     """The streaming backward's step 4: acc[:, k0:k0 + BLOCK_K] += dz @ x[:, k0:k0 + BLOCK_K] for every slice of D,
     the fp32 accumulator read from and written back to memory by its owning program (acc_ptrs, x_ptrs: row pointers
     at column 0; acc_rows, x_rows: their row masks). The barrier after: the next tile rereads these slices, maybe
-    from other threads of the program."""
+    from other threads of the program. Triton pipelines the x slices (dot operand: async copies, num_stages ahead)
+    but not a load feeding the dot's accumulator, so the next accumulator slice is loaded here before this slice's
+    dot is issued: its latency hides behind the dot and the store (masked off past D: no access)."""
+    k_mask = offs_k < D
+    acc = tl.load(acc_ptrs, mask=acc_rows[:, None] & k_mask[None, :], other=0.0)
     for k0 in range(0, D, BLOCK_K):
-        k_mask = (k0 + offs_k) < D
         x = tl.load(x_ptrs + k0, mask=x_rows[:, None] & k_mask[None, :], other=0.0)
         if INTERPRET:
             x = x.to(tl.float32)
-        acc_mask = acc_rows[:, None] & k_mask[None, :]
-        acc = tl.load(acc_ptrs + k0, mask=acc_mask, other=0.0)
-        acc = tl.dot(dz, x, acc, input_precision=DOT_PRECISION)
-        tl.store(acc_ptrs + k0, acc, mask=acc_mask)
+        next_mask = (k0 + BLOCK_K + offs_k) < D
+        acc_next = tl.load(acc_ptrs + (k0 + BLOCK_K), mask=acc_rows[:, None] & next_mask[None, :], other=0.0)
+        tl.store(acc_ptrs + k0, tl.dot(dz, x, acc, input_precision=DOT_PRECISION),
+                 mask=acc_rows[:, None] & k_mask[None, :])
+        acc = acc_next
+        k_mask = next_mask
     tl.debug_barrier()
 
 
