@@ -73,6 +73,7 @@ from kalm_fast.kernels.utils import (
     input_guard,
     interpreting,
     launchable,
+    lower_bound,
     next_power_of_2,
     rows_contiguous,
 )
@@ -139,24 +140,30 @@ def _zero_slices(acc_ptrs, acc_rows, D, offs_k, BLOCK_ROWS: tl.constexpr, BLOCK_
 
 @triton.jit
 def _accumulate_slices(acc_ptrs, acc_rows, dz, x_ptrs, x_rows, D, offs_k, BLOCK_K: tl.constexpr,
-                       INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                       INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr, PREFETCH: tl.constexpr):
     """The streaming backward's step 4: acc[:, k0:k0 + BLOCK_K] += dz @ x[:, k0:k0 + BLOCK_K] for every slice of D,
     the fp32 accumulator read from and written back to memory by its owning program (acc_ptrs, x_ptrs: row pointers
     at column 0; acc_rows, x_rows: their row masks). The barrier after: the next tile rereads these slices, maybe
     from other threads of the program. Triton pipelines the x slices (dot operand: async copies, num_stages ahead)
-    but not a load feeding the dot's accumulator, so the next accumulator slice is loaded here before this slice's
-    dot is issued: its latency hides behind the dot and the store (masked off past D: no access)."""
+    but not a load feeding the dot's accumulator, so with PREFETCH (the default) the next accumulator slice is loaded
+    before this slice's dot is issued: its latency hides behind the dot and the store (masked off past D). The same
+    dots either way: the same bits."""
     k_mask = offs_k < D
-    acc = tl.load(acc_ptrs, mask=acc_rows[:, None] & k_mask[None, :], other=0.0)
+    if PREFETCH:
+        acc = tl.load(acc_ptrs, mask=acc_rows[:, None] & k_mask[None, :], other=0.0)
     for k0 in range(0, D, BLOCK_K):
         x = tl.load(x_ptrs + k0, mask=x_rows[:, None] & k_mask[None, :], other=0.0)
         if INTERPRET:
             x = x.to(tl.float32)
         next_mask = (k0 + BLOCK_K + offs_k) < D
-        acc_next = tl.load(acc_ptrs + (k0 + BLOCK_K), mask=acc_rows[:, None] & next_mask[None, :], other=0.0)
+        if PREFETCH:
+            acc_next = tl.load(acc_ptrs + (k0 + BLOCK_K), mask=acc_rows[:, None] & next_mask[None, :], other=0.0)
+        else:
+            acc = tl.load(acc_ptrs + k0, mask=acc_rows[:, None] & k_mask[None, :], other=0.0)
         tl.store(acc_ptrs + k0, tl.dot(dz, x, acc, input_precision=DOT_PRECISION),
                  mask=acc_rows[:, None] & k_mask[None, :])
-        acc = acc_next
+        if PREFETCH:
+            acc = acc_next
         k_mask = next_mask
     tl.debug_barrier()
 
@@ -398,6 +405,7 @@ def _infonce_dq_kernel(
     Q, Dm, POS, QORD, LSE2, GRAD, SCALE, DQP,
     B, N, D, stride_q, stride_d, G, qk_scale, SPLITS,
     GROUPED: tl.constexpr, RESIDENT: tl.constexpr, INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PREFETCH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Program (query block, split): sum_j dz_ij d_j over the split's share of the block's candidate rows of d
@@ -431,23 +439,9 @@ def _infonce_dq_kernel(
         else:
             d_ptrs = Dm + cols.to(tl.int64)[:, None] * stride_d + offs_k[None, :]  # [BLOCK_N, BLOCK_K]
             _accumulate_slices(acc_ptrs, row_mask, dz, d_ptrs, col_mask, D, offs_k, BLOCK_K, INTERPRET,
-                               DOT_PRECISION)  # step 4, one BLOCK_K slice of the program's dq rows at a time
+                               DOT_PRECISION, PREFETCH)  # step 4, one BLOCK_K slice of the program's dq rows at a time
     if RESIDENT:
         tl.store(acc_ptrs, acc, mask=row_mask[:, None] & k_mask[None, :])
-
-
-@triton.jit
-def _lower_bound(SORTED, n, value):
-    """First index i in [0, n) with SORTED[i] >= value (n if none); SORTED is non-decreasing."""
-    lo = 0
-    hi = n
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if tl.load(SORTED + mid) < value:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
 
 
 @triton.jit(do_not_specialize=["B", "N", "G", "SPLITS"])
@@ -455,6 +449,7 @@ def _infonce_dd_kernel(
     Q, Dm, POS, QORD, LSE2, GRAD, SCALE, DDP,
     B, N, D, stride_q, stride_d, G, qk_scale, SPLITS,
     GROUPED: tl.constexpr, RESIDENT: tl.constexpr, INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PREFETCH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Program (block of d rows, split): sum_i dz_ij q_i (step 4) over the split's share of the query blocks that
@@ -475,8 +470,8 @@ def _infonce_dd_kernel(
         _zero_slices(acc_ptrs, col_mask, D, offs_k, BLOCK_N, BLOCK_K)
     if GROUPED:
         # queries in positive order whose group [pos, pos + G) meets these rows: pos in [n0 - G + 1, n0 + BLOCK_N)
-        q_lo = _lower_bound(POS, B, pid * BLOCK_N - G + 1)
-        q_hi = _lower_bound(POS, B, pid * BLOCK_N + BLOCK_N)
+        q_lo = lower_bound(POS, B, pid * BLOCK_N - G + 1)
+        q_hi = lower_bound(POS, B, pid * BLOCK_N + BLOCK_N)
     else:
         q_lo = 0
         q_hi = B
@@ -509,7 +504,7 @@ def _infonce_dd_kernel(
         else:
             q_ptrs = Q + rows[:, None] * stride_q + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
             _accumulate_slices(acc_ptrs, col_mask, dz_t, q_ptrs, row_mask, D, offs_k, BLOCK_K, INTERPRET,
-                               DOT_PRECISION)
+                               DOT_PRECISION, PREFETCH)
     if RESIDENT:
         tl.store(acc_ptrs, acc, mask=col_mask[:, None] & k_mask[None, :])
 
@@ -635,7 +630,8 @@ def focal_infonce_bwd(q, d, pos_idx, group_size, in_batch_negatives, temperature
     g = g.float().contiguous()
     scale = _grad_scale(g)
     args = (q, d, pos_visit, order, lse2, g, scale)
-    common = dict(GROUPED=not in_batch_negatives, INTERPRET=interpreting(), DOT_PRECISION=dot_precision(q.dtype))
+    common = dict(GROUPED=not in_batch_negatives, INTERPRET=interpreting(), DOT_PRECISION=dot_precision(q.dtype),
+                  PREFETCH=configs.prefetch())
     sizes = (B, N, D, q.stride(0), d.stride(0), group_size, LOG2E / temperature)
     dq = dd = None
     if need_dq:

@@ -12,6 +12,8 @@ bits every run, no atomics. A batch that fills the GPU by itself keeps one split
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from kalm_fast.kernels.utils import device_arch, dtype_class, num_sms, pick, shared_memory_optin
@@ -137,6 +139,13 @@ def tile_rows(kind: str, x: torch.Tensor) -> list[tuple]:
     if x.device.type != "cuda":  # the compile capture: the row it compiles (bench.compile patches ``pick``)
         return [pick(PINNED, key, x.device)]
     return plan_rows(key, x.shape[1], shared_memory_optin(x.device))
+
+
+def prefetch() -> bool:
+    """Whether the streaming backward loads the next fp32 accumulator slice before each slice's dot (the default;
+    kernels/infonce.py ``_accumulate_slices``). KALM_FAST_INFONCE_PREFETCH=0 turns it off: the bench's A/B, the same
+    dots and bits either way. Read at each launch."""
+    return os.environ.get("KALM_FAST_INFONCE_PREFETCH", "1") != "0"
 
 
 def resident(D: int, block_k: int) -> bool:

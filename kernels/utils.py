@@ -1,6 +1,6 @@
 """Small helpers shared by the Triton kernels: constants, the interpreter switch, the arch key of the pinned-config
-tables, the pinned/autotuned launch of a table row, input layout and dot precision, and the device guard of the
-launchers. Nothing here touches CUDA at import time."""
+tables, the pinned/autotuned launch of a table row, input layout and dot precision, the device guard of the
+launchers and a device-side binary search (``lower_bound``). Nothing here touches CUDA at import time."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 LOG2E = math.log2(math.e)  # exp(x) = exp2(x * LOG2E); kernels take tl.constexpr(LOG2E) (jit globals must be constexpr)
 LN2 = math.log(2.0)  # ln(x) = log2(x) * LN2
@@ -153,3 +154,17 @@ def launchable(op: str, kernel, table: dict, key: tuple, row: tuple, names: tupl
 def chosen_configs() -> dict:
     """{(op, table key): {autotune key: chosen config}} of this process (KALM_FAST_AUTOTUNE=1), for the record."""
     return {k: {tk: str(c) for tk, c in tuner.cache.items()} for k, tuner in _TUNERS.items() if tuner.cache}
+
+
+@triton.jit
+def lower_bound(SORTED, n, value):
+    """First index i in [0, n) with SORTED[i] >= value (n if none); SORTED is non-decreasing."""
+    lo = 0
+    hi = n
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tl.load(SORTED + mid) < value:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo

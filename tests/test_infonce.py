@@ -466,6 +466,30 @@ def test_resident_backward_equals_streaming_bitwise(monkeypatch, in_batch):
     check_against_oracle(on_chip, q, d, args)
 
 
+@pytest.mark.parametrize("in_batch", [True, False])
+def test_prefetch_off_same_bits(monkeypatch, in_batch):
+    """The streaming backward with its accumulator prefetch (the default) and without (KALM_FAST_INFONCE_PREFETCH=0,
+    the bench's A/B): the same dots in the same order, so the same bits; D = 150 streams three BLOCK_K = 64 slices of
+    the interpreter tile, the last one partial."""
+    from kalm_fast.kernels import infonce_configs
+
+    monkeypatch.setenv("KALM_FAST_BACKEND", "triton")
+    B, G, D = 40, 4, 150
+    q, d = embeddings(B, B * G, D)
+    lam = torch.rand(B, 2, device=DEVICE)
+    args = loss_args(B, B * G, group_size=G, in_batch_negatives=in_batch, gamma=0.5, num_mix=2, mix_lambda=lam)
+    rows = infonce_configs.launch_plan(q, B * G, G, in_batch)[1]
+    assert not any(infonce_configs.resident(D, row[2]) for row in rows.values())
+    assert infonce_configs.prefetch()
+    on = run_ops(q, d, args)
+    monkeypatch.setenv("KALM_FAST_INFONCE_PREFETCH", "0")
+    assert not infonce_configs.prefetch()
+    off = run_ops(q, d, args)
+    for name, a, b in zip(("loss", "dq", "dd"), on[:3], off[:3]):
+        assert torch.equal(a, b), name
+    check_against_oracle(on, q, d, args)
+
+
 def test_resident_rows_for_the_recipe_mrl_dims():
     """The recipe's Matryoshka dims 64 and 128 (recipes/kalm-v2-mini.yaml) find a 16-bit dq and dd config whose
     BLOCK_K holds the whole embedding on every tabled arch (sm_100's dd only among its resident-only rows: every dd
