@@ -3,6 +3,8 @@
     python -m bench                      # all suites on the default device (CUDA when present)
     python -m bench --suite attention    # one suite (repeatable)
     python -m bench --smoke              # tiny CPU-sized shapes, seconds (CI)
+    python -m bench --budget-s 120       # a capped run: each suite gets a fair share of what is left and stops
+                                         # before its next shape when that is spent (a row lists what it left out)
 
 Rows are appended to bench/results/<device-name>/<suite>.csv/.jsonl; a markdown summary of this run
 (summary.md) and PNG plots are written beside them.
@@ -25,6 +27,7 @@ def main(argv=None) -> int:
     p = common.standard_args(__doc__.splitlines()[0])
     p.add_argument("--suite", action="append", choices=SUITES, help="run only these suites (repeatable)")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--budget-s", type=float, help="seconds for the whole run, shared out suite by suite")
     args = p.parse_args(argv)
     suites = args.suite or SUITES
     device = args.device
@@ -32,16 +35,21 @@ def main(argv=None) -> int:
 
     all_rows: dict[str, list[dict]] = {}
     failed = []
-    for name in suites:
+    start = time.perf_counter()
+    for i, name in enumerate(suites):
         module = importlib.import_module(f"bench.bench_{name}")
         print(f"\n=== {name} ===", flush=True)
         t0 = time.perf_counter()
+        if args.budget_s is not None:  # a fair share of what is left: a quick suite leaves more to the next
+            common.set_deadline(max(0.0, args.budget_s - (t0 - start)) / (len(suites) - i))
         try:
             rows = module.run(smoke=args.smoke, device=device)
         except Exception:  # one broken suite must not hide the others' results
             traceback.print_exc()
             failed.append(name)
             continue
+        finally:
+            common.set_deadline(None)
         all_rows[name] = rows
         print(common.format_table(rows))
         print(f"({name}: {time.perf_counter() - t0:.1f} s)")

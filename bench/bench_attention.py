@@ -243,33 +243,36 @@ def run(*, smoke: bool, device: str) -> list[dict]:
         "torch path (off GPU the Triton interpreter is no speed test)"
     rows = [common.failed_row(SUITE, "attention_varlen", name, "-", "-", dtype, device, ImportError(reason))
             for name, reason in peers(device)[1].items()]
-    for mix, lengths in length_mixes(smoke):
-        for D in head_dims:
-            shape = f"{mix} B={len(lengths)} T={sum(lengths)} Smax={max(lengths)} H={H} D={D}"
-            flops = fwd_flops(lengths, H, D)
-            by_mode: dict[str, dict[str, dict]] = {m: {} for m in MODES}
-            for name, make in providers(device).items():
-                for mode, factor in MODES.items():
-                    try:
-                        fwd, inputs, dout = make(lengths, H, D, dtype, device)
-                        if name in PACKED:
-                            _check_packed(name, fwd, inputs, lengths)
-                        fn = _mode_fn(mode, fwd, inputs, dout)
-                        times = common.bench_ms(fn, device, warmup=warmup, rep=rep)
-                        peak = common.peak_memory_mb(fn, device)
-                        r = common.row(SUITE, "attention_varlen", name, mode, shape, dtype, device, times,
-                                       flops=factor * flops, peak_mem_mb=peak,
-                                       note=kalm_note if name == "kalm_fast" else "")
-                    except Exception as e:  # refused mask/shape, out of memory, missing package: a failed row
-                        r = common.failed_row(SUITE, "attention_varlen", name, mode, shape, dtype, device, e)
-                    finally:
-                        fwd = inputs = dout = fn = None
-                        _free(device)
-                    by_mode[mode][name] = r
-                    rows.append(r)
-            if not kalm_note:  # a speedup of the CPU torch path would mean nothing
-                for results in by_mode.values():
-                    _note_speedup(results)
+    shapes = [(mix, lengths, D) for mix, lengths in length_mixes(smoke) for D in head_dims]
+    if not smoke:  # best first (a --budget-s run stops before its next shape): the mixed lengths of the targets
+        shapes.sort(key=lambda s: not s[0].startswith(("long-tail", "uniform")))
+    for mix, lengths, D in common.within_budget(SUITE, "attention_varlen", shapes, lambda s: f"{s[0]} D={s[2]}",
+                                                dtype, device, rows):
+        shape = f"{mix} B={len(lengths)} T={sum(lengths)} Smax={max(lengths)} H={H} D={D}"
+        flops = fwd_flops(lengths, H, D)
+        by_mode: dict[str, dict[str, dict]] = {m: {} for m in MODES}
+        for name, make in providers(device).items():
+            for mode, factor in MODES.items():
+                try:
+                    fwd, inputs, dout = make(lengths, H, D, dtype, device)
+                    if name in PACKED:
+                        _check_packed(name, fwd, inputs, lengths)
+                    fn = _mode_fn(mode, fwd, inputs, dout)
+                    times = common.bench_ms(fn, device, warmup=warmup, rep=rep)
+                    peak = common.peak_memory_mb(fn, device)
+                    r = common.row(SUITE, "attention_varlen", name, mode, shape, dtype, device, times,
+                                   flops=factor * flops, peak_mem_mb=peak,
+                                   note=kalm_note if name == "kalm_fast" else "")
+                except Exception as e:  # refused mask/shape, out of memory, missing package: a failed row
+                    r = common.failed_row(SUITE, "attention_varlen", name, mode, shape, dtype, device, e)
+                finally:
+                    fwd = inputs = dout = fn = None
+                    _free(device)
+                by_mode[mode][name] = r
+                rows.append(r)
+        if not kalm_note:  # a speedup of the CPU torch path would mean nothing
+            for results in by_mode.values():
+                _note_speedup(results)
     return rows
 
 

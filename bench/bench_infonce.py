@@ -5,10 +5,13 @@
 Providers, measured side by side in one run on one device:
   kalm_fast      ``ops.focal_infonce``: the Triton kernels on CUDA (off CUDA it is the chunked torch path of SPEC 3,
                  listed there once, as torch_chunked).
+  kalm_fast-no-prefetch  the same with KALM_FAST_INFONCE_PREFETCH=0 (CUDA, D = 1024, M = 2, B = 512 and 16k: the
+                 streaming backward without its accumulator prefetch -- the A/B of that change; the same bits).
   torch_chunked  ``reference.focal_infonce_chunked``: O((B + N) * D) memory, fp32 math (on CUDA up to B = 16k: at 64k
                  its chunks are 8 queries and one call takes many seconds).
   torch_naive    ``reference.focal_infonce``, the oracle, eager: the full B x N logit matrix in fp32.
-  torch.compile  the oracle compiled (CUDA, D = 1024, M = 2, B <= 16k: each shape compiles for about a minute).
+  torch.compile  the oracle compiled (CUDA, B = 16k, D = 1024, M = 2: the speed target's shape; a compile takes
+                 about a minute).
   matmul         ``torch.matmul`` of two n x n matrices (bf16 on CUDA, fp32 on CPU): the peak of this run.
   inf-cl         Inf-CL's tiled contrastive loss (``inf_cl.cal_flash_loss``, Triton, CUDA only; fp32 logits) on the
                  configuration it supports: gamma = 0 and M = 0 (plain InfoNCE, in-batch negatives, query i's
@@ -16,8 +19,9 @@ Providers, measured side by side in one run on one device:
                  torch_naive at gamma = 0 (mode suffix "g0"), and its gradients are checked against torch_naive's
                  before it is timed. Without inf_cl or CUDA: one row saying why.
 Shapes (in-batch negatives, G = 8 so N = 8B, gamma = 0.5, tau = 0.02, explicit lambdas): CUDA bf16 with
-B in {1k, 4k, 16k, 64k}, D in {768, 1024}, M in {0, 2}; CPU fp32 with B = 2048, D = 256, M in {0, 2}. A provider that
-fails (out of memory) gets a row whose note is the error.
+B in {1k, 4k, 16k, 64k}, D in {768, 1024}, M in {0, 2}, and B = 512 at D = 1,024 and 128 (M = 2), the target's
+B = 16k, D = 1,024, M = 2 first; CPU fp32 with B = 2048, D = 256, M in {0, 2}. A provider that fails (out of memory)
+gets a row whose note is the error; shapes a --budget-s run had no time for, one row listing them.
 
 FLOP convention (nominal and the same for every provider, so TFLOP/s compares times): fwd = 2BND (the logits),
 bwd = 4BND (dq = dZ d and dd = dZ^T q) + 2BND (the logits recomputed), fwd+bwd = 8BND; the O(B M D) mixing is not
@@ -34,6 +38,8 @@ earlier ones. --smoke measures in-process (approximate, and fast).
 
 from __future__ import annotations
 
+import contextlib
+import os
 import subprocess
 import sys
 import time
@@ -49,10 +55,11 @@ SUITE = "infonce"
 OP = "focal_infonce"
 G, TEMPERATURE, GAMMA = 8, 0.02, 0.5
 
-# the recipe's step (B = 512, N = 4,096) at D = 1,024 (issue 12's shape) and at a Matryoshka dim of the recipe that
-# the kernels keep on chip (D = 128 <= BLOCK_K: resident), then the scaling rows
-GPU_SHAPES = [(512, 1024, 2), (512, 128, 2)] + [(B, D, M) for B in (1024, 4096, 16384, 65536) for D in (768, 1024)
-                                                for M in (0, 2)]
+# best first (a run with --budget-s stops before its next shape): the speed target's shape, the recipe's step
+# (B = 512, N = 4,096) at D = 1,024 (issue 12's shape) and at a Matryoshka dim of the recipe that the kernels keep on
+# chip (D = 128 <= BLOCK_K: resident), then the scaling rows
+GPU_SHAPES = [(16384, 1024, 2), (512, 1024, 2), (512, 128, 2)] + [
+    (B, D, M) for B in (1024, 4096, 16384, 65536) for D in (768, 1024) for M in (0, 2) if (B, D, M) != (16384, 1024, 2)]
 CPU_SHAPES = [(2048, 256, 0), (2048, 256, 2)]
 SMOKE_SHAPES = [(64, 32, 0), (64, 32, 2)]
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +85,7 @@ def _loss_fn(provider, B, M, lam, device, gamma=GAMMA):
 
         labels = torch.arange(B, device=device) * G
         return lambda q, d: cal_flash_loss(q, d, labels, scale=1 / TEMPERATURE, head_dim=min(256, q.shape[1])).mean()
-    if provider == "kalm_fast":
+    if provider in ("kalm_fast", "kalm_fast-no-prefetch"):  # the second under _provider_env
         return lambda q, d: ops.focal_infonce(q, d, group_size=G, temperature=TEMPERATURE, gamma=gamma, num_mix=M,
                                               mix_lambda=lam)
     if provider == "torch_chunked":
@@ -89,6 +96,21 @@ def _loss_fn(provider, B, M, lam, device, gamma=GAMMA):
         compiled = torch.compile(reference.focal_infonce, dynamic=False)
         return lambda q, d: compiled(q, d, *args)
     raise ValueError(f"unknown provider {provider!r}")
+
+
+@contextlib.contextmanager
+def _provider_env(provider):
+    """The environment a provider runs under: kalm_fast-no-prefetch turns the backward's prefetch off."""
+    old = os.environ.get("KALM_FAST_INFONCE_PREFETCH")
+    if provider == "kalm_fast-no-prefetch":
+        os.environ["KALM_FAST_INFONCE_PREFETCH"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("KALM_FAST_INFONCE_PREFETCH", None)
+        else:
+            os.environ["KALM_FAST_INFONCE_PREFETCH"] = old
 
 
 def _step(loss_fn, q, d, mode):
@@ -146,8 +168,8 @@ def _providers(device, smoke, B, D, M):
     providers = ["kalm_fast", "torch_naive"]
     if B <= 16384:
         providers.append("torch_chunked")
-    if not smoke and D == 1024 and M == 2 and B <= 16384:
-        providers.append("torch.compile")
+    if not smoke and D == 1024 and M == 2 and B in (512, 16384):
+        providers += ["kalm_fast-no-prefetch"] + (["torch.compile"] if B == 16384 else [])
     return providers
 
 
@@ -161,8 +183,9 @@ def _shape_rows(B, D, M, device, smoke, peak_tflops):
             try:
                 q, d, lam = _inputs(B, D, M, dtype, device)
                 step = _step(_loss_fn(provider, B, M, lam, device), q, d, mode)
-                peak = _peak_mb(provider, mode, B, D, M, step, device, smoke)
-                times = _time(step, device)
+                with _provider_env(provider):
+                    peak = _peak_mb(provider, mode, B, D, M, step, device, smoke)
+                    times = _time(step, device)
             except Exception as error:  # out of memory, compile failure: reported, not dropped
                 rows.append(common.failed_row(SUITE, OP, provider, mode, shape, dtype, device, error))
                 continue
@@ -246,14 +269,17 @@ def run(*, smoke: bool, device: str) -> list[dict]:
     matmul = _matmul_row(device, smoke)
     rows = [matmul]
     shapes = SMOKE_SHAPES if smoke else (GPU_SHAPES if _cuda(device) else CPU_SHAPES)
-    for B, D, M in shapes:
+    dtype = torch.bfloat16 if _cuda(device) else torch.float32
+    for B, D, M in common.within_budget(SUITE, OP, shapes, lambda s: "B={} D={} M={}".format(*s), dtype, device,
+                                        rows):
         rows += _shape_rows(B, D, M, device, smoke, matmul["tflops"])
     reason = inf_cl_reason(device)
     if reason:
         rows.append(common.failed_row(SUITE, OP, "inf-cl", "-", "gamma=0 M=0", torch.float32, device,
                                       ImportError(reason)))
     else:
-        for B in ((64,) if smoke else PEER_B):
+        for B in common.within_budget(SUITE, OP, list((64,) if smoke else PEER_B), lambda b: f"inf-cl B={b}",
+                                      torch.bfloat16, device, rows):
             try:
                 rows += _peer_rows(B, 32 if smoke else 1024, device, smoke, matmul["tflops"])
             except Exception as error:  # the check failed: no timing of a peer that computes something else

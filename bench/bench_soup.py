@@ -249,7 +249,7 @@ def files_suite(smoke: bool, device: str) -> list[dict]:
         shape = f"{k}x{size / 1e9:.2f}GB" if size >= 1e8 else f"{k}x{size / 1e6:.1f}MB"
         shape += f" ({len(shapes)} tensors)"
         verified = {}
-        for provider in providers:
+        for provider in common.within_budget(SUITE, "soup_files", providers, str, torch.bfloat16, device, rows):
             if provider == "mergekit-linear":
                 try:
                     import mergekit  # noqa: F401
@@ -362,7 +362,10 @@ def gpu_suite(smoke: bool, device: str) -> list[dict]:
 def run(*, smoke: bool, device: str) -> list[dict]:
     rows = files_suite(smoke, device)
     if str(device).startswith("cuda") and torch.cuda.is_available():
-        rows += gpu_suite(smoke, device)
+        if common.out_of_time():  # --budget-s spent
+            rows.append(common.budget_row(SUITE, "soup_gpu", ["the GPU suite"], torch.bfloat16, device))
+        else:
+            rows += gpu_suite(smoke, device)
     return rows
 
 

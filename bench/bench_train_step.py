@@ -476,7 +476,8 @@ def _run(smoke: bool, device: str) -> list[dict]:
     _free(device)
     step_rows, batch_rows = {}, {}
     step_B, hf_max = size.step_batch, 0
-    for provider in PROVIDERS:
+    skipped: list[dict] = []  # what a --budget-s run had no time for
+    for provider in common.within_budget(SUITE, OP, list(PROVIDERS), str, dtype, device, skipped):
         missing = _missing(provider)
         if missing:
             step_rows[provider] = common.failed_row(SUITE, OP, provider, "step", f"B={step_B} G={G}", dtype, device,
@@ -485,7 +486,9 @@ def _run(smoke: bool, device: str) -> list[dict]:
         s = _setup(provider, size, device, dtype)
         step_rows[provider], step_B = _step_row_fitting(s, step_B, size, device, dtype, smoke)
         _free(device, s.optimizer)
-        if search:
+        if search and common.out_of_time():
+            batch_rows[provider] = common.budget_row(SUITE, OP, [f"{provider} max_batch"], dtype, device)
+        elif search:
             if smoke:
                 cap = SMOKE_CAP
             elif provider != "hf_sdpa":
@@ -502,7 +505,8 @@ def _run(smoke: bool, device: str) -> list[dict]:
         del s
         _free(device)
     _note_ratios(step_rows, batch_rows)
-    return [step_rows[p] for p in PROVIDERS if p in step_rows] + [batch_rows[p] for p in PROVIDERS if p in batch_rows]
+    return ([step_rows[p] for p in PROVIDERS if p in step_rows] + [batch_rows[p] for p in PROVIDERS if p in batch_rows]
+            + skipped)
 
 
 def _missing(provider: str) -> str:

@@ -173,6 +173,35 @@ def failed_row(suite, op, provider, mode, shape, dtype, device, error: BaseExcep
             "p20_ms": "", "p80_ms": "", "note": msg}
 
 
+# The time budget of a run (``python -m bench --budget-s``): each suite gets a deadline and checks it before every
+# shape, best shapes first, so a capped run (a lent GPU for minutes) ends with rows from every suite instead of being
+# killed inside one. No deadline: every shape runs.
+_DEADLINE: list = [None]
+
+
+def set_deadline(seconds_from_now: float | None) -> None:
+    _DEADLINE[0] = None if seconds_from_now is None else time.monotonic() + seconds_from_now
+
+
+def out_of_time() -> bool:
+    return _DEADLINE[0] is not None and time.monotonic() >= _DEADLINE[0]
+
+
+def budget_row(suite: str, op: str, skipped: list[str], dtype, device: str) -> dict:
+    """The shapes a suite left out when its deadline passed, as one row (reported, not dropped)."""
+    return failed_row(suite, op, "-", "-", "; ".join(skipped), dtype, device,
+                      TimeoutError(f"not run: the bench's time budget ran out ({len(skipped)} left)"))
+
+
+def within_budget(suite: str, op: str, items: list, name, dtype, device: str, rows: list):
+    """Yield ``items`` in order while the deadline allows; the rest become one ``budget_row`` appended to rows."""
+    for i, item in enumerate(items):
+        if out_of_time():
+            rows.append(budget_row(suite, op, [name(x) for x in items[i:]], dtype, device))
+            return
+        yield item
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # results
 # ----------------------------------------------------------------------------------------------------------------

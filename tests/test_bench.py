@@ -50,6 +50,30 @@ def test_bench_smoke_runs_every_suite():
         assert f"=== {name} ===" in out.stdout and f"({name}: " in out.stdout, f"suite {name} did not finish"
 
 
+def test_budget_run_reports_what_it_left_out(tmp_path):
+    """--budget-s (the lent GPU's capped bench step): every suite stops before its next shape once its share is spent
+    and lists what it left out in one row; the summary, the targets and the plots take such rows."""
+    out = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--no-write", "--no-plots", "--budget-s", "0"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    sections = out.stdout.split("=== ")[1:]
+    assert [s.split(" ===")[0] for s in sections] == SUITES
+    for section in sections:
+        assert "not run: the bench's time budget ran out" in section, section[:400]
+    common, main = import_bench("common"), import_bench("__main__")
+    all_rows = {}
+    common.set_deadline(0)
+    try:
+        for name in SUITES:
+            all_rows[name] = import_bench(f"bench_{name}").run(smoke=True, device="cpu")
+    finally:
+        common.set_deadline(None)
+    assert "time budget ran out" in main.render_summary(all_rows, "cpu", smoke=True)
+    plots.write_plots(all_rows, tmp_path)
+    common.set_deadline(None)
+    assert not common.out_of_time()
+
+
 def _two_pipelines(batch, chunk_tokens):
     """The same random weights twice: transformers' SDPA model and the kalm_fast Embedder on its copy."""
     hf = ts.build_model(ts.SMOKE, "cpu", torch.float32)
