@@ -443,6 +443,23 @@ def test_splits_bitwise_reproducible_and_within_bound(monkeypatch, in_batch):
     assert torch.equal(many[3]["hard_neg_idx"], one[3]["hard_neg_idx"])
 
 
+def _mixed_case(D, in_batch):
+    """(q, d, the oracle's arguments, the launch plan's config rows) of 40 queries with 4 documents each, 2 mixed
+    negatives and gamma 0.5, in-batch or grouped."""
+    from kalm_fast.kernels import infonce_configs
+
+    B, G = 40, 4
+    q, d = embeddings(B, B * G, D)
+    lam = torch.rand(B, 2, device=DEVICE)
+    args = loss_args(B, B * G, group_size=G, in_batch_negatives=in_batch, gamma=0.5, num_mix=2, mix_lambda=lam)
+    return q, d, args, infonce_configs.launch_plan(q, B * G, G, in_batch)[1]
+
+
+def _assert_same_bits(a, b):
+    for name, x, y in zip(("loss", "dq", "dd"), a[:3], b[:3]):
+        assert torch.equal(x, y), name
+
+
 @pytest.mark.parametrize("in_batch", [True, False])
 def test_resident_backward_equals_streaming_bitwise(monkeypatch, in_batch):
     """D <= BLOCK_K: the three kernels keep their own rows on chip, dq/dd also the accumulator (RESIDENT: one write of
@@ -452,17 +469,11 @@ def test_resident_backward_equals_streaming_bitwise(monkeypatch, in_batch):
     from kalm_fast.kernels import infonce_configs
 
     monkeypatch.setenv("KALM_FAST_BACKEND", "triton")
-    B, G, D = 40, 4, 48
-    q, d = embeddings(B, B * G, D)
-    lam = torch.rand(B, 2, device=DEVICE)
-    args = loss_args(B, B * G, group_size=G, in_batch_negatives=in_batch, gamma=0.5, num_mix=2, mix_lambda=lam)
-    rows = infonce_configs.launch_plan(q, B * G, G, in_batch)[1]
-    assert all(infonce_configs.resident(D, row[2]) for row in rows.values())
+    q, d, args, rows = _mixed_case(48, in_batch)
+    assert all(infonce_configs.resident(48, row[2]) for row in rows.values())
     on_chip = run_ops(q, d, args)
     monkeypatch.setattr(infonce_configs, "resident", lambda D, block_k: False)
-    streamed = run_ops(q, d, args)
-    for name, a, b in zip(("loss", "dq", "dd"), on_chip[:3], streamed[:3]):
-        assert torch.equal(a, b), name
+    _assert_same_bits(on_chip, run_ops(q, d, args))
     check_against_oracle(on_chip, q, d, args)
 
 
@@ -474,19 +485,13 @@ def test_prefetch_off_same_bits(monkeypatch, in_batch):
     from kalm_fast.kernels import infonce_configs
 
     monkeypatch.setenv("KALM_FAST_BACKEND", "triton")
-    B, G, D = 40, 4, 150
-    q, d = embeddings(B, B * G, D)
-    lam = torch.rand(B, 2, device=DEVICE)
-    args = loss_args(B, B * G, group_size=G, in_batch_negatives=in_batch, gamma=0.5, num_mix=2, mix_lambda=lam)
-    rows = infonce_configs.launch_plan(q, B * G, G, in_batch)[1]
-    assert not any(infonce_configs.resident(D, row[2]) for row in rows.values())
+    q, d, args, rows = _mixed_case(150, in_batch)
+    assert not any(infonce_configs.resident(150, row[2]) for row in rows.values())
     assert infonce_configs.prefetch()
     on = run_ops(q, d, args)
     monkeypatch.setenv("KALM_FAST_INFONCE_PREFETCH", "0")
     assert not infonce_configs.prefetch()
-    off = run_ops(q, d, args)
-    for name, a, b in zip(("loss", "dq", "dd"), on[:3], off[:3]):
-        assert torch.equal(a, b), name
+    _assert_same_bits(on, run_ops(q, d, args))
     check_against_oracle(on, q, d, args)
 
 
