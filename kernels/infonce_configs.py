@@ -35,8 +35,10 @@ CANDIDATES = {
            (32, 64, 32, 4, 2)]
     for arch, s in (("sm_80", 3), ("sm_90", 4))
 }
-# fp32 (exact FMA dots, no tensor cores): small tiles only, larger ones spill
-CANDIDATES_FP32 = [(64, 64, 32, 4, 2), (32, 64, 32, 4, 2), (32, 32, 32, 4, 2), (16, 32, 32, 4, 2)]
+# fp32 (exact FMA dots, no tensor cores): small tiles only, larger ones spill; 8 warps or one stage keep the forward
+# with mixing clean on sm_90/sm_100
+CANDIDATES_FP32 = [(64, 64, 32, 4, 2), (32, 64, 32, 4, 2), (32, 32, 32, 8, 2), (32, 32, 32, 4, 2), (32, 32, 32, 4, 1),
+                   (16, 32, 32, 4, 2)]
 # one big tile under the interpreter (its cost ~ programs x loop iterations)
 _INTERPRETER_CONFIG = (64, 128, 64, 4, 1, 0)  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, smem)
 
@@ -65,11 +67,11 @@ PINNED = {
     ('dq', 'sm_90', '16bit', 'resident'): [(64, 64, 256, 8, 2, 98304)],
     ('dq', 'sm_90', 'fp32'): [(32, 64, 32, 4, 2, 16384), (32, 32, 32, 4, 2, 8192), (16, 32, 32, 4, 2, 6144)],
     ('fwd', 'sm_100', '16bit'): [(32, 64, 32, 4, 2, 6144)],
-    ('fwd', 'sm_100', 'fp32'): [(32, 64, 32, 4, 2, 12288)],
+    ('fwd', 'sm_100', 'fp32'): [(32, 32, 32, 4, 1, 8192)],
     ('fwd', 'sm_80', '16bit'): [(64, 128, 64, 8, 3, 49152), (32, 64, 32, 4, 2, 6144)],
     ('fwd', 'sm_80', 'fp32'): [(32, 64, 32, 4, 2, 12288), (32, 32, 32, 4, 2, 8192), (16, 32, 32, 4, 2, 6144)],
     ('fwd', 'sm_90', '16bit'): [(128, 64, 128, 8, 3, 147456), (64, 128, 64, 8, 4, 98304), (64, 64, 256, 8, 2, 131072), (64, 64, 128, 4, 3, 98304), (64, 64, 64, 4, 4, 65536), (64, 64, 32, 4, 3, 24576)],
-    ('fwd', 'sm_90', 'fp32'): [(32, 64, 32, 4, 2, 12288)],
+    ('fwd', 'sm_90', 'fp32'): [(32, 32, 32, 8, 2, 8192)],
 }
 # END PINNED
 
