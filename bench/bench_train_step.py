@@ -416,6 +416,8 @@ def _max_batch_row(s: Setup, size: Size, device, dtype, cap: int, cap_note: str)
     probes: dict[int, tuple[Batch, float, float]] = {}  # B -> (batch, ms, peak MB) of the probes that fit
 
     def fits(B: int) -> bool:
+        if common.out_of_time():  # --budget-s spent: no partial answer (a lower bound would read as the maximum)
+            raise TimeoutError
         batch = make_batch(B, size)
         try:
             step = make_step(s.provider, s.module, batch, device, size, s.optimizer)
@@ -430,7 +432,12 @@ def _max_batch_row(s: Setup, size: Size, device, dtype, cap: int, cap_note: str)
         _free(device, s.optimizer)  # outside the except block: its traceback no longer pins the tensors
         return False
 
-    best = largest_fitting(fits, cap)
+    try:
+        best = largest_fitting(fits, cap)
+    except TimeoutError:
+        _free(device, s.optimizer)
+        return common.budget_row(SUITE, OP, [f"{s.provider} max_batch (search cut at B={max(probes, default=0)})"],
+                                 dtype, device)
     _free(device, s.optimizer)
     if best == 0:
         r = common.failed_row(SUITE, OP, s.provider, "max_batch", f"B<={cap} G={G}", dtype, device,

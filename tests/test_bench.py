@@ -74,6 +74,16 @@ def test_budget_run_reports_what_it_left_out(tmp_path):
     assert not common.out_of_time()
 
 
+def test_max_batch_search_cut_by_the_budget(monkeypatch, one_thread):
+    """A --budget-s deadline inside the train step's max-batch search ends it with a budget row, not with the largest
+    B probed so far (a lower bound would read as the maximum in the targets)."""
+    s = ts._setup("kalm_fast", ts.SMOKE, "cpu", torch.float32)
+    answers = iter([False])  # the first probe (B = 1) runs, the deadline passes before the second
+    monkeypatch.setattr(ts.common, "out_of_time", lambda: next(answers, True))
+    r = ts._max_batch_row(s, ts.SMOKE, "cpu", torch.float32, 64, "smoke cap")
+    assert "time budget ran out" in r["note"] and "search cut at B=1" in r["shape"] and r["max_batch"] == ""
+
+
 def _two_pipelines(batch, chunk_tokens):
     """The same random weights twice: transformers' SDPA model and the kalm_fast Embedder on its copy."""
     hf = ts.build_model(ts.SMOKE, "cpu", torch.float32)
