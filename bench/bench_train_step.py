@@ -493,9 +493,7 @@ def _run(smoke: bool, device: str) -> list[dict]:
         s = _setup(provider, size, device, dtype)
         step_rows[provider], step_B = _step_row_fitting(s, step_B, size, device, dtype, smoke)
         _free(device, s.optimizer)
-        if search and common.out_of_time():
-            batch_rows[provider] = common.budget_row(SUITE, OP, [f"{provider} max_batch"], dtype, device)
-        elif search:
+        if search:  # the search checks the --budget-s deadline before each probe (_max_batch_row)
             if smoke:
                 cap = SMOKE_CAP
             elif provider != "hf_sdpa":

@@ -153,7 +153,7 @@ def capture(v: dict, arch: str, config: tuple | None):
     def fake_pick(table, key, device):  # the arch's own pinned row, else the row it starts from (table_arch)
         if config is not None:
             return (*config, 0)
-        return (table.get((key[0], arch, *key[1:])) or table[(key[0], table_arch(arch), *key[1:])])[0]
+        return table[_arch_key(table, key[0], arch, key[1:])][0]
 
     # every kernel module that imported the device queries (launchers, launch plans)
     mods = [m for name, m in sorted(sys.modules.items()) if name.startswith("kalm_fast.kernels.") and m is not None]
@@ -385,20 +385,30 @@ def make_jobs(variants, archs, *, search: bool, kernels=None, all_pinned: bool =
     return jobs
 
 
+def _arch_key(table: dict, kind: str, arch: str, rest: tuple) -> tuple:
+    """The PINNED key of (kind, arch, *rest): the arch's own, else that of ``table_arch`` (the rows it starts from)."""
+    return (kind, arch, *rest) if (kind, arch, *rest) in table else (kind, table_arch(arch), *rest)
+
+
 def _pinned_rows(kernel: str, arch: str, v: dict) -> list[tuple]:
-    """PINNED rows of the kernel's class for variant v on ``arch`` (the arch's own, else those of ``table_arch``),
-    and for InfoNCE the class's resident-only rows that run resident at v's D."""
+    """PINNED rows of the kernel's class for variant v on ``arch`` (``_arch_key``), and for InfoNCE the class's
+    resident-only rows that run resident at v's D."""
     kind, op = TABLED[kernel]
-    table, rest = _configs_module(op).PINNED, variant_class(kernel, v)[1:]
-    key = (kind, arch, *rest) if (kind, arch, *rest) in table else (kind, table_arch(arch), *rest)
-    extra = [r for r in table.get((*key, "resident"), ()) if r[2] >= v["D"]] if op == "infonce" else []
-    return table[key] + extra
+    configs = _configs_module(op)
+    key = _arch_key(configs.PINNED, kind, arch, variant_class(kernel, v)[1:])
+    extra = ([r for r in configs.PINNED.get((*key, "resident"), ()) if configs.resident(v["D"], r[2])]
+             if op == "infonce" else [])
+    return configs.PINNED[key] + extra
+
+
+def _variant_d(r: dict) -> int:
+    """The D of a compile row's variant ("D=128 GROUP=7", "D=1024 num_mix=2 ..."): head dim or embedding dim."""
+    return int(r["variant"].split()[0].split("=")[1])
 
 
 def _runs_resident(r: dict) -> bool:
-    """An InfoNCE compile row whose kernel keeps the embedding on chip (D <= BLOCK_K: the launcher's RESIDENT)."""
-    D = int(r["variant"].split()[0].split("=")[1])
-    return _parse_config(r["config"])["BLOCK_K"] >= D
+    """An InfoNCE compile row whose kernel keeps the embedding on chip (the launcher's RESIDENT)."""
+    return _configs_module("infonce").resident(_variant_d(r), _parse_config(r["config"])["BLOCK_K"])
 
 
 def _first_candidate(v, arch):
@@ -542,8 +552,7 @@ def pinned_key(r: dict) -> tuple[str, tuple, tuple]:
     c = _parse_config(r["config"])
     dcls = "fp32" if r["dtype"] == "fp32" else "16bit"
     if op == "attention":
-        D = int(r["variant"].split()[0].split("=")[1])
-        return op, (kind, r["arch"], _table_block_d(D), dcls), (
+        return op, (kind, r["arch"], _table_block_d(_variant_d(r)), dcls), (
             c["BLOCK_M"], c["BLOCK_N"], c["num_warps"], c["num_stages"])
     return op, (kind, r["arch"], dcls), (c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["num_warps"], c["num_stages"])
 
@@ -707,7 +716,7 @@ def readme_table() -> str:
                 continue
             cls = ""
             if r["kernel"].startswith("_attn") and r["kernel"] != "_attn_bwd_preprocess_kernel":
-                D = int(r["variant"].split()[0].split("=")[1])
+                D = _variant_d(r)
                 cls = f"D<={max(16, 1 << (D - 1).bit_length())}"
             g = groups.setdefault((r["kernel"], cls, r["arch"]), {"configs": set(), "by_v": {}})
             if v == main_v:

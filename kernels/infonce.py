@@ -254,8 +254,9 @@ def _tile_scores(Q, rows, row_mask, stride_q, q_all, Dm, n0, n_end, stride_d, D,
                  GROUPED: tl.constexpr, RESIDENT: tl.constexpr, INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Step 1's raw dots of a (query block, tile of d) pair -> (cols [BLOCK_N] rows of d, their mask,
-    s [BLOCK_M, BLOCK_N], cand: the candidate mask, d_all: the [BLOCK_N, BLOCK_K] tile of d when RESIDENT (the query block q_all stays on
-    chip and the tile is read once for every dot of the program), else 0 (s streams over D in BLOCK_K slices))."""
+    s [BLOCK_M, BLOCK_N], cand: the candidate mask, d_all: the [BLOCK_N, BLOCK_K] tile of d when RESIDENT (the query
+    block q_all stays on chip and the tile is read once for every dot of the program), else 0 (s streams over D in
+    BLOCK_K slices))."""
     cols = n0 + tl.arange(0, BLOCK_N)
     col_mask = cols < n_end
     if RESIDENT:
