@@ -318,7 +318,11 @@ def config_of(jit_kwargs: dict, kernel: str) -> str:
     names = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_T", "BLOCK_H", "BLOCK_B", "BLOCK_R", "BLOCK_D")
     parts = [f"{n}={jit_kwargs[n]}" for n in names if n in jit_kwargs and not (n == "BLOCK_D" and kernel in TABLED)]
     parts.append(f"num_warps={jit_kwargs.get('num_warps', 4)}")
-    parts.append(f"num_stages={jit_kwargs.get('num_stages', 3)}")
+    # a loop's own stage count (pooling's tl.range) stands in for the launch option, which then does nothing
+    parts.append(f"NUM_STAGES={jit_kwargs['NUM_STAGES']}" if "NUM_STAGES" in jit_kwargs
+                 else f"num_stages={jit_kwargs.get('num_stages', 3)}")
+    if jit_kwargs.get("maxnreg"):
+        parts.append(f"maxnreg={jit_kwargs['maxnreg']}")
     return " ".join(parts)
 
 

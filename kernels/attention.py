@@ -536,11 +536,15 @@ def flash_attn_varlen_bwd(do, q, k, v, out, lse, cu_seqlens, max_seqlen: int, so
     delta = torch.empty_like(lse)  # (Hq, T) fp32
     if dlse is not None:
         dlse = dlse.float().contiguous()
-    block_t = 8192 // meta["BLOCK_D"]  # 8192-element tiles of O and dO: 64 fp32 values per thread each
+    # 8192-element tiles of O and dO at 8 warps: 32 values a thread each, with a budget of 128 registers for ptxas.
+    # Uncapped, ptxas chose 48-64 registers on sm_100 and spilled 4-28 B (4 or 8 warps); 4 warps capped at 128 spill
+    # in fp32 (64 + 64 values a thread). Capped at 8 warps: 46-90 registers, nothing spills in the compile tables.
+    block_t = 8192 // meta["BLOCK_D"]
     _attn_bwd_preprocess_kernel[(triton.cdiv(T, block_t), Hq)](
         out, do, dlse if dlse is not None else delta, delta, T,  # DLse is not read without HAS_DLSE
         *_strides(unit, out, do), lse.stride(0),
         HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_T=block_t, STRIDE_UNIT=unit, HAS_DLSE=dlse is not None,
+        num_warps=8, maxnreg=128,
     )
     dkdv_kernel = _launchable("dkdv", q, meta["BLOCK_D"])
     dq_kernel = _launchable("dq", q, meta["BLOCK_D"])

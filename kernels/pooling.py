@@ -18,12 +18,17 @@ row loads become 16-byte cp.async copies into NUM_STAGES - 1 shared-memory buffe
 The pooling mask is applied after the row load (``tl.where`` on the loaded tile), so the row load never waits on the
 mask load; rows of unpooled tokens are read and discarded (they are instruction tokens: a few percent of the bytes).
 NUM_STAGES gives each program 24 KB (bf16: 4 stages, 3 buffers of 8 KB) or 32 KB (fp32: 3 stages, 2 of 16 KB) of
-tiles in flight, and four programs fit an SM (<= 128 registers a thread at 4 warps, 4 x 33 KB of shared memory within
-sm_80's 164 KB; the launcher targets 4 programs per SM): 96 KB (bf16) / 128 KB (fp32) in flight per SM, against
-~32 KB before (two 8-warp programs holding one 16 KB tile each in registers). A fifth bf16 stage spilled 4 bytes
-under Triton 3.6 on sm_80 (RMSNorm forward). LayerNorm is the exception: x, x_hat, u and dx live at once in the
-backward (146-168 registers in the compile tables; the sm_80 forward under Triton 3.6: 144), so 3 programs fit:
-72 KB (bf16) in flight; so does Triton 3.6's masked RMSNorm forward at H = 384 (8 x 512 tiles, 136-139 registers). By Little's law an H200 (4.8 TB/s over 132 SMs, ~1 us loaded latency) needs ~36 KB per SM.
+tiles in flight, and four programs fit an SM (4 x 33 KB of shared memory within sm_80's 164 KB; the launcher targets
+4 programs per SM): 96 KB (bf16) / 128 KB (fp32) in flight per SM, against ~32 KB before (two 8-warp programs holding
+one 16 KB tile each in registers). Registers are the other limit, so the launcher gives ptxas the budget of that
+residency (``maxnreg``, ``_max_registers``): 128 a thread at 4 warps for 4 programs, 168 for 3 where the kernel needs
+more -- LayerNorm (x, x_hat, u and dx live at once in the backward: 146-168 registers uncapped; the forward under
+Triton 3.6 up to 158) and Triton 3.6's fp32 RMSNorm backward on 8 x 512 tiles (H <= 512: 164 uncapped, 4 B of spill
+under 128), 72 KB (bf16) in flight. Uncapped, ptxas chose fewer registers and spilled instead (Triton 3.6: 24 B in
+the masked LayerNorm forward on sm_100 at 96 registers, 12 B in the fp16 RMSNorm backward on sm_80 at 72; 3.9: 4-8 B
+in the fp32 LayerNorm forward on sm_100); with the budget no pooling kernel spills in either version. A fifth bf16
+stage spilled 4 bytes under Triton 3.6 on sm_80 (RMSNorm forward). By Little's law an H200 (4.8 TB/s over 132 SMs,
+~1 us loaded latency) needs ~36 KB per SM.
 
 Saved for the backward: p_hat (B, H) fp32, the mean over valid tokens of the normalized rows *before* the affine
 weight/bias, and the valid-token count n (B,) fp32. Per-token mean/rstd are not stored: the backward must read x
@@ -279,6 +284,20 @@ def _tile(H: int, block_t: int | None, elem_size: int = 2) -> tuple[int, int, in
     return block_t, block_h, num_warps, num_stages
 
 
+# Registers a thread at 4 warps for 4 (128) and 3 (168) resident programs per SM (64K registers, allocated in
+# multiples of 8 a thread); handed to ptxas as ``maxnreg``.
+_REGS_4_PROGRAMS = 128
+_REGS_3_PROGRAMS = 168
+
+
+def _max_registers(norm: str | None, backward: bool, block_t: int, elem_size: int) -> int:
+    """ptxas's register budget for a pooling launch: 4 programs per SM, 3 for the kernels the compile tables show
+    need more than 128 registers (module docstring): LayerNorm, and the fp32 RMSNorm backward on tiles of 8+ rows."""
+    if norm == "layernorm" or (backward and norm == "rmsnorm" and elem_size == 4 and block_t >= 8):
+        return _REGS_3_PROGRAMS
+    return _REGS_4_PROGRAMS
+
+
 def _num_splits(B: int, T: int, block_t: int, device: torch.device) -> int:
     """Token splits per sequence (host-side integers only: no sync). 1 off CUDA, where programs run one by one."""
     if device.type != "cuda" or B == 0:
@@ -301,6 +320,7 @@ def varlen_mean_pool_fwd(hidden, cu_seqlens, mask, norm, weight, bias, eps, norm
     B = cu_seqlens.numel() - 1
     BLOCK_T, BLOCK_H, num_warps, num_stages = _tile(H, block_t, hidden.element_size())
     splits = num_splits or _num_splits(B, T, BLOCK_T, hidden.device)
+    regs = _max_registers(norm, False, BLOCK_T, hidden.element_size())
     out = hidden.new_empty(B, H)
     p_hat = torch.empty(B, H, dtype=torch.float32, device=hidden.device)
     count = torch.empty(B, dtype=torch.float32, device=hidden.device)
@@ -311,7 +331,8 @@ def varlen_mean_pool_fwd(hidden, cu_seqlens, mask, norm, weight, bias, eps, norm
         _pool_fwd_kernel[(B, 1)](
             hidden, cu_seqlens, mask, weight, bias, out, p_hat, count, None, None,
             H, hidden.stride(0), 1, eps, L2_EPS,
-            SPLIT=False, BLOCK_T=BLOCK_T, BLOCK_H=BLOCK_H, NUM_STAGES=num_stages, num_warps=num_warps, **flags,
+            SPLIT=False, BLOCK_T=BLOCK_T, BLOCK_H=BLOCK_H, NUM_STAGES=num_stages, num_warps=num_warps, maxnreg=regs,
+            **flags,
         )
         return out, p_hat, count
     part = torch.empty(B, splits, H, dtype=torch.float32, device=hidden.device)
@@ -319,7 +340,8 @@ def varlen_mean_pool_fwd(hidden, cu_seqlens, mask, norm, weight, bias, eps, norm
     _pool_fwd_kernel[(B, splits)](
         hidden, cu_seqlens, mask, weight, bias, None, None, None, part, pcnt,
         H, hidden.stride(0), splits, eps, L2_EPS,
-        SPLIT=True, BLOCK_T=BLOCK_T, BLOCK_H=BLOCK_H, NUM_STAGES=num_stages, num_warps=num_warps, **flags,
+        SPLIT=True, BLOCK_T=BLOCK_T, BLOCK_H=BLOCK_H, NUM_STAGES=num_stages, num_warps=num_warps, maxnreg=regs,
+        **flags,
     )
     _pool_fwd_combine_kernel[(B,)](
         part, pcnt, weight, bias, out, p_hat, count, H, splits, L2_EPS,
@@ -348,7 +370,7 @@ def varlen_mean_pool_bwd(grad_out, hidden, cu_seqlens, mask, norm, weight, bias,
             hidden, cu_seqlens, mask, weight, bias, p_hat, count, grad_out, dx, dp,
             H, hidden.stride(0), H, grad_out.stride(0), splits, eps, L2_EPS,
             WRITE_DX=need_dx, WRITE_DP=dp is not None, BLOCK_T=BLOCK_T, BLOCK_H=BLOCK_H, NUM_STAGES=num_stages,
-            num_warps=num_warps,
+            num_warps=num_warps, maxnreg=_max_registers(norm, True, BLOCK_T, hidden.element_size()),
             **_flags(norm, mask, weight, bias, normalize),
         )
     elif dp is not None:
