@@ -382,8 +382,8 @@ def make_jobs(variants, archs, *, search: bool, kernels=None, all_pinned: bool =
             for c in configs:
                 job = dict(kernel=name, arch=arch, variant=v, config=c, pinned=not search or name not in TABLED)
                 kw = dict(kwargs)
-                if c is not None:
-                    kw.update(_config_kwargs(name, c))
+                if c is not None:  # the launch kwargs of this config (a register budget may follow num_warps)
+                    kw = next(k for j, _a, k in capture(v, arch, c) if j.fn.__name__ == name)
                 job["config_str"] = config_of(kw, name)
                 jobs.append(job)
     return jobs
@@ -418,12 +418,6 @@ def _runs_resident(r: dict) -> bool:
 def _first_candidate(v, arch):
     kernel = {"attention": "_attn_fwd_kernel", "infonce": "_infonce_fwd_kernel"}.get(v["op"])
     return _candidates(kernel, arch, v["dtype"])[0] if kernel else None
-
-
-def _config_kwargs(kernel: str, c: tuple) -> dict:
-    if TABLED[kernel][1] == "attention":
-        return dict(BLOCK_M=c[0], BLOCK_N=c[1], num_warps=c[2], num_stages=c[3])
-    return dict(BLOCK_M=c[0], BLOCK_N=c[1], BLOCK_K=c[2], num_warps=c[3], num_stages=c[4])
 
 
 def _with_keys(jobs):

@@ -431,7 +431,20 @@ def _launchable(kind: str, q: torch.Tensor, block_d: int):
     arch = device_arch(q.device)
     key = (kind, arch, max(32, block_d), dtype_class(q.dtype))  # D < 32 (not promised) borrows the D=32 tiles
     row = configs.INTERPRETER_TILES[kind] if arch == "interpreter" else pick(configs.PINNED, key, q.device)
-    return launchable("attention", globals()[_KERNELS[kind]], configs.PINNED, key, row, configs.TILE, _AUTOTUNE_KEY)
+    return launchable("attention", globals()[_KERNELS[kind]], configs.PINNED, key, row, configs.TILE, _AUTOTUNE_KEY,
+                      maxnreg=_max_registers(kind, arch, key[3]))
+
+
+def _max_registers(kind: str, arch: str, dtype_cls: str):
+    """num_warps -> ptxas's register budget a thread for the ``kind`` kernel on ``arch``, None where ptxas chooses.
+    fp32 dK/dV on sm_80 gets the budget of two resident programs per SM (64K registers: 255 a thread at 4 warps, 128
+    at 8): left to choose, ptxas held it at 80 registers and spilled 8 B (16 x 16 w8 s1, D 80/96, GROUP 7 partials,
+    Triton 3.9); given 128 it takes 118 and spills nothing. Given 255 at 8 warps it took all 255 (one program per
+    SM). On sm_90/sm_100 ptxas's own choice spills in no pinned row, while the same budget spilled 4-32 B at D 40 and
+    256 (compile tables of Triton 3.6 and 3.9), so there it chooses."""
+    if (kind, arch, dtype_cls) != ("dkdv", "sm_80", "fp32"):
+        return None
+    return lambda num_warps: min(255, 65536 // (2 * 32 * num_warps))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -108,10 +108,12 @@ def rows_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def config_kwargs(names: tuple[str, ...], row: tuple) -> dict:
-    """A table row (tile sizes named by ``names``, num_warps, num_stages[, shared memory bytes]) as launch kwargs."""
+def config_kwargs(names: tuple[str, ...], row: tuple, maxnreg=None) -> dict:
+    """A table row (tile sizes named by ``names``, num_warps, num_stages[, shared memory bytes]) as launch kwargs,
+    with ptxas's register budget ``maxnreg(num_warps)`` where one is given."""
     n = len(names)
-    return {**dict(zip(names, row[:n])), "num_warps": row[n], "num_stages": row[n + 1]}
+    kw = {**dict(zip(names, row[:n])), "num_warps": row[n], "num_stages": row[n + 1]}
+    return {**kw, "maxnreg": maxnreg(row[n])} if maxnreg else kw
 
 
 class Pinned:
@@ -129,12 +131,13 @@ _TUNERS: dict = {}  # (op, table key) -> triton Autotuner: one per key, so each 
 
 
 def _autotuner(op: str, key: tuple, kernel, rows: list[tuple], names: tuple[str, ...], tune_key: list[str],
-              heuristics: dict | None = None):
+              heuristics: dict | None = None, maxnreg=None):
     """The autotuner of ``kernel`` over the first AUTOTUNE_MAX ``rows`` of its pinned table (KALM_FAST_AUTOTUNE=1),
     built once per (op, key); ``heuristics`` derive further compile-time arguments from the tuned config."""
     tuner = _TUNERS.get((op, key))
     if tuner is None:
-        configs = [triton.Config(dict(zip(names, row)), num_warps=row[len(names)], num_stages=row[len(names) + 1])
+        configs = [triton.Config(dict(zip(names, row)), num_warps=row[len(names)], num_stages=row[len(names) + 1],
+                                 maxnreg=maxnreg(row[len(names)]) if maxnreg else None)
                    for row in rows[:AUTOTUNE_MAX]]
         tuned = triton.heuristics(heuristics)(kernel) if heuristics else kernel
         tuner = _TUNERS[(op, key)] = triton.autotune(configs=configs, key=tune_key)(tuned)
@@ -142,13 +145,14 @@ def _autotuner(op: str, key: tuple, kernel, rows: list[tuple], names: tuple[str,
 
 
 def launchable(op: str, kernel, table: dict, key: tuple, row: tuple, names: tuple[str, ...], tune_key: list[str],
-               heuristics: dict | None = None):
+               heuristics: dict | None = None, maxnreg=None):
     """``kernel[grid](...)``-able object for ``row`` of the op's pinned ``table`` at ``key`` = (kind, arch, ...):
     that row (the pinned config or the launch plan's choice: the same tiles in every process) by default, the
-    autotuner over the first AUTOTUNE_MAX rows of ``table[key]`` with KALM_FAST_AUTOTUNE=1 on a GPU."""
+    autotuner over the first AUTOTUNE_MAX rows of ``table[key]`` with KALM_FAST_AUTOTUNE=1 on a GPU. ``maxnreg``:
+    num_warps -> the register budget a thread handed to ptxas with each row (None: ptxas chooses)."""
     if key[1] != "interpreter" and autotuning():
-        return _autotuner(op, key, kernel, table[key], names, tune_key, heuristics)
-    return Pinned(kernel, config_kwargs(names, row))
+        return _autotuner(op, key, kernel, table[key], names, tune_key, heuristics, maxnreg)
+    return Pinned(kernel, config_kwargs(names, row, maxnreg))
 
 
 def chosen_configs() -> dict:
