@@ -369,6 +369,7 @@ def make_jobs(variants, archs, *, search: bool, kernels=None, all_pinned: bool =
     (launcher-fixed kernels: their one config). Jobs with an identical specialization share a compile."""
     jobs = []
     for v, arch in itertools.product(variants, archs):
+        by_config = {}  # config -> the launches with it (one capture gives every tabled kernel's kwargs)
         for jit, _args, kwargs in capture(v, arch, None if not search else _first_candidate(v, arch)):
             name = jit.fn.__name__
             if (kernels and name not in kernels) or (search and name not in TABLED):
@@ -383,7 +384,9 @@ def make_jobs(variants, archs, *, search: bool, kernels=None, all_pinned: bool =
                 job = dict(kernel=name, arch=arch, variant=v, config=c, pinned=not search or name not in TABLED)
                 kw = dict(kwargs)
                 if c is not None:  # the launch kwargs of this config (a register budget may follow num_warps)
-                    kw = next(k for j, _a, k in capture(v, arch, c) if j.fn.__name__ == name)
+                    if c not in by_config:
+                        by_config[c] = capture(v, arch, c)
+                    kw = next(k for j, _a, k in by_config[c] if j.fn.__name__ == name)
                 job["config_str"] = config_of(kw, name)
                 jobs.append(job)
     return jobs

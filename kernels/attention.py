@@ -58,6 +58,7 @@ from kalm_fast.kernels.utils import (
     next_power_of_2,
     num_sms,
     pick,
+    register_budget,
     rows_contiguous,
 )
 
@@ -444,7 +445,7 @@ def _max_registers(kind: str, arch: str, dtype_cls: str):
     256 (compile tables of Triton 3.6 and 3.9), so there it chooses."""
     if (kind, arch, dtype_cls) != ("dkdv", "sm_80", "fp32"):
         return None
-    return lambda num_warps: min(255, 65536 // (2 * 32 * num_warps))
+    return lambda num_warps: register_budget(2, num_warps)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -557,7 +558,7 @@ def flash_attn_varlen_bwd(do, q, k, v, out, lse, cu_seqlens, max_seqlen: int, so
         out, do, dlse if dlse is not None else delta, delta, T,  # DLse is not read without HAS_DLSE
         *_strides(unit, out, do), lse.stride(0),
         HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_T=block_t, STRIDE_UNIT=unit, HAS_DLSE=dlse is not None,
-        num_warps=8, maxnreg=128,
+        num_warps=8, maxnreg=register_budget(2, 8),
     )
     dkdv_kernel = _launchable("dkdv", q, meta["BLOCK_D"])
     dq_kernel = _launchable("dq", q, meta["BLOCK_D"])

@@ -59,7 +59,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from kalm_fast.heads import L2_EPS
-from kalm_fast.kernels.utils import input_guard, interpreting, next_power_of_2, num_sms
+from kalm_fast.kernels.utils import input_guard, interpreting, next_power_of_2, num_sms, register_budget
 
 _NORM_CODE = {None: 0, "rmsnorm": 1, "layernorm": 2}
 
@@ -284,10 +284,9 @@ def _tile(H: int, block_t: int | None, elem_size: int = 2) -> tuple[int, int, in
     return block_t, block_h, num_warps, num_stages
 
 
-# Registers a thread at 4 warps for 4 (128) and 3 (168) resident programs per SM (64K registers, allocated in
-# multiples of 8 a thread); handed to ptxas as ``maxnreg``.
-_REGS_4_PROGRAMS = 128
-_REGS_3_PROGRAMS = 168
+# Registers a thread at 4 warps for 4 (128) and 3 (168) resident programs per SM; handed to ptxas as ``maxnreg``.
+_REGS_4_PROGRAMS = register_budget(4, 4)
+_REGS_3_PROGRAMS = register_budget(3, 4)
 
 
 def _max_registers(norm: str | None, backward: bool, block_t: int, elem_size: int) -> int:

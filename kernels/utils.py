@@ -108,6 +108,13 @@ def rows_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def register_budget(programs_per_sm: int, num_warps: int) -> int:
+    """ptxas's register budget a thread (``maxnreg``) that keeps ``programs_per_sm`` programs of ``num_warps`` warps
+    resident as far as registers go: 64K registers an SM (sm_80 to sm_100), allocated in multiples of 8 a thread, at
+    most 255 a thread."""
+    return min(255, 65536 // (programs_per_sm * 32 * num_warps) // 8 * 8)
+
+
 def config_kwargs(names: tuple[str, ...], row: tuple, maxnreg=None) -> dict:
     """A table row (tile sizes named by ``names``, num_warps, num_stages[, shared memory bytes]) as launch kwargs,
     with ptxas's register budget ``maxnreg(num_warps)`` where one is given."""

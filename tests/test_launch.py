@@ -203,8 +203,6 @@ def test_pinned_rows_are_the_tables_first_configs():
             assert first[:len(tup)] == tup, (path, r)
 
 
-
-
 def test_every_infonce_plan_row_verified():
     """InfoNCE's launch plan may choose any row of its PINNED table (a smaller tile when the batch cannot fill the
     GPU): every row, fp32 included, compiled in every committed table for every variant of its class that the table
@@ -234,6 +232,12 @@ def test_every_infonce_plan_row_verified():
 SM_SHARED = {"sm_80": 167_936, "sm_90": 233_472, "sm_100": 233_472}
 
 
+def _resident_by_registers(num_warps: int, registers: int) -> int:
+    """Programs of ``num_warps`` warps at ``registers`` a thread that fit an SM's 64K registers (allocated in multiples
+    of 8 a thread)."""
+    return 65536 // (num_warps * 32 * (-(-registers // 8) * 8))
+
+
 def test_pooling_fits_four_programs_per_sm():
     """Issue 12: the pooling kernels' pinned launches (4 warps, pipelined tile buffers, ptxas's register budget
     ``maxnreg`` from ``pooling._max_registers``) keep 4 resident programs per SM in every committed table --
@@ -254,8 +258,8 @@ def test_pooling_fits_four_programs_per_sm():
                                             c["BLOCK_T"], 4 if r["dtype"] == "fp32" else 2)
             need = 65536 // (128 * budget)  # 4 at 128 registers, 3 at 168
             assert c["num_warps"] == 4 and c["maxnreg"] == budget and r["registers"] <= budget, (path.parent.name, r)
-            warps, regs = c["num_warps"], -(-r["registers"] // 8) * 8
-            resident = min(65536 // (warps * 32 * regs), 2048 // (warps * 32),
+            warps = c["num_warps"]
+            resident = min(_resident_by_registers(warps, r["registers"]), 2048 // (warps * 32),
                            SM_SHARED[r["arch"]] // (r["shared_bytes"] + 1024))
             assert resident >= need >= 3, (path.parent.name, resident, r)
 
@@ -289,8 +293,7 @@ def test_fp32_dkdv_register_budget(monkeypatch):
         for r in budgeted:
             c = _parse_config(r["config"])
             assert c["maxnreg"] == budget(c["num_warps"]) and r["registers"] <= c["maxnreg"], (path.parent.name, r)
-            # registers are allocated per warp in units of 8 a thread: two programs fit in 64K
-            assert 65536 // (c["num_warps"] * 32 * (-(-r["registers"] // 8) * 8)) >= 2, (path.parent.name, r)
+            assert _resident_by_registers(c["num_warps"], r["registers"]) >= 2, (path.parent.name, r)
         assert not [r for r in attn if r not in budgeted and "maxnreg" in r["config"]], path
 
 
