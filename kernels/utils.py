@@ -7,7 +7,9 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -20,6 +22,32 @@ def interpreting() -> bool:
     """True under the Triton CPU interpreter (TRITON_INTERPRET=1). The interpreter computes bf16 arithmetic wrongly,
     so kernels take this as a constexpr and upcast loaded tiles to fp32 when it is set."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _release(version: str) -> tuple[int, int]:
+    """(major, minor) of a version string such as "3.6.0", "2.5.0rc1" or "3.7.0+git1a2b"."""
+    m = re.match(r"(\d+)\.(\d+)", version)
+    return (int(m[1]), int(m[2])) if m else (0, 0)
+
+
+def interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
+    """Why the Triton interpreter of ``triton_version`` cannot run these kernels beside ``numpy_version``, or None.
+    Triton before 3.7 turns a scalar of a kernel (a loop bound, say) into a Python int with ``int()`` of a
+    1-element array, which numpy 2.4 and later refuse (triton-lang/triton#9171, fixed in 3.7); every launch then
+    fails deep inside the interpreter with "only 0-dimensional arrays can be converted to Python scalars". torch 2.11
+    pins triton 3.6, and numpy 2.4 is what a fresh install of Python 3.11 or later gets."""
+    if _release(triton_version) < (3, 7) and _release(numpy_version) >= (2, 4):
+        return (f"TRITON_INTERPRET=1: the Triton interpreter of triton {triton_version} cannot run with numpy "
+                f"{numpy_version} (triton < 3.7 calls int() on 1-element arrays, which numpy >= 2.4 refuses: "
+                "triton-lang/triton#9171). Install numpy<2.4, or triton>=3.7, or run on a CUDA device.")
+    return None
+
+
+@functools.cache
+def _check_interpreter() -> None:
+    problem = interpreter_problem(triton.__version__, np.__version__)
+    if problem:
+        raise RuntimeError(problem)
 
 
 def autotuning() -> bool:
@@ -79,7 +107,8 @@ def pick(table: dict, key: tuple, device: torch.device) -> tuple:
 
 def input_guard(fn):
     """Run a launcher on the device of its first CUDA tensor argument (Triton launches on the *current* device, so
-    tensors on cuda:1 while cuda:0 is current would otherwise be read from the wrong GPU). Like fla's input_guard."""
+    tensors on cuda:1 while cuda:0 is current would otherwise be read from the wrong GPU). Like fla's input_guard. Off CUDA under the interpreter it first checks
+    that this Triton's interpreter can run here (``interpreter_problem``)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -87,6 +116,8 @@ def input_guard(fn):
             if isinstance(x, torch.Tensor) and x.is_cuda:
                 with torch.cuda.device(x.device):
                     return fn(*args, **kwargs)
+        if interpreting():
+            _check_interpreter()  # a clear error instead of one from deep inside an old interpreter
         return fn(*args, **kwargs)
 
     return wrapper

@@ -85,6 +85,35 @@ def test_every_launcher_is_guarded():
         assert hasattr(fn, "__wrapped__"), f"{fn.__name__} launches without input_guard"
 
 
+def test_old_interpreter_with_new_numpy_is_a_clear_error(monkeypatch):
+    """Triton < 3.7's interpreter beside numpy >= 2.4 (torch 2.11's triton 3.6 with a fresh numpy) fails every launch
+    deep inside the interpreter ("only 0-dimensional arrays ..."); the launchers say which versions and what to do."""
+    import numpy as np
+    import triton
+
+    import kalm_fast
+    from kalm_fast.kernels import utils
+
+    for tv, nv in [("3.6.0", "2.4.0"), ("3.0.0", "2.5.2"), ("3.6.1+git0a1b2c", "2.4.0rc1")]:
+        msg = utils.interpreter_problem(tv, nv)
+        assert msg and tv in msg and nv in msg and "numpy<2.4" in msg and "triton>=3.7" in msg
+    for tv, nv in [("3.6.0", "2.3.5"), ("3.7.0", "2.4.6"), ("3.9.0", "2.5.2"), ("4.0.0", "3.0.0")]:
+        assert utils.interpreter_problem(tv, nv) is None
+    if torch.cuda.is_available():
+        return
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("KALM_FAST_BACKEND", "triton")
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(np, "__version__", "2.4.6")
+    utils._check_interpreter.cache_clear()
+    try:
+        x = torch.randn(8, 2, 32)
+        with pytest.raises(RuntimeError, match=r"triton 3\.6\.0 cannot run with numpy 2\.4\.6"):
+            kalm_fast.flash_attn_varlen_func(x, x, x, torch.tensor([0, 8], dtype=torch.int32), 8)
+    finally:
+        utils._check_interpreter.cache_clear()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_gpu_inputs_on_the_second_device():
