@@ -6,6 +6,8 @@
 #   here (CPU):  bash bench/gpu_session.sh --dry-run  (the plan, the kernels to compile, the estimated time)
 #
 # Peers (issue 13): run bench/peer_wheels.sh here first and pass `.whl` in the run's carry (6.5 MB of wheels).
+# Before the call: `bash bench/gpu_stack_check.sh` runs every step below that needs no GPU under this machine's
+# Python/torch/triton/transformers versions on the CPU (0 failed steps, or the window is spent on an import error).
 # Order: the extension builds in the background; compile smoke (pinned configs for sm_90 under the machine's Triton;
 # fail fast), GPU tests on the pinned configs (the default, KALM_FAST_AUTOTUNE unset), every bench suite, then
 # the attention suite once more with KALM_FAST_AUTOTUNE=1 (at most 4 surviving configs per key; the chosen configs are

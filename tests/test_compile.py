@@ -60,6 +60,20 @@ def test_gpu_session_dry_run():
     assert "compile smoke" in r.stdout and "kernel compiles" in r.stdout and "budget 530 s" in r.stdout
 
 
+def test_gpu_stack_check_parses():
+    """bench/gpu_stack_check.sh builds a ~4 GB venv, too much for CI: here only that bash parses it and that it runs
+    the Python steps of gpu_session.sh the way that script runs them."""
+    r = subprocess.run(["bash", "-n", "bench/gpu_stack_check.sh"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    check, session = ((ROOT / "bench" / f).read_text() for f in ("gpu_stack_check.sh", "gpu_session.sh"))
+    for cmd in ("python3 -m bench.compile --smoke --arch sm_90", "python3 -P -m pytest", "python3 -m bench ",
+                "--no-build-isolation --no-deps -e .", "--no-index --no-deps .whl/*.whl"):
+        assert cmd in session and cmd in check, cmd
+    for f in ("tests/test_attention.py", "tests/test_pooling.py", "tests/test_infonce.py", "tests/test_launch.py",
+              "tests/test_soup.py", "tests/test_model.py"):
+        assert f in session and f in check, f
+
+
 def test_head_dim_40_keeps_16_byte_loads():
     """D = 40 (head stride 40, not a multiple of 16): the attention kernels still load q/k/v/dO tiles with 16-byte
     vectors (cp.async of 16 bytes, ld.global.v4), no 2-byte scalar loads (issue 12: before the stride units, the
