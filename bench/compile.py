@@ -6,7 +6,8 @@
     python -m bench.compile --smoke         # pinned configs of a few variants, sm_80 + sm_90 (a few minutes)
     python -m bench.compile --reduced       # the pinned matrix cut to fit 2 cores (what the committed tables hold)
     python -m bench.compile --estimate      # compiles and seconds a cold GPU process spends on the pinned configs
-    --resume skips rows already in the table; --arch/--op/--kernel narrow any mode; --jobs N parallel processes.
+    --resume skips rows already in the table (compiled from the current kernel source); --arch/--op/--kernel narrow
+    any mode; --jobs N parallel processes.
 
 How a compile mirrors the runtime: the real launcher (``flash_attn_varlen_fwd``, ``varlen_mean_pool_fwd``,
 ``focal_infonce_bwd``, ...) is called on small CPU tensors with ``JITFunction.run`` replaced by a recorder, so the
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import functools
+import hashlib
 import importlib
 import itertools
 import json
@@ -338,11 +340,53 @@ def provenance() -> dict:
     return dict(triton=triton.__version__, git_sha=sha, date=_dt.date.today().isoformat())
 
 
+def jit_fingerprint(jit) -> str:
+    """Fingerprint of the Triton source a @triton.jit function compiles from: its source text (decorator included) and
+    that of every @triton.jit function it calls, transitively, with the values of the constexpr globals they read.
+    Line numbers are left out (Triton's own cache key has them), so an edit elsewhere in the file changes nothing.
+    The same under the interpreter (InterpretedFunction wraps the same Python function)."""
+    import inspect
+
+    import triton.language as tl
+    from triton.runtime.jit import KernelInterface
+
+    seen, parts, todo = set(), [], [jit]
+    while todo:
+        fn = todo.pop().fn
+        if fn in seen:
+            continue
+        seen.add(fn)
+        parts.append(f"{fn.__qualname__}\n{inspect.getsource(fn)}")
+        for name in fn.__code__.co_names:
+            g = fn.__globals__.get(name)
+            if isinstance(g, KernelInterface) and callable(getattr(g, "fn", None)):
+                todo.append(g)
+            elif isinstance(g, tl.constexpr):
+                parts.append(f"{name} = {g.value!r}")
+    return hashlib.sha256("\n".join(sorted(parts)).encode()).hexdigest()[:12]
+
+
+@functools.cache
+def source_key(kernel: str) -> str | None:
+    """``jit_fingerprint`` of the launched kernel ``kernel`` (None: no such kernel any more). Every compiled row
+    records it as ``source``; a committed row whose ``source`` is not the current one holds facts of other code."""
+    for op in ("attention", "pooling", "infonce"):
+        jit = getattr(importlib.import_module(f"kalm_fast.kernels.{op}"), kernel, None)
+        if jit is not None:
+            return jit_fingerprint(jit)
+    return None
+
+
 def base_row(job: dict) -> dict:
     return dict(kernel=job["kernel"], arch=job["arch"], dtype=job["variant"]["dtype"],
                 variant=variant_name(job["variant"]), config=job["config_str"], pinned=job["pinned"], ok=None,
                 error="", shared_bytes=None, registers=None, spill_bytes=None, uses_dot=None,
-                tensor_core_instructions=None, compile_s=None, **provenance())
+                tensor_core_instructions=None, compile_s=None, source=source_key(job["kernel"]), **provenance())
+
+
+def current(r: dict) -> bool:
+    """A table row compiled from the kernel source of this checkout (its ``source`` is the current fingerprint)."""
+    return r.get("source") is not None and r.get("source") == source_key(r["kernel"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -852,8 +896,9 @@ def main(argv=None) -> int:
         return 0
     jobs = make_jobs(variants, archs, search=False, kernels=set(args.kernel) if args.kernel else None,
                      all_pinned=args.all_pinned)
-    if args.resume:  # rows already in the table (same kernel, arch, dtype, variant, config) are not compiled again
-        have = {row_key(r) for r in load_rows((args.out or results_dir()) / "compile.jsonl")}
+    if args.resume:  # rows already in the table (same kernel, arch, dtype, variant, config), compiled from the current
+        # source, are not compiled again
+        have = {row_key(r) for r in load_rows((args.out or results_dir()) / "compile.jsonl") if current(r)}
         jobs = [j for j in jobs if row_key(base_row(j)) not in have]
         if not jobs:
             print("nothing to compile")

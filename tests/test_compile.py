@@ -9,11 +9,13 @@ sm_90) takes minutes on 2 cores and is the first step of bench/gpu_session.sh; t
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT, import_bench
 
 verdict = import_bench("compile").verdict
@@ -39,6 +41,52 @@ def test_smoke_slice_compiles_pinned_configs_for_sm90(tmp_path):
     attn = [r for r in rows if r["kernel"] == "_attn_fwd_kernel"]
     assert len(attn) == 2 and all(r["uses_dot"] and r["tensor_core_instructions"] > 0 for r in attn)
     assert (tmp_path / "compile.md").read_text().count("| _attn_fwd_kernel |") == 2
+    # the committed table of this Triton version reproduces here, fact for fact (ptxas ships inside the Triton wheel)
+    bc = import_bench("compile")
+    facts = ("ok", "shared_bytes", "registers", "spill_bytes", "uses_dot", "tensor_core_instructions")
+    committed = {bc.row_key(r): r for r in bc.load_rows(bc.results_dir(rows[0]["triton"]) / "compile.jsonl")}
+    if not committed:
+        pytest.skip(f"no committed compile table for triton {rows[0]['triton']}")
+    for row in rows:
+        assert row["source"] == bc.source_key(row["kernel"])
+        old = committed[bc.row_key(row)]
+        assert bc.current(old), ("committed row compiled from other source", old)
+        assert {f: row[f] for f in facts} == {f: old[f] for f in facts}, (row, old)
+
+
+def test_jit_fingerprint_follows_the_compiled_source(tmp_path, monkeypatch):
+    """A table row's ``source``: the same when lines only move, another one when a called @triton.jit function or a
+    constexpr global it reads changes (what makes a committed row's facts stale)."""
+    bc = import_bench("compile")
+    body = """
+import triton
+import triton.language as tl
+
+SCALE = tl.constexpr({scale})
+
+
+@triton.jit
+def _helper(x):
+    return x * {factor}
+
+
+@triton.jit
+def _kernel(x_ptr):
+    tl.store(x_ptr, _helper(tl.load(x_ptr)) * SCALE)
+"""
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def fingerprint(name, pad="", scale=2, factor=3):
+        (tmp_path / f"{name}.py").write_text(pad + body.format(scale=scale, factor=factor))
+        return bc.jit_fingerprint(importlib.import_module(name)._kernel)
+
+    base = fingerprint("fp_base")
+    assert len(base) == 12 and fingerprint("fp_moved", pad="\n\n# lines moved\n\n") == base
+    assert fingerprint("fp_callee", factor=4) != base and fingerprint("fp_const", scale=5) != base
+    from kalm_fast.kernels import attention
+
+    assert bc.source_key("_attn_fwd_kernel") == bc.jit_fingerprint(attention._attn_fwd_kernel)
+    assert bc.source_key("no_such_kernel") is None
 
 
 def test_verdict():

@@ -218,6 +218,21 @@ def test_committed_tables_pinned_rows_pass():
                     "_pool_bwd_kernel", "_infonce_fwd_kernel", "_infonce_dq_kernel", "_infonce_dd_kernel"} <= kernels
 
 
+def test_committed_pinned_rows_compiled_from_this_source():
+    """The facts of every pinned row (both tables) were read off the kernel source of this checkout: each row's
+    ``source`` is its kernel's current fingerprint (bench.compile.jit_fingerprint: the kernel and every @triton.jit
+    function it calls, constexpr globals included). After a kernel edit, `python -m bench.compile --all-pinned
+    --resume` under each Triton version recompiles exactly the rows this lists."""
+    bc = import_bench("compile")
+    for path in _committed_tables():
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        stale = {}
+        for r in rows:
+            if r["pinned"] and not bc.current(r):
+                stale[r["kernel"]] = stale.get(r["kernel"], 0) + 1
+        assert not stale, f"{path.parent.name}: pinned rows compiled from other source (rows per kernel): {stale}"
+
+
 def test_pinned_rows_are_the_tables_first_configs():
     """The pinned config the code launches is the one the committed tables verified (no silent drift)."""
     from kalm_fast.kernels import attention_configs, infonce_configs
