@@ -107,8 +107,9 @@ def pick(table: dict, key: tuple, device: torch.device) -> tuple:
 
 def input_guard(fn):
     """Run a launcher on the device of its first CUDA tensor argument (Triton launches on the *current* device, so
-    tensors on cuda:1 while cuda:0 is current would otherwise be read from the wrong GPU). Like fla's input_guard. Off CUDA under the interpreter it first checks
-    that this Triton's interpreter can run here (``interpreter_problem``)."""
+    tensors on cuda:1 while cuda:0 is current would otherwise be read from the wrong GPU). Like fla's input_guard.
+    Off CUDA under the interpreter it first checks that this Triton's interpreter can run here
+    (``interpreter_problem``)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
