@@ -7,6 +7,7 @@ key it returns is the key of the runtime's kernel cache, so equal keys mean one 
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import subprocess
@@ -206,7 +207,7 @@ def test_committed_tables_pinned_rows_pass():
     tables = _committed_tables()
     assert len(tables) >= 2, "expected the compile tables of two Triton versions"
     for path in tables:
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = _compile.load_rows(path)
         pinned = [r for r in rows if r["pinned"]]
         assert pinned, path
         bad = [(r["kernel"], r["arch"], r["dtype"], r["variant"], r["config"], verdict(r), r["spill_bytes"])
@@ -223,13 +224,9 @@ def test_committed_pinned_rows_compiled_from_this_source():
     ``source`` is its kernel's current fingerprint (bench.compile.jit_fingerprint: the kernel and every @triton.jit
     function it calls, constexpr globals included). After a kernel edit, `python -m bench.compile --all-pinned
     --resume` under each Triton version recompiles exactly the rows this lists."""
-    bc = import_bench("compile")
     for path in _committed_tables():
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        stale = {}
-        for r in rows:
-            if r["pinned"] and not bc.current(r):
-                stale[r["kernel"]] = stale.get(r["kernel"], 0) + 1
+        stale = collections.Counter(r["kernel"] for r in _compile.load_rows(path)
+                                    if r["pinned"] and not _compile.current(r))
         assert not stale, f"{path.parent.name}: pinned rows compiled from other source (rows per kernel): {stale}"
 
 
@@ -255,7 +252,7 @@ def test_every_infonce_plan_row_verified():
     from kalm_fast.kernels import infonce_configs
 
     for path in _committed_tables():
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = _compile.load_rows(path)
         seen = {}
         for r in rows:
             if r["kernel"] in TABLED and TABLED[r["kernel"]][1] == "infonce":
@@ -292,7 +289,7 @@ def test_pooling_fits_four_programs_per_sm():
     from kalm_fast.kernels import pooling
 
     for path in _committed_tables():
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = _compile.load_rows(path)
         pool = [r for r in rows if r["pinned"] and r["kernel"] in ("_pool_fwd_kernel", "_pool_bwd_kernel")]
         assert pool, path
         for r in pool:
@@ -329,7 +326,7 @@ def test_fp32_dkdv_register_budget(monkeypatch):
                              [(16, 32, 8, 2, 0), (16, 32, 4, 2, 0)], names, ["HEAD_DIM"], maxnreg=budget)
     assert [c.maxnreg for c in tuner.configs] == [128, 255]
     for path in _committed_tables():
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = _compile.load_rows(path)
         attn = [r for r in rows if r["kernel"] in TABLED and TABLED[r["kernel"]][1] == "attention" and r["ok"]]
         budgeted = [r for r in attn if r["kernel"] == "_attn_bwd_dkdv_kernel" and r["dtype"] == "fp32"
                     and r["arch"] == "sm_80"]
