@@ -175,9 +175,8 @@ def _autotuner(op: str, key: tuple, kernel, rows: list[tuple], names: tuple[str,
     built once per (op, key); ``heuristics`` derive further compile-time arguments from the tuned config."""
     tuner = _TUNERS.get((op, key))
     if tuner is None:
-        configs = [triton.Config(dict(zip(names, row)), num_warps=row[len(names)], num_stages=row[len(names) + 1],
-                                 maxnreg=maxnreg(row[len(names)]) if maxnreg else None)
-                   for row in rows[:AUTOTUNE_MAX]]
+        launches = [config_kwargs(names, row, maxnreg) for row in rows[:AUTOTUNE_MAX]]  # as a pinned launch has them
+        configs = [triton.Config({n: kw.pop(n) for n in names}, **kw) for kw in launches]
         tuned = triton.heuristics(heuristics)(kernel) if heuristics else kernel
         tuner = _TUNERS[(op, key)] = triton.autotune(configs=configs, key=tune_key)(tuned)
     return tuner
