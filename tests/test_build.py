@@ -5,6 +5,7 @@ library nor OpenMP (raw pointers, static cudart, std::thread)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 import subprocess
 import sys
@@ -39,12 +40,18 @@ def test_extension_interface():
         _C.cpu_accumulate([], float("nan"), True)
 
 
-def test_no_top_level_kernels_package():
+def test_no_top_level_kernels_package(tmp_path):
     """transformers imports `kernels` as the Hugging Face kernel hub (unconditionally since 5.2x); ours is
-    kalm_fast.kernels. Installed, nothing of ours is found under that name."""
-    spec = importlib.util.find_spec("kernels")
-    assert spec is None or Path(spec.origin).resolve().parent != ROOT / "kernels"
-    assert importlib.util.find_spec("kalm_fast.kernels") is not None
+    kalm_fast.kernels. Installed, nothing of ours is found under that name. Asked in a fresh interpreter away from
+    the checkout (-P, cwd elsewhere): `python -m pytest` from the root puts the root on this process's sys.path."""
+    code = ("import importlib.util as u, json; "
+            "print(json.dumps([(s := u.find_spec(n)) and s.origin for n in ('kernels', 'kalm_fast.kernels')]))")
+    out = subprocess.run([sys.executable, "-P", "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    hub, ours = json.loads(out.stdout)
+    assert hub is None or Path(hub).resolve().parent != ROOT / "kernels", hub
+    assert ours is not None and Path(ours).name == "__init__.py", ours
 
 
 def test_repo_root_on_sys_path_does_not_shadow_the_kernel_hub():
