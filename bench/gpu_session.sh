@@ -72,21 +72,22 @@ fi
 tail -3 "$OUT/compile_smoke.log"
 
 # 3. GPU tests of the Triton ops on the pinned configs (pytest -P imports the installed package: they wait for the
-#    build unless kalm_fast is already installed on the machine)
+#    build unless kalm_fast is already installed on the machine). -v names each test as it starts, so a log cut by the
+#    timeout still says which test ran; --durations lists the slowest (cold compiles included), for the next plan.
 BUILT=0
 wait_build() {
     [ "$BUILT" = 1 ] && return
     wait "$BUILD"; echo "build exit $? after $((SECONDS - START)) s"; tail -3 "$OUT/build.log"; BUILT=1
 }
 python3 -P -c "import kalm_fast.kernels" 2>/dev/null || wait_build
-env -u KALM_FAST_AUTOTUNE timeout "$(left 150)" python3 -P -m pytest -m gpu -q -p no:cacheprovider \
+env -u KALM_FAST_AUTOTUNE timeout "$(left 150)" python3 -P -m pytest -m gpu -v --durations=15 -p no:cacheprovider \
     tests/test_attention.py tests/test_pooling.py tests/test_infonce.py tests/test_launch.py 2>&1 \
-    | tee "$OUT/gpu_tests.log" | tail -8
+    | tee "$OUT/gpu_tests.log" | tail -25
 
 # 4. soup and model (the soup's CUDA path needs the build)
 wait_build
-env -u KALM_FAST_AUTOTUNE timeout "$(left 60)" python3 -P -m pytest -m gpu -q -p no:cacheprovider \
-    tests/test_soup.py tests/test_model.py 2>&1 | tee -a "$OUT/gpu_tests.log" | tail -8
+env -u KALM_FAST_AUTOTUNE timeout "$(left 60)" python3 -P -m pytest -m gpu -v --durations=15 -p no:cacheprovider \
+    tests/test_soup.py tests/test_model.py 2>&1 | tee -a "$OUT/gpu_tests.log" | tail -25
 
 # 5. every suite, pinned configs; --budget-s shares the step out suite by suite (each stops before its next shape,
 #    best shapes first, and lists what it left out) so the timeout, 20 s later, is only a backstop
