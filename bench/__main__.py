@@ -44,6 +44,9 @@ def main(argv=None) -> int:
             common.set_deadline(max(0.0, args.budget_s - (t0 - start)) / (len(suites) - i))
         try:
             rows = module.run(smoke=args.smoke, device=device)
+            if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+                raise TypeError(f"bench_{name}.run returned {type(rows).__name__}, not a list of row dicts")
+            table = common.format_table(rows)
         except Exception:  # one broken suite must not hide the others' results
             traceback.print_exc()
             failed.append(name)
@@ -51,7 +54,7 @@ def main(argv=None) -> int:
         finally:
             common.set_deadline(None)
         all_rows[name] = rows
-        print(common.format_table(rows))
+        print(table)
         print(f"({name}: {time.perf_counter() - t0:.1f} s)")
         if not args.no_write and rows:
             common.write_rows(rows, device, stem=name)

@@ -204,16 +204,20 @@ def _shape_rows(B, D, M, device, smoke, peak_tflops):
         if r["provider"] == "kalm_fast":
             notes.append("triton" if ops.use_triton(torch.empty(0, device=device)) else "torch path")
             if _cuda(device):  # the launch plan: programs per pass (issue 12: >= 2 per SM)
-                from kalm_fast.kernels import infonce_configs
-
-                q = torch.empty(B, D, device=device, dtype=dtype)
-                plan, rows = infonce_configs.launch_plan(q, N, G, True)
-                notes.append("programs fwd/dq/dd " + "/".join(
-                    f"{plan[k + '_programs']} ({plan[k + '_tile'][0]}x{plan[k + '_tile'][1]}"
-                    f"{', on chip' if infonce_configs.resident(q.shape[1], rows[k][2]) else ''})"
-                    for k in ("fwd", "dq", "dd")))
+                notes.append(plan_note(torch.empty(B, D, device=device, dtype=dtype), N))
         r["note"] = "; ".join(notes)
     return rows
+
+
+def plan_note(q: torch.Tensor, N: int) -> str:
+    """The InfoNCE launch plan for queries like q against N documents on q's device: programs, tile and whether the
+    embedding stays on chip, per pass."""
+    from kalm_fast.kernels import infonce_configs
+
+    plan, chosen = infonce_configs.launch_plan(q, N, G, True)
+    return "programs fwd/dq/dd " + "/".join(
+        f"{plan[k + '_programs']} ({plan[k + '_tile'][0]}x{plan[k + '_tile'][1]}"
+        f"{', on chip' if infonce_configs.resident(q.shape[1], chosen[k][2]) else ''})" for k in ("fwd", "dq", "dd"))
 
 
 def inf_cl_reason(device) -> str:

@@ -365,7 +365,15 @@ def run(*, smoke: bool, device: str) -> list[dict]:
         if common.out_of_time():  # --budget-s spent
             rows.append(common.budget_row(SUITE, "soup_gpu", ["the GPU suite"], torch.bfloat16, device))
         else:
-            rows += gpu_suite(smoke, device)
+            try:  # the extension may be missing or built without CUDA (a failed build): say so, keep the file rows
+                from kalm_fast import _C
+
+                if not getattr(_C, "compiled_with_cuda", False):
+                    raise RuntimeError("kalm_fast._C was built without CUDA (KALM_FAST_CUDA=1 pip install -e .)")
+                rows += gpu_suite(smoke, device)
+            except Exception as error:
+                rows.append(common.failed_row(SUITE, "accumulate", "kalm_fast", "acc += w*x", "qwen2 state",
+                                              torch.bfloat16, device, error))
     return rows
 
 

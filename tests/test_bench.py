@@ -233,3 +233,43 @@ def test_soup_and_train_step_bar_plots(tmp_path):
     rows.append(_row("soup", "mergekit-linear", "soup_files", shape="3x1MB", ms="", dtype="bfloat16"))
     paths = plots.write_plots({"soup": rows}, tmp_path)
     assert paths == [tmp_path / "soup.png"] and paths[0].stat().st_size > 0
+
+
+def test_infonce_rows_with_the_cuda_plan_note(monkeypatch):
+    """On CUDA each kalm_fast row gets the launch plan in its note; that branch once rebound the suite's row list to
+    the plan's config dict, so `python -m bench` on a GPU crashed after the pooling suite. Run here with the CUDA
+    branches forced on (timings stubbed: none of them is measured)."""
+    monkeypatch.setattr(infonce, "_cuda", lambda device: True)
+    monkeypatch.setattr(infonce, "_time", lambda step, device: (1.0, 0.9, 1.1))
+    monkeypatch.setattr(infonce, "_peak_mb", lambda *a, **k: 1.0)
+    rows = infonce._shape_rows(64, 32, 0, "cpu", True, 100.0)
+    assert rows and all(isinstance(r, dict) for r in rows)
+    notes = [r["note"] for r in rows if r["provider"] == "kalm_fast"]
+    assert notes and all("programs fwd/dq/dd " in n for n in notes), notes
+
+
+def test_a_broken_suite_is_reported_and_the_others_still_run(monkeypatch, capsys):
+    main = import_bench("__main__")
+    soup = import_bench("bench_soup")
+    good = [_row("soup", "kalm_fast", "soup_files", device="cpu", dtype="bf16")]
+    monkeypatch.setattr(infonce, "run", lambda **kw: {"fwd": (64, 64)})  # not a list of rows
+    monkeypatch.setattr(soup, "run", lambda **kw: good)
+    assert main.main(["--device", "cpu", "--suite", "infonce", "--suite", "soup", "--no-write", "--no-plots"]) == 1
+    out, err = capsys.readouterr()
+    assert "bench_infonce.run returned dict" in err and "suites that failed: infonce" in err
+    assert "=== soup ===" in out and "kalm_fast" in out.split("=== soup ===")[1]
+
+
+def test_soup_gpu_suite_without_a_cuda_build_is_a_failed_row(monkeypatch):
+    """The GPU session builds kalm_fast._C in the background: if that build fails, the soup suite reports a failed
+    row beside its file rows instead of losing them."""
+    soup = import_bench("bench_soup")
+    from kalm_fast import _C
+
+    monkeypatch.setattr(soup, "files_suite", lambda smoke, device: [{"provider": "kalm_fast", "op": "soup_files"}])
+    monkeypatch.setattr(soup.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(_C, "compiled_with_cuda", False, raising=False)
+    monkeypatch.setattr(soup.common, "provenance", lambda device: {"device_name": "a GPU"})  # no CUDA to ask here
+    rows = soup.run(smoke=True, device="cuda")
+    assert rows[0]["op"] == "soup_files" and len(rows) == 2
+    assert rows[1]["median_ms"] == "" and "built without CUDA" in rows[1]["note"]
