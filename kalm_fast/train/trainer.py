@@ -69,6 +69,8 @@ def setup_device(recipe: Recipe) -> torch.device:
 
 
 def _memory_mb(device: torch.device) -> float:
+    """The step's memory: on CUDA the peak allocated since the step began (``_step_started`` resets it), on CPU the
+    process's resident set size now."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     with open("/proc/self/status") as f:  # resident set size of this process
@@ -76,6 +78,19 @@ def _memory_mb(device: torch.device) -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def _step_started(device: torch.device) -> float:
+    if device.type == "cuda":  # a per-step peak, and a clock that starts after the previous step's queued work
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    return time.perf_counter()
+
+
+def _step_seconds(device: torch.device, t0: float) -> float:
+    if device.type == "cuda":  # the backward and optimizer step are queued, not done, when the host gets here
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
 
 
 def load_embedder(path: str | Path, recipe: Recipe, device: torch.device) -> Embedder:
@@ -174,7 +189,7 @@ def train_stage(name: str, stage: StageConfig, recipe: Recipe, embedder: Embedde
                 return contrastive_loss(q, d, group_size=G, in_batch_negatives=batch.in_batch_negatives,
                                         stage=stage, generator=gen)
 
-            t0 = time.perf_counter()
+            t0 = _step_started(device)
             loss, stats, tokens, finite = grad_cache_step(
                 embedder, [ex.query for ex in examples], docs, loss_fn, mini_batch_size=stage.mini_batch_size,
                 query_prompts=[query_prompt(ex.instruction) for ex in examples], query_max_length=q_len,
@@ -192,7 +207,7 @@ def train_stage(name: str, stage: StageConfig, recipe: Recipe, embedder: Embedde
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             step += 1
-            seconds = time.perf_counter() - t0
+            seconds = _step_seconds(device, t0)
 
             p_pos = stats["p_pos"].float().mean() if stats is not None else torch.tensor(float("nan"))
             if size > 1:  # the logged loss and p_pos are the global batch's: the mean over ranks
