@@ -6,6 +6,8 @@
     python -m bench.compile --smoke         # pinned configs of a few variants, sm_80 + sm_90 (a few minutes)
     python -m bench.compile --reduced       # the pinned matrix cut to fit 2 cores (what the committed tables hold)
     python -m bench.compile --estimate      # compiles and seconds a cold GPU process spends on the pinned configs
+    python -m bench.compile --warm --arch sm_90 --jobs 10   # fill Triton's kernel cache (TRITON_CACHE_DIR) for the
+                                            # GPU tests' and the bench's launches, in parallel (gpu_session.sh)
     --resume skips rows already in the table (compiled from the current kernel source); --arch/--op/--kernel narrow
     any mode; --jobs N parallel processes.
 
@@ -107,7 +109,8 @@ def infonce_variants(dims=(64, 128, 256, 896, 1024), mixes=(0, 2), dtypes=("bf16
 
 def variant_name(v: dict) -> str:
     if v["op"] == "attention":
-        return f"D={v['D']} GROUP={v['GROUP']}" + (f" dkdv_splits={v['dkdv_splits']}" if "dkdv_splits" in v else "")
+        return (f"D={v['D']} GROUP={v['GROUP']}" + (f" dkdv_splits={v['dkdv_splits']}" if "dkdv_splits" in v else "")
+                + (f" Hkv={v['Hkv']}" if "Hkv" in v else ""))
     if v["op"] == "pooling":
         return f"H={v['H']} mask={int(v['mask'])} norm={v['norm'] or 'none'} splits={v['splits']}"
     return f"D={v['D']} num_mix={v['num_mix']} in_batch={int(v['in_batch'])}"
@@ -170,7 +173,7 @@ def capture(v: dict, arch: str, config: tuple | None):
         dt = getattr(torch, DTYPES[v["dtype"]])
         g = torch.Generator().manual_seed(0)
         if v["op"] == "attention":
-            lengths, Hkv = v.get("lengths", (37, 100)), 2
+            lengths, Hkv = v.get("lengths", (37, 100)), v.get("Hkv", 2)
             T, Hq, D = sum(lengths), Hkv * v["GROUP"], v["D"]
             q, do, out = (torch.randn(T, Hq, D, generator=g).to(dt) for _ in range(3))
             k, vv = (torch.randn(T, Hkv, D, generator=g).to(dt) for _ in range(2))
@@ -212,12 +215,16 @@ def capture(v: dict, arch: str, config: tuple | None):
 
 def bind(jit, args, kwargs, arch: str):
     """What JITFunction.run would hand to triton.compile on a GPU of ``arch``: (ASTSource, target, options)."""
+    from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
 
     target = GPUTarget("cuda", ARCHS[arch], 32)
     backend = make_backend(target)
+    # the two options JITFunction.run adds before binding (their defaults: the same options hash either way)
+    kwargs = dict(kwargs, debug=kwargs.get("debug", jit.debug) or knobs.runtime.debug,
+                  instrumentation_mode=knobs.compilation.instrumentation_mode)
     binder = create_function_from_signature(jit.signature, jit.params, backend)
     bound, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = jit._pack_args(backend, kwargs, bound, specialization, options)
@@ -823,6 +830,64 @@ def search_variants():
             + infonce_variants(dims=(256, 1024), mixes=(2,), dtypes=("bf16", "fp32"), in_batch=(True,)))
 
 
+def warm_variants():
+    """Launches to precompile on the GPU machine before its tests and bench need them (``--warm``): first the
+    attention shapes of the GPU tests that the table lacks -- GROUP 2, 4 and 8 (GROUP is a compile-time constant), in
+    both dK/dV modes (the launch plan splits over query heads when the grid is small), and one KV head (a stride of
+    one head is another specialization) -- then the pinned 16-bit matrix the bench and the other tests draw from.
+    fp32 attention is left out: no GPU test or bench suite runs it, and its compiles take minutes."""
+    gqa = [dict(op="attention", D=D, GROUP=g, dtype=dt, **({"dkdv_splits": g} if split else {}))
+           for D, g, dt, split in [(128, 4, "bf16", 0), (128, 4, "fp16", 0), (128, 4, "bf16", 1), (128, 4, "fp16", 1),
+                                   (40, 4, "bf16", 0), (40, 4, "bf16", 1), (96, 4, "bf16", 0), (96, 4, "bf16", 1),
+                                   (256, 4, "bf16", 0), (256, 4, "bf16", 1), (128, 2, "bf16", 0),
+                                   (128, 2, "bf16", 1), (128, 8, "bf16", 0), (128, 8, "bf16", 1)]]
+    one_head = [dict(op="attention", D=64, GROUP=1, dtype="bf16", Hkv=1)]
+    half = ("bf16", "fp16")
+    return (gqa + one_head + attention_variants(dtypes=half) + pooling_variants(dtypes=half)
+            + infonce_variants(dtypes=half))
+
+
+def warm_job(job: dict) -> tuple:
+    """Compile one job into the shared kernel cache (TRITON_CACHE_DIR, as the tests and the bench read it): the same
+    ASTSource, target and options the runtime builds, so the runtime's own compile of that launch finds it."""
+    import triton
+
+    t0 = time.perf_counter()
+    try:
+        src, target, options = job_source(job)[:3]
+        triton.compile(src, target=target, options=options.__dict__)
+        return job["kernel"], None, time.perf_counter() - t0
+    except Exception as e:  # reported, never fatal: the runtime then compiles the launch itself
+        return job["kernel"], f"{type(e).__name__}: {str(e).strip()[:200]}", time.perf_counter() - t0
+
+
+def warm(archs, workers: int, ops=None, kernels=None) -> int:
+    """Fill Triton's kernel cache with ``warm_variants`` for ``archs``: each variant's pinned launches first, then
+    the PINNED alternatives (a launch plan's other rows, KALM_FAST_AUTOTUNE=1's candidates). A cold process compiles
+    one kernel at a time as it first launches it; ``workers`` processes do it ahead, in parallel. Jobs with the same
+    specialization are compiled once (the second is a cache hit). Returns the number of failed compiles."""
+    import triton
+
+    variants = [v for v in warm_variants() if not ops or v["op"] in ops]
+    seen, todo = set(), []
+    for all_pinned in (False, True):
+        for job in make_jobs(variants, archs, search=False, kernels=kernels, all_pinned=all_pinned):
+            key = (job["kernel"], job["arch"], job["variant"]["dtype"], variant_name(job["variant"]), job["config_str"])
+            if key not in seen:
+                seen.add(key)
+                todo.append(job)
+    cache = os.environ.get("TRITON_CACHE_DIR") or triton.knobs.cache.dir
+    print(f"warm: {len(todo)} launches for {', '.join(archs)} into {cache}, {workers} processes", flush=True)
+    t0, failed = time.time(), 0
+    with mp.get_context("spawn").Pool(workers, maxtasksperchild=50) as pool:
+        for kernel, error, _s in pool.imap(warm_job, todo, chunksize=4):
+            if error:
+                failed += 1
+                print(f"warm: {kernel} failed: {error}", flush=True)
+    print(f"warm: {len(todo)} launches compiled or found in {time.time() - t0:.0f} s, {failed} failed", flush=True)
+    return failed
+
+
 def estimate(archs=("sm_90",)):
     """Pinned compiles a cold GPU process makes for the GPU tests' shapes, with the seconds the committed table
     measured on this project's CPUs (the GPU machine compiles ~2x faster per core with 16 cores)."""
@@ -842,6 +907,7 @@ def main(argv=None) -> int:
     mode.add_argument("--pin", action="store_true", help="rewrite the PINNED tables from the committed tables")
     mode.add_argument("--estimate", action="store_true", help="pinned compiles and CPU seconds in the table")
     mode.add_argument("--reduced", action="store_true", help="the pinned matrix cut to fit 2 CPU cores")
+    mode.add_argument("--warm", action="store_true", help="fill TRITON_CACHE_DIR for the GPU tests and the bench")
     p.add_argument("--all-pinned", action="store_true", help="every row of the PINNED tables, not only the first")
     mode.add_argument("--readme", action="store_true", help="rewrite README.md's compiled-for table")
     p.add_argument("--arch", action="append", choices=sorted(ARCHS), help="default: all (--smoke: sm_80, sm_90)")
@@ -854,6 +920,9 @@ def main(argv=None) -> int:
     p.add_argument("--resume", action="store_true", help="skip compiles whose row is already in the table")
     p.add_argument("--skip-failed-in", type=Path, help="with --search: skip configs that failed in this table folder")
     args = p.parse_args(argv)
+    if args.warm:  # into the cache the runtime reads (TRITON_CACHE_DIR, else Triton's default)
+        return 1 if warm(args.arch or ["sm_90"], args.jobs, ops=args.op,
+                         kernels=set(args.kernel) if args.kernel else None) else 0
     # a fresh kernel cache: a cached kernel skips ptxas, whose log holds the registers and spills
     os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="kalm_compile_cache_"))
     if args.pin:

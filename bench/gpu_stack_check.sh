@@ -7,6 +7,8 @@
 # tree, every step of bench/gpu_session.sh that needs no GPU, the way that script runs it:
 #   1. the extension build (pip install --no-build-isolation -e ., CUDA included when nvcc is here)
 #   2. the compile smoke for sm_90 under triton 3.6 (exit status = the GPU session's fail-fast gate)
+#   2b. the kernel-cache warm-up (bench.compile --warm), its InfoNCE part into a scratch cache (the whole set is
+#      ~1,400 launches: minutes on 16 cores, too long for 2)
 #   3. the op tests that gpu_session.sh collects (python3 -P -m pytest), on CPU in the interpreter: triton 3.6's
 #      interpreter needs numpy < 2.4 (triton-lang/triton#9171), so this step alone sees numpy 2.3 through PYTHONPATH
 #   4. the peers' wheels (bench/peer_wheels.sh, installed as gpu_session.sh installs them) and their imports from the
@@ -52,6 +54,8 @@ step() {  # step NAME COMMAND...: run, log to $WORK/NAME.log, print one line
 }
 step build env KALM_FAST_CUDA_ARCHS=90 python3 -m pip install --no-build-isolation --no-deps -e .
 step compile_smoke python3 -m bench.compile --smoke --arch sm_90 --jobs "$(nproc)"
+step warm env TRITON_CACHE_DIR="$WORK/triton_cache" python3 -m bench.compile --warm --arch sm_90 --op infonce \
+    --jobs "$(nproc)"
 step op_tests env PYTHONPATH="$VENV/np23" python3 -P -m pytest -q -p no:cacheprovider tests/test_attention.py \
     tests/test_pooling.py tests/test_infonce.py tests/test_launch.py tests/test_soup.py tests/test_model.py
 step peer_wheels bash bench/peer_wheels.sh

@@ -54,6 +54,60 @@ def test_smoke_slice_compiles_pinned_configs_for_sm90(tmp_path):
         assert {f: row[f] for f in facts} == {f: old[f] for f in facts}, (row, old)
 
 
+_RECOMPILE = r"""
+import json, sys
+import triton
+from triton.backends.nvidia import compiler as nv
+from bench import compile as bc
+
+ptxas = []  # ptxas runs that compile (not the --version query of Triton's cache key)
+
+
+class Recorder:
+    def __getattr__(self, name):
+        import subprocess
+        return getattr(subprocess, name)
+
+    def run(self, cmd, *args, **kwargs):
+        import subprocess
+        ptxas.append(str(cmd[0]))
+        return subprocess.run(cmd, *args, **kwargs)
+
+
+nv.subprocess = Recorder()
+split = [v for v in bc.warm_variants() if v["op"] == "pooling" and v["splits"] > 1][:4]
+jobs = bc.make_jobs(split, ["sm_90"], search=False, kernels={"_pool_fwd_combine_kernel"})
+for job in jobs:  # what JITFunction.run would compile for that launch on an H100
+    src, target, options = bc.job_source(job)[:3]
+    triton.compile(src, target=target, options=options.__dict__)
+print(json.dumps({"jobs": len(jobs), "ptxas": len(ptxas)}))
+"""
+
+
+def test_warm_fills_the_cache_the_runtime_reads(tmp_path):
+    """gpu_session.sh warms Triton's kernel cache on the GPU machine's cores before the tests and the bench launch
+    their kernels one compile at a time. The warm-up compiles each launch as bench.compile binds it (the runtime's
+    own binder, plus the options JITFunction.run adds), so the runtime's compile of the same launch is a cache hit:
+    here a fresh process, same TRITON_CACHE_DIR, compiles those launches again without running ptxas; with an empty
+    cache it runs ptxas for each (the check can fail)."""
+    env = {**_env(), "TRITON_CACHE_DIR": str(tmp_path / "cache"), "TRITON_DEFAULT_FP_FUSION": "1"}
+    cmd = [sys.executable, "-m", "bench.compile", "--warm", "--arch", "sm_90", "--op", "pooling", "--kernel",
+           "_pool_fwd_combine_kernel", "--jobs", "2"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.splitlines()[-1].endswith(", 0 failed"), r.stdout[-2000:]
+    assert any(p.suffix == ".cubin" for p in (tmp_path / "cache").rglob("*")), "nothing written to the cache"
+    warm = subprocess.run([sys.executable, "-c", _RECOMPILE], env=env, capture_output=True, text=True, cwd=ROOT,
+                          timeout=600)
+    assert warm.returncode == 0, warm.stderr[-3000:]
+    counts = json.loads(warm.stdout.splitlines()[-1])
+    assert counts["jobs"] >= 2 and counts["ptxas"] == 0, counts
+    cold = subprocess.run([sys.executable, "-c", _RECOMPILE], env={**env, "TRITON_CACHE_DIR": str(tmp_path / "cold")},
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    counts = json.loads(cold.stdout.splitlines()[-1])
+    assert counts["ptxas"] >= counts["jobs"], counts
+
+
 def test_jit_fingerprint_follows_the_compiled_source(tmp_path, monkeypatch):
     """A table row's ``source``: the same when lines only move, another one when a called @triton.jit function or a
     constexpr global it reads changes (what makes a committed row's facts stale)."""
@@ -114,7 +168,8 @@ def test_gpu_stack_check_parses():
     r = subprocess.run(["bash", "-n", "bench/gpu_stack_check.sh"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     check, session = ((ROOT / "bench" / f).read_text() for f in ("gpu_stack_check.sh", "gpu_session.sh"))
-    for cmd in ("python3 -m bench.compile --smoke --arch sm_90", "python3 -P -m pytest", "python3 -m bench ",
+    for cmd in ("python3 -m bench.compile --smoke --arch sm_90", "python3 -m bench.compile --warm --arch sm_90",
+                "python3 -P -m pytest", "python3 -m bench ",
                 "--no-build-isolation --no-deps -e .", "--no-index --no-deps .whl/*.whl"):
         assert cmd in session and cmd in check, cmd
     for f in ("tests/test_attention.py", "tests/test_pooling.py", "tests/test_infonce.py", "tests/test_launch.py",
