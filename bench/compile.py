@@ -36,6 +36,7 @@ import multiprocessing as mp
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -879,6 +880,8 @@ def warm(archs, workers: int, ops=None, kernels=None) -> int:
     cache = os.environ.get("TRITON_CACHE_DIR") or triton.knobs.cache.dir
     print(f"warm: {len(todo)} launches for {', '.join(archs)} into {cache}, {workers} processes", flush=True)
     t0, failed = time.time(), 0
+    # stopped (timeout, kill): leave through the pool's __exit__, which terminates the workers mid-compile
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(f"warm: stopped after {time.time() - t0:.0f} s"))
     with mp.get_context("spawn").Pool(workers, maxtasksperchild=50) as pool:
         for kernel, error, _s in pool.imap(warm_job, todo, chunksize=4):
             if error:
