@@ -24,6 +24,18 @@ SUITES = ["attention", "pooling", "infonce", "soup", "train_step"]
 
 
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    finally:  # what the autotuner chose, for the record, also when a timeout (SIGINT) cuts the run short
+        if os.environ.get("KALM_FAST_AUTOTUNE") == "1":
+            from kalm_fast.kernels import utils
+
+            for (op, key), chosen in utils.chosen_configs().items():
+                for tune_key, config in chosen.items():
+                    print(f"autotuned {op} {key} {tune_key}: {config}", flush=True)
+
+
+def _main(argv=None) -> int:
     p = common.standard_args(__doc__.splitlines()[0])
     p.add_argument("--suite", action="append", choices=SUITES, help="run only these suites (repeatable)")
     p.add_argument("--no-plots", action="store_true")
@@ -71,12 +83,6 @@ def main(argv=None) -> int:
 
             for path in plots.write_plots(all_rows, out):
                 print(f"plot: {path}")
-    if os.environ.get("KALM_FAST_AUTOTUNE") == "1":  # what the autotuner chose, for the record
-        from kalm_fast.kernels import utils
-
-        for (op, key), chosen in utils.chosen_configs().items():
-            for tune_key, config in chosen.items():
-                print(f"autotuned {op} {key} {tune_key}: {config}")
     if failed:
         print(f"\nsuites that failed: {', '.join(failed)}", file=sys.stderr)
         return 1

@@ -113,12 +113,13 @@ BENCH_S=$(left 150)
 env -u KALM_FAST_AUTOTUNE timeout "$BENCH_S" python3 -m bench --device cuda --no-plots \
     --budget-s $((BENCH_S > 30 ? BENCH_S - 20 : 10)) > "$OUT/bench.log" 2>&1
 tail -5 "$OUT/bench.log"
-GPU_DIR=$(ls -td bench/results/*/ | grep -v compile- | head -1)
+# this GPU's folder by name (the newest folder could be a committed CPU one when the bench wrote nothing)
+GPU_DIR=$(python3 -c "from bench import common; print(common.results_dir('cuda'))" 2>/dev/null || true)
 cp "$GPU_DIR/summary.md" "$GPU_DIR/summary-pinned.md" 2>/dev/null
 
 # 6. autotuning, inside the bench only and capped; the chosen configs are printed at the end of the log
 TUNE_S=$(left 50)
-KALM_FAST_AUTOTUNE=1 timeout "$TUNE_S" python3 -m bench --device cuda --suite attention --no-plots \
+KALM_FAST_AUTOTUNE=1 timeout -s INT "$TUNE_S" python3 -m bench --device cuda --suite attention --no-plots \
     --budget-s $((TUNE_S > 15 ? TUNE_S - 10 : 5)) > "$OUT/autotune.log" 2>&1
 grep "^autotuned" "$OUT/autotune.log"
 
