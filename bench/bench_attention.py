@@ -262,7 +262,7 @@ def run(*, smoke: bool, device: str) -> list[dict]:
                     peak = common.peak_memory_mb(fn, device)
                     r = common.row(SUITE, "attention_varlen", name, mode, shape, dtype, device, times,
                                    flops=factor * flops, peak_mem_mb=peak,
-                                   note=kalm_note if name == "kalm_fast" else "")
+                                   note=kalm_note if name.startswith("kalm_fast") else "")
                 except Exception as e:  # refused mask/shape, out of memory, missing package: a failed row
                     r = common.failed_row(SUITE, "attention_varlen", name, mode, shape, dtype, device, e)
                 finally:
@@ -278,7 +278,7 @@ def run(*, smoke: bool, device: str) -> list[dict]:
 
 def _note_speedup(results: dict[str, dict]) -> None:
     """Append 'Nx vs best SDPA (backend)' to the kalm_fast row of one (mix, D, mode)."""
-    kalm = results.get("kalm_fast")
+    kalm = results.get("kalm_fast") or results.get("kalm_fast-autotune")  # KALM_FAST_AUTOTUNE=1 names it so
     sdpa = {n: r["median_ms"] for n, r in results.items() if n.startswith("sdpa-") and r["median_ms"] != ""}
     if not kalm or kalm["median_ms"] == "" or not sdpa:
         return

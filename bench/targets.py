@@ -34,7 +34,7 @@ def _attention(all_rows, *, equal: bool, peers=lambda name: name.startswith("sdp
     ratios = []
     for shape in sorted({r["shape"] for r in rows}):
         same = [r for r in rows if r["shape"] == shape and _ok(r)]
-        kalm = [r for r in same if r["provider"] == "kalm_fast"]
+        kalm = [r for r in same if r["provider"] in ("kalm_fast", "kalm_fast-autotune")]  # one per run
         sdpa = [r for r in same if peers(r["provider"])]
         if not kalm or not sdpa:
             continue
@@ -67,7 +67,8 @@ def check_attention_varlen_attn(all_rows):
     target = "attention varlen fwd+bwd, mixed lengths: >= 1.0x torch varlen_attn on the same packed batch"
     if not _is_gpu(all_rows):
         return target, "", NO_GPU
-    skipped = [r for r in all_rows.get("attention", []) if r["provider"] == "varlen_attn" and r["mode"] == "-"]
+    skipped = [r for r in all_rows.get("attention", [])  # not installed ("-"), or failed on a shape (per mode)
+               if r["provider"] == "varlen_attn" and r["median_ms"] == "" and r.get("note")]
     ratios = _attention(all_rows, equal=False, peers=lambda name: name == "varlen_attn")
     if not ratios:
         why = skipped[0]["note"] if skipped else "no rows with both providers"

@@ -273,3 +273,18 @@ def test_soup_gpu_suite_without_a_cuda_build_is_a_failed_row(monkeypatch):
     rows = soup.run(smoke=True, device="cuda")
     assert rows[0]["op"] == "soup_files" and len(rows) == 2
     assert rows[1]["median_ms"] == "" and "built without CUDA" in rows[1]["note"]
+
+
+def test_attention_targets_score_the_autotuned_run_and_say_why_varlen_attn_is_missing():
+    """A KALM_FAST_AUTOTUNE=1 run names its provider kalm_fast-autotune; varlen_attn that fails on every shape
+    writes one failed row per mode, whose note is the verdict's reason."""
+    shape = "long-tail-8k B=8 T=9000 Smax=4096 H=16 D=128"
+    att = [_row("attention", "kalm_fast-autotune", shape=shape, ms=1.0),
+           _row("attention", "sdpa-flash", shape=shape, ms=2.5),
+           _row("attention", "varlen_attn", shape=shape, ms="", note="RuntimeError: no kernel image")]
+    measured, verdict = targets.check_attention_mixed({"attention": att})[1:]
+    assert verdict == "met" and "2.50x" in measured, measured
+    assert targets.check_attention_varlen_attn({"attention": att})[2] == "not measured: RuntimeError: no kernel image"
+    results = {r["provider"]: dict(r) for r in att}
+    attention._note_speedup(results)
+    assert results["kalm_fast-autotune"]["note"] == "2.50x vs best SDPA (sdpa-flash)"
