@@ -148,10 +148,44 @@ def peak_memory_mb(fn: Callable[[], object], device: str) -> float:
     return rss_peak_mb(fn)
 
 
+# The rows made by the suite now running, in order, kept by ``python -m bench`` (``start_journal``): a suite that is
+# interrupted (the GPU session's timeout, Ctrl-C) still has what it measured written, and with ``echo`` each row is
+# printed as it is made, so a log cut short still shows the figures. Rows are the suites' own dicts: a note a suite
+# adds later is in the journal too.
+_JOURNAL: list = [None, False]  # [list of rows or None (off), echo]
+
+
+def start_journal(*, echo: bool) -> None:
+    _JOURNAL[:] = [[], echo]
+
+
+def stop_journal() -> list[dict]:
+    """The rows made since ``start_journal`` (empty when it was not started); the journal is off afterwards."""
+    rows = _JOURNAL[0] or []
+    _JOURNAL[:] = [None, False]
+    return rows
+
+
+def _made(r: dict) -> dict:
+    if _JOURNAL[0] is not None:
+        _JOURNAL[0].append(r)
+        if _JOURNAL[1]:
+            value = f"{r['median_ms']} ms" if r["median_ms"] != "" else r["note"]
+            print(f"  [{r['suite']}] {r['op']} {r['provider']} {r['mode']} {r['shape']} {r['dtype']}: {value}",
+                  flush=True)
+    return r
+
+
 def row(suite: str, op: str, provider: str, mode: str, shape: str, dtype, device: str, times, *, flops=None,
         nbytes=None, peak_mem_mb=None, tokens_per_s=None, max_batch=None, note: str = "") -> dict:
     """One result row. ``times`` = (median, p20, p80) ms; ``flops``/``nbytes`` per call give TFLOP/s / GB/s at the
     median; ``tokens_per_s`` and ``max_batch`` are the train-step suite's throughput and largest batch."""
+    return _made(_row(suite, op, provider, mode, shape, dtype, device, times, flops=flops, nbytes=nbytes,
+                      peak_mem_mb=peak_mem_mb, tokens_per_s=tokens_per_s, max_batch=max_batch, note=note))
+
+
+def _row(suite, op, provider, mode, shape, dtype, device, times, *, flops=None, nbytes=None, peak_mem_mb=None,
+         tokens_per_s=None, max_batch=None, note="") -> dict:
     median, p20, p80 = times
     return {
         "suite": suite, "op": op, "provider": provider, "mode": mode, "shape": shape,
@@ -169,8 +203,8 @@ def row(suite: str, op: str, provider: str, mode: str, shape: str, dtype, device
 def failed_row(suite, op, provider, mode, shape, dtype, device, error: BaseException) -> dict:
     """A provider that could not run (out of memory, unsupported) is reported, not dropped."""
     msg = f"{type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else ''}"
-    return {**row(suite, op, provider, mode, shape, dtype, device, (float("nan"),) * 3), "median_ms": "",
-            "p20_ms": "", "p80_ms": "", "note": msg}
+    return _made({**_row(suite, op, provider, mode, shape, dtype, device, (float("nan"),) * 3), "median_ms": "",
+                  "p20_ms": "", "p80_ms": "", "note": msg})
 
 
 # The time budget of a run (``python -m bench --budget-s``): each suite gets a deadline and checks it before every

@@ -108,9 +108,10 @@ if kill -0 "$WARM" 2>/dev/null; then kill "$WARM"; wait "$WARM" 2>/dev/null; fi
 grep "^warm:" "$OUT/compile_smoke.log" | tail -2
 
 # 5. every suite, pinned configs; --budget-s shares the step out suite by suite (each stops before its next shape,
-#    best shapes first, and lists what it left out) so the timeout, 20 s later, is only a backstop
+#    best shapes first, and lists what it left out) so the timeout, 20 s later, is only a backstop: its SIGTERM stops
+#    the suite it finds running, whose rows so far are written with the summary (-k: SIGKILL 10 s later if stuck)
 BENCH_S=$(left 150)
-env -u KALM_FAST_AUTOTUNE timeout "$BENCH_S" python3 -m bench --device cuda --no-plots \
+env -u KALM_FAST_AUTOTUNE timeout -k 10 "$BENCH_S" python3 -m bench --device cuda --no-plots \
     --budget-s $((BENCH_S > 30 ? BENCH_S - 20 : 10)) > "$OUT/bench.log" 2>&1
 tail -5 "$OUT/bench.log"
 # this GPU's folder by name (the newest folder could be a committed CPU one when the bench wrote nothing)
@@ -119,7 +120,7 @@ cp "$GPU_DIR/summary.md" "$GPU_DIR/summary-pinned.md" 2>/dev/null
 
 # 6. autotuning, inside the bench only and capped; the chosen configs are printed at the end of the log
 TUNE_S=$(left 50)
-KALM_FAST_AUTOTUNE=1 timeout -s INT "$TUNE_S" python3 -m bench --device cuda --suite attention --no-plots \
+KALM_FAST_AUTOTUNE=1 timeout -s INT -k 10 "$TUNE_S" python3 -m bench --device cuda --suite attention --no-plots \
     --budget-s $((TUNE_S > 15 ? TUNE_S - 10 : 5)) > "$OUT/autotune.log" 2>&1
 grep "^autotuned" "$OUT/autotune.log"
 

@@ -288,3 +288,46 @@ def test_attention_targets_score_the_autotuned_run_and_say_why_varlen_attn_is_mi
     results = {r["provider"]: dict(r) for r in att}
     attention._note_speedup(results)
     assert results["kalm_fast-autotune"]["note"] == "2.50x vs best SDPA (sdpa-flash)"
+
+
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM"])
+def test_an_interrupted_suite_keeps_its_rows(monkeypatch, tmp_path, capsys, how):
+    """The GPU session's timeout (SIGTERM) or Ctrl-C inside a suite: the rows it had measured are written with the
+    summary, marked, each was printed as it was made, the later suites do not start, and the run exits 130."""
+    import os
+    import signal
+    import time
+
+    main, common = import_bench("__main__"), import_bench("common")
+    soup = import_bench("bench_soup")
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+
+    def interrupted(**kw):
+        common.row("infonce", "infonce", "kalm_fast", "fwd", "B=1", torch.float32, "cpu", (1.5, 1.0, 2.0))
+        common.failed_row("infonce", "infonce", "inf-cl", "fwd", "B=1", torch.float32, "cpu", ImportError("no"))
+        os.kill(os.getpid(), getattr(signal, how))
+        time.sleep(5)  # the handler runs here
+        raise AssertionError("the signal did not stop the suite")
+
+    def unhandled(signum, frame):  # stands for the default SIGTERM (which would end pytest) while main does not
+        raise RuntimeError("python -m bench left SIGTERM unhandled")
+
+    before = signal.signal(signal.SIGTERM, unhandled)
+    monkeypatch.setattr(infonce, "run", interrupted)
+    monkeypatch.setattr(soup, "run", lambda **kw: pytest.fail("a suite after the interrupted one ran"))
+    try:
+        assert main.main(["--device", "cpu", "--suite", "infonce", "--suite", "soup", "--no-plots"]) == 130
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # main put the handler it found back
+    except KeyboardInterrupt:  # not pytest's to see: it would end the whole session
+        pytest.fail("python -m bench let the interrupt out of the suite")
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    out, err = capsys.readouterr()
+    assert "kalm_fast fwd B=1 float32: 1.5 ms" in out and "inf-cl fwd B=1 float32: ImportError: no" in out
+    assert "infonce: interrupted after" in err and "2 rows kept" in err and "not run: soup" in err
+    folder = common.results_dir("cpu")
+    written = (folder / "infonce.csv").read_text()
+    assert written.count("suite interrupted") == 2 and "ImportError: no; suite interrupted" in written
+    assert "## infonce" in (folder / "summary.md").read_text()
+    assert not (folder / "soup.csv").exists()
+    assert not common.stop_journal()  # the journal is off after the run
