@@ -81,8 +81,8 @@ from kalm_fast.kernels.utils import (
 _INT32_MAX = tl.constexpr(2**31 - 1)  # module constants used inside @triton.jit must be constexpr
 _NORM_EPS = tl.constexpr(heads.L2_EPS)
 
-_AUTOTUNE_KEYS = {"fwd": ["D", "NUM_TOP", "GROUPED"], "dq": ["D", "NUM_TOP", "NUM_MIX", "GROUPED"],
-                  "dd": ["D", "GROUPED"]}
+# arguments of each kernel (triton.autotune rejects others); the backward's mixing is outside dq and dd
+_AUTOTUNE_KEYS = {"fwd": ["D", "NUM_TOP", "GROUPED"], "dq": ["D", "GROUPED"], "dd": ["D", "GROUPED"]}
 
 
 def _launchable(kind: str, x: torch.Tensor, row: tuple):

@@ -15,6 +15,7 @@ import sys
 
 import pytest
 import torch
+import triton
 from conftest import ROOT, import_bench
 
 _compile = import_bench("compile")
@@ -410,3 +411,31 @@ def test_gpu_64bit_offsets_pooling():
     out = kalm_fast.varlen_mean_pool(h, cu)
     ref = torch.nn.functional.normalize(h[-L:].float().mean(0), dim=0)
     assert (out[-1].float() - ref).abs().max().item() < 1e-2
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90", "sm_100"])
+def test_autotuner_builds_for_every_tabled_kernel(monkeypatch, arch):
+    """KALM_FAST_AUTOTUNE=1 wraps each tabled kernel in ``triton.autotune(key=...)`` on its first launch; every key name
+    must be an argument of that kernel (Triton >= 3.7 raises ValueError when building the tuner otherwise: the InfoNCE
+    dq kernel's key once named NUM_TOP and NUM_MIX, which only the forward takes, so the first dq launch of an autotuned
+    run failed). Built through the launchers' own ``_launchable`` with the device facts stubbed: no GPU needed."""
+    from kalm_fast.kernels import attention, infonce, utils
+
+    monkeypatch.setenv("KALM_FAST_AUTOTUNE", "1")
+    monkeypatch.setattr(utils, "_TUNERS", {})
+    for module in (attention, infonce):
+        monkeypatch.setattr(module, "device_arch", lambda device: arch)
+    monkeypatch.setattr(attention, "pick", lambda table, key, device: table[key][0])
+    built = 0
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.zeros(4, 64, dtype=dtype)
+        for kind in ("fwd", "dkdv", "dq"):
+            tuner = attention._launchable(kind, x, 64)
+            assert set(attention._AUTOTUNE_KEY) <= set(tuner.fn.arg_names), kind
+            built += isinstance(tuner, triton.runtime.Autotuner)
+        for kind in infonce.configs.KINDS:
+            key = (kind, arch, utils.dtype_class(dtype))
+            tuner = infonce._launchable(kind, x, infonce.configs.PINNED[key][0])
+            assert set(infonce._AUTOTUNE_KEYS[kind]) <= set(tuner.fn.arg_names), kind
+            built += isinstance(tuner, triton.runtime.Autotuner)
+    assert built == 12
