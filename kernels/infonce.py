@@ -373,7 +373,9 @@ def _infonce_mix_kernel(
     offs_b = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     b_mask = offs_b < B
     offs_k = tl.arange(0, BLOCK_K)
-    ia = tl.load(TOPI + offs_b * NUM_TOP, mask=b_mask, other=0).to(tl.int64)
+    # top_i is -1 where a row has no such negative (NaN scores never enter the list): read row 0 instead of the row
+    # before d; its score -inf makes the synthetic logit -inf (probability 0)
+    ia = tl.maximum(tl.load(TOPI + offs_b * NUM_TOP, mask=b_mask, other=0), 0).to(tl.int64)
     s_a = tl.load(TOPV + offs_b * NUM_TOP, mask=b_mask, other=0.0)
     a_ptrs = Dm + ia[:, None] * stride_d + offs_k[None, :]  # [BLOCK_B, BLOCK_K]
     aa = tl.zeros([BLOCK_B], dtype=tl.float32)
@@ -382,7 +384,7 @@ def _infonce_mix_kernel(
         da = tl.load(a_ptrs + k0, mask=mask, other=0.0).to(tl.float32)
         aa += tl.sum(da * da, 1)
     for m in tl.static_range(NUM_MIX):
-        ib = tl.load(TOPI + offs_b * NUM_TOP + m + 1, mask=b_mask, other=0).to(tl.int64)
+        ib = tl.maximum(tl.load(TOPI + offs_b * NUM_TOP + m + 1, mask=b_mask, other=0), 0).to(tl.int64)
         s_b = tl.load(TOPV + offs_b * NUM_TOP + m + 1, mask=b_mask, other=0.0)
         b_ptrs = Dm + ib[:, None] * stride_d + offs_k[None, :]
         ab = tl.zeros([BLOCK_B], dtype=tl.float32)
@@ -527,12 +529,12 @@ def _infonce_grad_merge_kernel(
         acc += tl.load(P + (split * R + rows)[:, None] * D + offs_k[None, :], mask=mask, other=0.0)
     acc = acc * tl.load(SCALE + 1)  # the exact inverse of the power of two dz was scaled by
     if NUM_MIX > 0:
-        ia = tl.load(TOPI + rows * NUM_TOP, mask=row_mask, other=0).to(tl.int64)
+        ia = tl.maximum(tl.load(TOPI + rows * NUM_TOP, mask=row_mask, other=0), 0).to(tl.int64)  # -1: no such row
         c_a = tl.load(CA + rows, mask=row_mask, other=0.0)
         da = tl.load(Dm + ia[:, None] * stride_d + offs_k[None, :], mask=mask, other=0.0)
         acc += c_a[:, None] * da.to(tl.float32)
         for m in tl.static_range(NUM_MIX):
-            ib = tl.load(TOPI + rows * NUM_TOP + m + 1, mask=row_mask, other=0).to(tl.int64)
+            ib = tl.maximum(tl.load(TOPI + rows * NUM_TOP + m + 1, mask=row_mask, other=0), 0).to(tl.int64)
             c_b = tl.load(CB + rows * NUM_MIX + m, mask=row_mask, other=0.0)
             db = tl.load(Dm + ib[:, None] * stride_d + offs_k[None, :], mask=mask, other=0.0)
             acc += c_b[:, None] * db.to(tl.float32)

@@ -570,6 +570,35 @@ def test_no_negative_stats(backend):
     assert torch.equal(loss, torch.zeros(6))  # log p = (z_pos - m) - log2(1) = 0 exactly on both paths
 
 
+
+def test_mixing_never_reads_before_d():
+    """A query whose scores are NaN (a NaN embedding) never enters the running top list, so its top_i stays -1 as for
+    a query without negatives. The mixing kernels index d with top_i (synthetic logits; step 5 of dq): a -1 there
+    must not read the row before d, an out-of-bounds read on a GPU. Here that row is an inf sentinel in the same
+    buffer: nothing read from it may reach the outputs (the mixed norm |lam d_a + (1 - lam) d_b| is at most the
+    largest row norm of d)."""
+    from kalm_fast.kernels import infonce as kern
+
+    B, D, M = 3, 16, 1
+    buf = torch.randn(2 * B + 1, D, device=DEVICE)
+    buf[0] = float("inf")
+    d = buf[1:]  # d[-1] would be the sentinel
+    top_i = torch.tensor([[0, 1], [-1, -1], [4, 2]], device=DEVICE, dtype=torch.int32)
+    top_v = torch.tensor([[0.5, 0.25], [float("-inf")] * 2, [0.75, 0.5]], device=DEVICE)
+    lam = torch.full((B, M), 0.25, device=DEVICE)
+    zh = torch.empty(B, M, device=DEVICE)
+    nrm = torch.empty(B, M, device=DEVICE)
+    kern._infonce_mix_kernel[(1,)](d, top_v, top_i, lam, zh, nrm, B, D, d.stride(0), 20.0,
+                                   NUM_MIX=M, NUM_TOP=M + 1, BLOCK_B=4, BLOCK_K=16)
+    assert (nrm <= d.norm(dim=1).max() * (1 + 1e-5)).all(), nrm
+    assert torch.isneginf(zh[1]).all() and torch.isfinite(zh[[0, 2]]).all(), zh
+    part = torch.zeros(2, B, D, device=DEVICE)
+    scale = torch.ones(2, device=DEVICE)
+    c = torch.tensor([1.0, 0.0, 1.0], device=DEVICE)  # a synthetic logit of -inf has probability 0: no step-5 term
+    out = kern._merge_rows(part, torch.empty(B, D, device=DEVICE), scale, d, top_i, c, c[:, None].clone(), 0.05)
+    assert torch.equal(out[1], torch.zeros(D, device=DEVICE)), out[1]
+    assert torch.allclose(out[0], 20.0 * (d[0] + d[1])) and torch.allclose(out[2], 20.0 * (d[4] + d[2]))
+
 def _bad(**changes):
     B, G, D = 4, 3, 8
     kw = dict(q=torch.randn(B, D), d=torch.randn(B * G, D))
