@@ -65,6 +65,10 @@ def _mount_kernels():
 _mount_kernels()
 ARCHS = {"sm_80": 80, "sm_90": 90, "sm_100": 100}
 SHARED_MEMORY_OPTIN = {"sm_80": 166_912, "sm_90": 232_448, "sm_100": 232_448}
+# The sm_80 table also serves the GPUs of other majors with mma.sync tensor cores (``device_arch``): sm_86, sm_89 and
+# sm_120 (RTX 30/40/50, A10, L4, L40) opt in to 99 KB a block. The search keeps a passing sm_80 config within it for
+# every class, so ``pick`` finds a row that launches there.
+SMALL_SHARED_MEMORY = {"sm_80": 101_376}
 
 
 def table_arch(arch: str) -> str:
@@ -680,7 +684,8 @@ def _sibling_failed(job, existing) -> bool:
 def search(archs, workers: int, out: Path, need: int = 2, only_passing: Path | None = None, kernels=None,
            ops=None, dtypes=None):
     """Rounds over the candidates of every (kernel, arch, dtype, class variant), best first (``preference``): each
-    round compiles the next candidate of every class with fewer than ``need`` passing configs. Rows already in
+    round compiles the next candidate of every class with fewer than ``need`` passing configs (or, on sm_80, none
+    within ``SMALL_SHARED_MEMORY``). Rows already in
     ``out`` count (a rerun resumes); ``only_passing``: candidates that failed in that table are never compiled."""
     out.mkdir(parents=True, exist_ok=True)
     existing = {row_key(r): r for r in load_rows(out / "compile.jsonl")}
@@ -702,16 +707,19 @@ def search(archs, workers: int, out: Path, need: int = 2, only_passing: Path | N
         batch = []
         for cls, lst in classes.items():
             passes, enough = 0, (1 if cls[-1] else need)  # InfoNCE: one per tile size
+            small = SMALL_SHARED_MEMORY.get(cls[1])
+            fits_small = small is None  # a passing config within the small devices' shared memory (sm_80)
             for j in lst:
                 r = existing.get(row_key(base_row(j)))
                 if row_key(base_row(j)) in failed_elsewhere:  # cannot be pinned: neither compiled nor counted
                     continue
                 if r is not None:
                     passes += not verdict(r)
+                    fits_small = fits_small or (not verdict(r) and r["shared_bytes"] <= small)
                     continue
                 if _sibling_failed(j, existing):
                     continue
-                if passes < enough:
+                if passes < enough or not fits_small:
                     batch.append(j)
                 break
         if not batch:

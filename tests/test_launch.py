@@ -439,3 +439,25 @@ def test_autotuner_builds_for_every_tabled_kernel(monkeypatch, arch):
             assert set(infonce._AUTOTUNE_KEYS[kind]) <= set(tuner.fn.arg_names), kind
             built += isinstance(tuner, triton.runtime.Autotuner)
     assert built == 12
+
+
+def test_sm80_tables_launch_on_99_kb_gpus(monkeypatch):
+    """The sm_80 rows also serve sm_86/89/120 (RTX 30/40/50, A10, L4, L40: ``device_arch``), which opt in to 99 KB of
+    shared memory a block, not the A100's 163 KB. Every sm_80 key of every table keeps a compile-verified row within
+    that (the search looks for one: bench.compile.SMALL_SHARED_MEMORY), and ``pick`` / ``plan_rows`` launch it there
+    (the attention dQ at D = 128 once had only a 112 KB row: an OutOfResources on every such GPU)."""
+    from kalm_fast.kernels import attention_configs, infonce_configs, utils
+
+    small = _compile.SMALL_SHARED_MEMORY["sm_80"]
+    assert small == 99 * 1024
+    monkeypatch.setattr(utils, "shared_memory_optin", lambda device: small)
+    for table in (attention_configs.PINNED, infonce_configs.PINNED):
+        for key, rows in table.items():
+            if key[1] == "sm_80" and key[-1] != "resident":
+                assert min(r[-1] for r in rows) <= small, (key, rows)
+                assert utils.pick(table, key, torch.device("cpu"))[-1] <= small, key
+    for kind in infonce_configs.KINDS:
+        for dcls in ("16bit", "fp32"):
+            for D in (64, 256, 1024):
+                assert all(r[-1] <= small for r in infonce_configs.plan_rows((kind, "sm_80", dcls), D, small))
+    assert utils.pick(attention_configs.PINNED, ("dq", "sm_80", 128, "16bit"), None) == (64, 32, 4, 4, 86016)
