@@ -149,7 +149,9 @@ def kalm_fast_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
             raise ValueError("cu_seq_lens_k must equal cu_seq_lens_q (self-attention)")
         if max_length_q is None:
             raise ValueError("packed inputs need max_length_q with cu_seq_lens_q")
-        cu_seqlens, max_seqlen = cu_seq_lens_q.to(torch.int32), int(max_length_q)
+        # a collator may leave cu_seq_lens on the host: the kernels read it on the query's device
+        cu_seqlens = cu_seq_lens_q.to(device=query.device, dtype=torch.int32)
+        max_seqlen = int(max_length_q)
         indices = None
     elif attention_mask is not None:
         if attention_mask.dim() != 2 or attention_mask.shape != (B, Q):

@@ -197,6 +197,7 @@ def flash_attn_func(q, k, v, key_padding_mask=None, *, softmax_scale=None):
                                      v.reshape(B * S, *v.shape[2:]), cu, S, softmax_scale=softmax_scale)
         return out.reshape(B, S, *out.shape[1:])
     _check_tensor("key_padding_mask", key_padding_mask, ndim=2)
+    _check_same_device(q=q, key_padding_mask=key_padding_mask)
     if key_padding_mask.shape != (B, S):
         raise ValueError(f"key_padding_mask must be (B, S) = ({B}, {S}), got {tuple(key_padding_mask.shape)}")
     q_u, idx, cu, max_s = unpad_input(q, key_padding_mask)

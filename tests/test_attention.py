@@ -448,6 +448,17 @@ def test_input_checks(case, error, match):
         kalm_fast.flash_attn_varlen_func(q, k, v, cu, max_seqlen)
 
 
+def test_padded_input_checks():
+    """flash_attn_func names a key_padding_mask on another device (here "meta", which needs no second GPU) instead
+    of failing inside the unpadding."""
+    q = torch.randn(2, 5, 4, 32, dtype=torch.float16, device=DEVICE)
+    mask = torch.ones(2, 5, dtype=torch.bool, device="meta")
+    with pytest.raises(ValueError, match="tensors must be on one device.*key_padding_mask: meta"):
+        kalm_fast.flash_attn_func(q, q, q, key_padding_mask=mask)
+    with pytest.raises(ValueError, match=r"key_padding_mask must be \(B, S\) = \(2, 5\)"):
+        kalm_fast.flash_attn_func(q, q, q, key_padding_mask=torch.ones(2, 6, dtype=torch.bool, device=DEVICE))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # GPU: compiled kernels with the autotuned configs, bf16, large shapes, long sequences
 # ----------------------------------------------------------------------------------------------------------------
