@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import re
 import warnings
 
 import torch
@@ -90,10 +91,16 @@ def kalm_fast_provider(lengths, H, D, dtype, device):
 
 
 def _sdpa_refusal(name: str, caught: list, device) -> RuntimeError:
-    """SDPA explains why a backend cannot run only in warnings (on CUDA); put them in the error, and so in the
-    failed row."""
-    reasons = list(dict.fromkeys(str(w.message).strip().splitlines()[0] for w in caught if str(w.message).strip()))
-    return RuntimeError(f"{name} refused: {' | '.join(reasons) or f'no kernel for this input on {device}'}")
+    """SDPA explains why a backend cannot run only in warnings (on CUDA), one reason a warning, each after a header
+    warning ("Memory efficient kernel not used because:") and every one ending in "(Triggered internally at
+    <file>:<line>.)"; put the reasons themselves in the error, and so in the failed row's note."""
+    reasons = []
+    for w in caught:
+        for line in str(w.message).splitlines():
+            line = re.sub(r"\s*\(Triggered internally at [^)]*\)\.?\s*$", "", line).strip()
+            if line and not line.endswith("because:") and line not in reasons:
+                reasons.append(line)
+    return RuntimeError(f"{name} refused: {'; '.join(reasons) or f'no kernel for this input on {device}'}")
 
 
 def sdpa_provider(backend: SDPBackend, name: str):

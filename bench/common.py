@@ -202,7 +202,7 @@ def _row(suite, op, provider, mode, shape, dtype, device, times, *, flops=None, 
 
 def failed_row(suite, op, provider, mode, shape, dtype, device, error: BaseException) -> dict:
     """A provider that could not run (out of memory, unsupported) is reported, not dropped."""
-    msg = f"{type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else ''}"
+    msg = f"{type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}"
     return _made({**_row(suite, op, provider, mode, shape, dtype, device, (float("nan"),) * 3), "median_ms": "",
                   "p20_ms": "", "p80_ms": "", "note": msg})
 
