@@ -10,6 +10,7 @@ Gradients: 1e-4 of each tensor's largest entry (measured <= 2e-6).
 import importlib
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ plots = import_bench("plots")
 targets = import_bench("targets")
 attention = import_bench("bench_attention")
 infonce = import_bench("bench_infonce")
+common = import_bench("common")
 
 
 def _importable(module: str) -> bool:
@@ -72,6 +74,18 @@ def test_budget_run_reports_what_it_left_out(tmp_path):
     plots.write_plots(all_rows, tmp_path)
     common.set_deadline(None)
     assert not common.out_of_time()
+
+
+def test_soup_writes_no_checkpoints_past_the_budget(monkeypatch):
+    """The soup suite's checkpoints (3 x 1 GB at full size) are not written once the budget is spent: one budget row."""
+    soup = import_bench("bench_soup")
+    monkeypatch.setattr(soup, "generate", lambda *a, **k: pytest.fail("checkpoints written past the budget"))
+    common.set_deadline(0)
+    try:
+        rows = soup.run(smoke=True, device="cpu")
+    finally:
+        common.set_deadline(None)
+    assert len(rows) == 1 and "time budget ran out" in rows[0]["note"], rows
 
 
 def test_max_batch_search_cut_by_the_budget(monkeypatch, one_thread):
@@ -193,6 +207,25 @@ def test_peers_that_cannot_run_here_get_a_one_line_reason():
     assert all("\n" not in why for why in attention.peers("cpu")[1].values())
 
 
+def test_sdpa_refusal_note_names_the_reasons():
+    """On CUDA, SDPA says why a backend refused only in warnings: a header ("... not used because:"), then one
+    warning per reason, each ending in "(Triggered internally at <file>:<line>.)". The failed row's note (first
+    line, cut at 160 characters) must carry the reasons, not the header and the source location."""
+    where = " (Triggered internally at /pytorch/aten/src/ATen/native/transformers/cuda/sdp_utils.cpp:{}.)"
+    caught = [types.SimpleNamespace(message=UserWarning(m)) for m in (
+        "Memory efficient kernel not used because:" + where.format(916),
+        "Mem efficient attention requires last dimension of inputs to be divisible by 8." + where.format(167),
+        "Flash attention kernel not used because:" + where.format(918),
+        "Flash attention does not support non-null attn_mask." + where.format(269),
+        "Mem efficient attention requires last dimension of inputs to be divisible by 8." + where.format(167))]
+    err = attention._sdpa_refusal("sdpa-efficient", caught, "cuda")
+    assert str(err) == ("sdpa-efficient refused: Mem efficient attention requires last dimension of inputs to be "
+                        "divisible by 8.; Flash attention does not support non-null attn_mask.")
+    note = common.failed_row("attention", "x", "sdpa-efficient", "fwd", "", "bf16", "cpu", err)["note"]
+    assert note.endswith("Flash attention does not support non-null attn_mask.")
+    assert str(attention._sdpa_refusal("sdpa-flash", [], "cpu")) == "sdpa-flash refused: no kernel for this input on cpu"
+
+
 def test_packed_attention_peer_is_checked_before_timing():
     lengths = [5, 9, 3]
     fwd, inputs, _ = attention.kalm_fast_provider(lengths, 2, 16, torch.float32, "cpu")
@@ -273,6 +306,29 @@ def test_soup_gpu_suite_without_a_cuda_build_is_a_failed_row(monkeypatch):
     rows = soup.run(smoke=True, device="cuda")
     assert rows[0]["op"] == "soup_files" and len(rows) == 2
     assert rows[1]["median_ms"] == "" and "built without CUDA" in rows[1]["note"]
+
+
+def test_infonce_target_met_without_peers_only_when_they_ran_out_of_memory():
+    """The B=16k target is met with no naive peer timed only when every one of them ran out of memory (the loss
+    runs a batch they cannot); a peer that failed otherwise (a compile error) leaves it not measured."""
+    shape = "B=16384 N=131072 D=1024 M=2"
+    oom = "OutOfMemoryError: CUDA out of memory. Tried to allocate 64.00 GiB"
+    rows = [_row("infonce", "kalm_fast", shape=shape, ms=90.0),
+            _row("infonce", "torch_naive", shape=shape, ms="", note=oom),
+            _row("infonce", "torch.compile", shape=shape, ms="", note=oom)]
+    assert targets.check_infonce_speed({"infonce": rows})[2] == "met"
+    rows[2] = _row("infonce", "torch.compile", shape=shape, ms="", note="BackendCompilerFailed: inductor raised")
+    assert targets.check_infonce_speed({"infonce": rows})[2].startswith("not measured: the peers failed")
+
+
+def test_soup_gpu_target_names_the_failure_on_a_gpu():
+    """On a GPU run whose soup GPU suite failed, the verdict names that failure (not "needs the GPU rows")."""
+    rows = [_row("soup", "kalm_fast", "soup_files", ms=2000.0),
+            _row("soup", "kalm_fast", "accumulate", ms="", note="RuntimeError: kalm_fast._C was built without CUDA")]
+    verdict = targets.check_soup_gpu({"soup": rows})[2]
+    assert verdict == "not measured: kalm_fast failed (RuntimeError: kalm_fast._C was built without CUDA)"
+    cpu = [dict(r, device_name="cpu-x86_64") for r in rows[:1]]
+    assert targets.check_soup_gpu({"soup": cpu})[2] == targets.NO_GPU
 
 
 def test_attention_targets_score_the_autotuned_run_and_say_why_varlen_attn_is_missing():
