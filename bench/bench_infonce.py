@@ -234,17 +234,18 @@ def inf_cl_reason(device) -> str:
 
 def _peer_rows(B, D, device, smoke, peak_tflops):
     """gamma = 0, M = 0 (what Inf-CL computes): inf-cl beside kalm_fast and torch_naive, inf-cl's gradients checked
-    against torch_naive's first."""
+    first against the chunked torch reference (O((B + N) D) memory: the naive one's B x N logits need 137 GB at
+    B = 65,536, and its OOM there is a row of the picture, not a reason to drop inf-cl's)."""
     dtype = torch.bfloat16 if _cuda(device) else torch.float32
     N = B * G
     shape = f"B={B} N={N} D={D} M=0 gamma=0"
     q, d, _ = _inputs(B, D, 0, dtype, device)
-    want = torch.autograd.grad(_loss_fn("torch_naive", B, 0, None, device, 0.0)(q, d), (q, d))
+    want = torch.autograd.grad(_loss_fn("torch_chunked", B, 0, None, device, 0.0)(q, d), (q, d))
     got = torch.autograd.grad(_loss_fn("inf-cl", B, 0, None, device, 0.0)(q, d), (q, d))
     for name, a, b in zip(("dq", "dd"), got, want):
         err = ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
         if err > 2e-2:
-            raise AssertionError(f"inf-cl's {name} differs from torch_naive's by {err:.3g} of its largest entry")
+            raise AssertionError(f"inf-cl's {name} differs from torch_chunked's by {err:.3g} of its largest entry")
     rows = []
     providers = ["inf-cl", "kalm_fast", "torch_naive"]  # no torch.compile: a minute a shape (GPU session budget)
     for provider in providers:
