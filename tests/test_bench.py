@@ -223,7 +223,8 @@ def test_sdpa_refusal_note_names_the_reasons():
                         "divisible by 8.; Flash attention does not support non-null attn_mask.")
     note = common.failed_row("attention", "x", "sdpa-efficient", "fwd", "", "bf16", "cpu", err)["note"]
     assert note.endswith("Flash attention does not support non-null attn_mask.")
-    assert str(attention._sdpa_refusal("sdpa-flash", [], "cpu")) == "sdpa-flash refused: no kernel for this input on cpu"
+    none = attention._sdpa_refusal("sdpa-flash", [], "cpu")
+    assert str(none) == "sdpa-flash refused: no kernel for this input on cpu"
 
 
 def test_packed_attention_peer_is_checked_before_timing():
