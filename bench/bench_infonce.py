@@ -16,8 +16,9 @@ Providers, measured side by side in one run on one device:
   inf-cl         Inf-CL's tiled contrastive loss (``inf_cl.cal_flash_loss``, Triton, CUDA only; fp32 logits) on the
                  configuration it supports: gamma = 0 and M = 0 (plain InfoNCE, in-batch negatives, query i's
                  positive at document i*G), B in {4k, 16k, 64k}, D = 1024; its rows come with kalm_fast and
-                 torch_naive at gamma = 0 (mode suffix "g0"), and its gradients are checked against torch_naive's
-                 before it is timed. Without inf_cl or CUDA: one row saying why.
+                 torch_naive at gamma = 0 (mode suffix "g0"), and its gradients are checked against torch_chunked's
+                 before it is timed (B = 16k right after the target shape). Without inf_cl or CUDA: one row saying
+                 why.
 Shapes (in-batch negatives, G = 8 so N = 8B, gamma = 0.5, tau = 0.02, explicit lambdas): CUDA bf16 with
 B in {1k, 4k, 16k, 64k}, D in {768, 1024}, M in {0, 2}, and B = 512 at D = 1,024 and 128 (M = 2), the target's
 B = 16k, D = 1,024, M = 2 first; CPU fp32 with B = 2048, D = 256, M in {0, 2}. A provider that fails (out of memory)
@@ -178,7 +179,9 @@ def _shape_rows(B, D, M, device, smoke, peak_tflops):
     N = B * G
     shape = f"B={B} N={N} D={D} M={M}"
     rows = []
-    for provider in _providers(device, smoke, B, D, M):
+    # the deadline is checked before each provider too: torch.compile (last) takes about a minute
+    for provider in common.within_budget(SUITE, OP, _providers(device, smoke, B, D, M), lambda p: f"{p} {shape}",
+                                         dtype, device, rows):
         for mode, flops in (("fwd", 2 * B * N * D), ("fwd+bwd", 8 * B * N * D)):
             try:
                 q, d, lam = _inputs(B, D, M, dtype, device)
@@ -248,7 +251,7 @@ def _peer_rows(B, D, device, smoke, peak_tflops):
             raise AssertionError(f"inf-cl's {name} differs from torch_chunked's by {err:.3g} of its largest entry")
     rows = []
     providers = ["inf-cl", "kalm_fast", "torch_naive"]  # no torch.compile: a minute a shape (GPU session budget)
-    for provider in providers:
+    for provider in common.within_budget(SUITE, OP, providers, lambda p: f"{p} {shape}", dtype, device, rows):
         for mode, flops in (("fwd", 2 * B * N * D), ("fwd+bwd", 8 * B * N * D)):
             try:
                 q, d, _ = _inputs(B, D, 0, dtype, device)
@@ -266,7 +269,7 @@ def _peer_rows(B, D, device, smoke, peak_tflops):
     return rows
 
 
-PEER_B = (4096, 16384, 65536)  # inf-cl's rows (D = 1024): the loss-memory-vs-B picture
+PEER_B = (16384, 4096, 65536)  # inf-cl's rows (D = 1024): the loss-memory-vs-B picture; the target's B first
 
 
 def run(*, smoke: bool, device: str) -> list[dict]:
@@ -275,21 +278,25 @@ def run(*, smoke: bool, device: str) -> list[dict]:
     rows = [matmul]
     shapes = SMOKE_SHAPES if smoke else (GPU_SHAPES if _cuda(device) else CPU_SHAPES)
     dtype = torch.bfloat16 if _cuda(device) else torch.float32
-    for B, D, M in common.within_budget(SUITE, OP, shapes, lambda s: "B={} D={} M={}".format(*s), dtype, device,
-                                        rows):
-        rows += _shape_rows(B, D, M, device, smoke, matmul["tflops"])
     reason = inf_cl_reason(device)
     if reason:
         rows.append(common.failed_row(SUITE, OP, "inf-cl", "-", "gamma=0 M=0", torch.float32, device,
                                       ImportError(reason)))
-    else:
-        for B in common.within_budget(SUITE, OP, list((64,) if smoke else PEER_B), lambda b: f"inf-cl B={b}",
-                                      torch.bfloat16, device, rows):
-            try:
-                rows += _peer_rows(B, 32 if smoke else 1024, device, smoke, matmul["tflops"])
-            except Exception as error:  # the check failed: no timing of a peer that computes something else
-                rows.append(common.failed_row(SUITE, OP, "inf-cl", "-", f"B={B} gamma=0 M=0", torch.bfloat16,
-                                              device, error))
+    peer_b = [] if reason else list((64,) if smoke else PEER_B)
+    # best first (a --budget-s run stops before its next item): the two targets' shapes (B = 16k with mixing, then
+    # inf-cl's at B = 16k), then the other shapes, then inf-cl's other batch sizes
+    items = ([("shape", x) for x in shapes[:1]] + [("inf-cl", b) for b in peer_b[:1]]
+             + [("shape", x) for x in shapes[1:]] + [("inf-cl", b) for b in peer_b[1:]])
+    name = lambda item: "B={} D={} M={}".format(*item[1]) if item[0] == "shape" else f"inf-cl B={item[1]}"
+    for kind, item in common.within_budget(SUITE, OP, items, name, dtype, device, rows):
+        if kind == "shape":
+            rows += _shape_rows(*item, device, smoke, matmul["tflops"])
+            continue
+        try:
+            rows += _peer_rows(item, 32 if smoke else 1024, device, smoke, matmul["tflops"])
+        except Exception as error:  # the check failed: no timing of a peer that computes something else
+            rows.append(common.failed_row(SUITE, OP, "inf-cl", "-", f"B={item} gamma=0 M=0", torch.bfloat16,
+                                          device, error))
     return rows
 
 

@@ -122,7 +122,9 @@ def _shape_rows(B, lo, hi, H, device, smoke, copy_gbps):
         providers.append(("torch.compile", lambda x, w: compiled(x, mask, norm), torch_inputs, "padded"))
 
     rows = []
-    for provider, forward, inputs, note in providers:
+    # the deadline is checked before each provider too: torch.compile (last) compiles each shape anew
+    for provider, forward, inputs, note in common.within_budget(SUITE, OP, providers, lambda p: f"{p[0]} {shape}",
+                                                                DTYPE, device, rows):
         for mode, step, nbytes in (("fwd", _no_grad(forward, inputs), fwd_bytes),
                                    ("fwd+bwd", _fwd_bwd(forward, inputs, grad), fwd_bytes + bwd_bytes)):
             try:

@@ -88,6 +88,21 @@ def test_soup_writes_no_checkpoints_past_the_budget(monkeypatch):
     assert len(rows) == 1 and "time budget ran out" in rows[0]["note"], rows
 
 
+@pytest.mark.parametrize("suite", ["infonce", "pooling"])
+def test_budget_is_checked_before_each_provider(monkeypatch, suite):
+    """Within a shape the deadline is checked before each provider too (torch.compile, last, takes a minute there):
+    once it passes, the shape's remaining providers are one budget row, then the remaining shapes another."""
+    calls = []
+    monkeypatch.setattr(common, "out_of_time", lambda: calls.append(1) or len(calls) > 2)  # shape, 1st provider
+    rows = import_bench(f"bench_{suite}").run(smoke=True, device="cpu")
+    budget = [r for r in rows if "time budget ran out" in r["note"]]
+    timed = [r for r in rows if r["median_ms"] != "" and r["op"] not in ("matmul", "copy")]
+    assert len(budget) == 2 and {r["mode"] for r in timed} == {"fwd", "fwd+bwd"} and len(timed) == 2, rows
+    assert budget[0]["shape"].startswith("torch"), budget[0]  # the first shape's other providers
+    left = len(import_bench(f"bench_{suite}").SMOKE_SHAPES) - 1
+    assert f"({left} left)" in budget[1]["note"] and budget[1]["shape"].startswith("B="), budget[1]  # other shapes
+
+
 def test_max_batch_search_cut_by_the_budget(monkeypatch, one_thread):
     """A --budget-s deadline inside the train step's max-batch search ends it with a budget row, not with the largest
     B probed so far (a lower bound would read as the maximum in the targets)."""
