@@ -61,11 +61,14 @@ def provenance(device: str) -> dict:
         triton_version = "absent"
     import kalm_fast
 
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        sha = "unknown"
+    # KALM_FAST_GIT_SHA: given by the caller where the tree is a copy without .git (bench/gpu_session.sh)
+    sha = os.environ.get("KALM_FAST_GIT_SHA", "")
+    if not sha:
+        try:
+            sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                                 capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            sha = "unknown"
     return {
         "device_name": device_name(device),
         "torch": torch.__version__,
