@@ -121,7 +121,7 @@ def grad_cache_step(embedder: Embedder, queries: list[str], docs: list[str],
         start = stop
     chunks += [embedder.tokenize(docs[i:i + mini_batch_size], max_length=doc_max_length)
                for i in range(0, len(docs), mini_batch_size)]
+    tokens = int(sum(int(c["attention_mask"].sum()) for c in chunks))  # on the host: no device sync per chunk
     chunks = [{k: v.to(embedder.device) for k, v in c.items()} for c in chunks]
-    tokens = int(sum(int(c["attention_mask"].sum()) for c in chunks))
     loss, stats, finite = grad_cache(embedder, chunks, len(queries), loss_fn, autocast=autocast)
     return loss, stats, tokens, finite
