@@ -21,13 +21,15 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
 PY=${PYTHON312:-python3.12}
+# a pyenv shim answers `command -v` but may not run: probe it, then look for an installed 3.12
+"$PY" -c "" 2> /dev/null || PY=$(ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3.12 2> /dev/null | tail -1)
 VENV=${GPU_STACK_VENV:-/tmp/kalm_fast_gpu_stack}
 WORK=${GPU_STACK_WORK:-/tmp/kalm_fast_gpu_stack_work}
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1 HF_HUB_OFFLINE=1
 START=$SECONDS
 
 if [ ! -x "$VENV/bin/python3" ] || [ ! -d "$VENV/np23" ]; then
-    command -v "$PY" > /dev/null || { echo "needs Python 3.12 (set PYTHON312=...)"; exit 100; }
+    [ -n "$PY" ] && "$PY" -c "" 2> /dev/null || { echo "needs Python 3.12 (set PYTHON312=...)"; exit 100; }
     "$PY" -m venv "$VENV" || exit 100
     "$VENV/bin/pip" install -q torch==2.11.0 triton==3.6.0 transformers==5.17.0 sentence-transformers==6.0.1 \
         safetensors==0.8.0 huggingface_hub==1.33.0 tokenizers==0.23.2 numpy==2.5.2 accelerate==1.15.0 \
