@@ -187,14 +187,15 @@ def sample_mix_lambda(B: int, M: int, alpha: float, generator: torch.Generator |
     """lambda (B, M) ~ Beta(alpha, alpha), fp32 on ``device``.
 
     torch's Beta sampler takes no generator, so a seed is drawn from ``generator`` and the draw runs on a forked CPU
-    RNG: the same seeded generator gives the same lambdas on every device and backend.
+    RNG: the same seeded generator gives the same lambdas on every device and backend. Only the CPU generator is
+    seeded (``torch.manual_seed`` would also reseed every GPU's, which the fork does not restore).
     """
     if generator is None:
         lam = torch.distributions.Beta(torch.tensor(float(alpha)), torch.tensor(float(alpha))).sample((B, M))
         return lam.to(device=device, dtype=torch.float32)
     seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         lam = torch.distributions.Beta(torch.tensor(float(alpha)), torch.tensor(float(alpha))).sample((B, M))
     return lam.to(device=device, dtype=torch.float32)
 

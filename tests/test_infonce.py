@@ -286,6 +286,22 @@ def test_sampled_lambda_reproducible_and_used(backend):
     assert not torch.equal(first, loss_with(seed=124))
 
 
+def test_sampled_lambda_leaves_the_gpu_generators_alone(monkeypatch):
+    """A seeded draw of lambda seeds only the forked CPU generator: torch.manual_seed would also reseed every GPU's
+    generator (dropout masks, user code), which fork_rng(devices=[]) does not restore. The lambdas are those of the
+    seed drawn from the generator."""
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
+    state = torch.get_rng_state()
+    lam = reference.sample_mix_lambda(6, 2, 0.7, torch.Generator().manual_seed(5), "cpu")
+    assert not reseeded and torch.equal(torch.get_rng_state(), state)
+    seed = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(5)).item())
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        want = torch.distributions.Beta(torch.tensor(0.7), torch.tensor(0.7)).sample((6, 2))
+    assert torch.equal(lam, want)
+
+
 @pytest.mark.parametrize("alpha", [0.5, 2.0])
 def test_sampled_lambda_is_beta(alpha):
     """Kolmogorov-Smirnov: 4000 draws fit Beta(alpha, alpha) and reject Beta(alpha, 2 alpha) (power check)."""
