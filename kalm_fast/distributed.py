@@ -12,6 +12,9 @@ and DDP then averages the parameter gradients; the result equals one process on 
 
 from __future__ import annotations
 
+import datetime
+import os
+
 import torch
 import torch.distributed as dist
 
@@ -71,10 +74,27 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+# How long the other ranks wait in ``barrier`` while rank 0 works alone (the MTEB check after a stage, mining, the
+# soup, checkpoint saves): hours of evaluation must not trip NCCL's watchdog, which aborts a collective after 10
+# minutes by default. A rank that dies ends the run sooner: torchrun stops the others.
+WAIT_TIMEOUT = datetime.timedelta(hours=float(os.environ.get("KALM_FAST_WAIT_TIMEOUT_H", "12")))
+_WAIT_GROUP: dict = {}
+
+
+def _wait_group():
+    """A gloo group over every rank with ``WAIT_TIMEOUT``, made once (collectively: every rank's first ``barrier``);
+    the default group (NCCL on GPUs) keeps its own timeout for the training collectives."""
+    key = id(dist.group.WORLD)  # a new default group (tests, a restarted run) gets its own
+    if key not in _WAIT_GROUP:
+        _WAIT_GROUP.clear()
+        _WAIT_GROUP[key] = dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
+    return _WAIT_GROUP[key]
+
+
 def barrier() -> None:
-    """dist.barrier() when there is more than one rank."""
+    """Every rank waits here for the others when there is more than one rank, on ``_wait_group`` (long timeout)."""
     if world()[1] > 1:
-        dist.barrier()
+        dist.barrier(group=_wait_group())
 
 
 def average_gradients(params: list[torch.Tensor]) -> None:

@@ -64,3 +64,26 @@ def test_not_distributed_is_identity():
     x = torch.randn(5, 3, requires_grad=True)
     assert gather_with_grad(x) is x
     assert pos_idx_offset(40) == 0
+
+
+def _slow_rank_zero_worker(rank: int, init_file: str):
+    """The default group times out after 2 s; rank 0 works alone for 5 s (an evaluation), the other waits in
+    kalm_fast's barrier: it must not time out (it would in dist.barrier() on the default group)."""
+    import time
+
+    from kalm_fast import distributed
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=2))
+    try:
+        distributed.barrier()  # every rank makes the wait group here
+        if rank == 0:
+            time.sleep(5)
+        distributed.barrier()
+        assert distributed._wait_group() is not dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+def test_barrier_outlasts_the_default_group_timeout(tmp_path):
+    mp.spawn(_slow_rank_zero_worker, args=(str(tmp_path / "rendezvous"),), nprocs=WORLD, join=True)
