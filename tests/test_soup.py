@@ -760,6 +760,22 @@ def test_greedy_soup_keeps_only_improving_candidates(tmp_path):
     assert result.score == evaluate(result.state_dict) > max(individual)
 
 
+def test_greedy_soup_scores_every_candidate_as_it_scores_the_soups(tmp_path):
+    """evaluate receives the candidates' own state dicts as it receives the soups: on ``device`` in ``dtype`` (a
+    file candidate was scored as read, fp32 on the CPU, while the soups came in the asked dtype on the device)."""
+    g = torch.Generator().manual_seed(7)
+    candidates = [{"w": torch.randn(64, generator=g), "b": torch.randn(3, generator=g)} for _ in range(3)]
+    candidates[1] = save(tmp_path / "c1.safetensors", candidates[1])
+    seen = []
+
+    def evaluate(state):
+        seen.append({n: (t.dtype, t.device.type) for n, t in state.items()})
+        return -state["w"].float().abs().sum().item()
+
+    greedy_soup(candidates, evaluate, dtype=torch.bfloat16)
+    assert len(seen) == 5 and all(s == {"w": (torch.bfloat16, "cpu"), "b": (torch.bfloat16, "cpu")} for s in seen)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # command line
 # ----------------------------------------------------------------------------------------------------------------

@@ -235,9 +235,13 @@ def greedy_soup(candidates: Sequence, evaluate: Callable[[dict[str, torch.Tensor
     candidates = list(candidates)
     if not candidates:
         raise ValueError("candidates is empty")
-    scores = []
+    scores, dtypes = [], None
     for i, c in enumerate(candidates):
-        s = float(evaluate(_as_state_dict(c)))
+        state = _as_state_dict(c)
+        if dtypes is None:  # what the soups' result(dtype) gives: dtype, else the first candidate's per tensor
+            dtypes = {n: _as_dtype(dtype) or t.dtype for n, t in state.items()}
+        # on ``device`` in those dtypes, as the soups are (a file candidate is read on the CPU in its own dtype)
+        s = float(evaluate({n: t.to(device=device, dtype=dtypes.get(n, t.dtype)) for n, t in state.items()}))
         if not math.isfinite(s):
             raise ValueError(f"evaluate(candidates[{i}]) returned {s}; scores must be finite")
         scores.append(s)
