@@ -477,6 +477,15 @@ def stride_unit(*tensors: torch.Tensor) -> int:
     return unit
 
 
+def launch_layout(x: torch.Tensor) -> torch.Tensor:
+    """x as the kernels take it: unit stride along D (``rows_contiguous``), and a contiguous copy when a head offset
+    (H - 1) * head stride would not fit the kernels' 32-bit head offsets (only the sequence offsets are 64-bit): a
+    (T, H, D) view of an (H, T, D) tensor, as the model's attention hook passes for one packed row, past about
+    2**31 / ((H - 1) D) tokens (600k at H = 28, D = 128)."""
+    x = rows_contiguous(x)
+    return x.contiguous() if (x.shape[1] - 1) * x.stride(1) >= 2**31 else x
+
+
 def _strides(unit: int, *tensors: torch.Tensor) -> list[int]:
     """(token stride, head stride) of each tensor in units of ``unit`` elements, flattened."""
     return [st // unit for x in tensors for st in x.stride()[:2]]
@@ -505,7 +514,7 @@ def flash_attn_varlen_fwd(q, k, v, cu_seqlens, max_seqlen: int, softmax_scale: f
     """Forward launcher. q (T, Hq, D), k/v (T, Hkv, D), cu_seqlens int32 (B+1,) -> out (T, Hq, D) in q's dtype,
     lse (Hq, T) fp32 (natural log of the scaled scores' sum of exponentials). ``order``: ``longest_first(cu_seqlens)``
     when the caller has it."""
-    q, k, v = rows_contiguous(q), rows_contiguous(k), rows_contiguous(v)
+    q, k, v = launch_layout(q), launch_layout(k), launch_layout(v)
     cu_seqlens = cu_seqlens.contiguous()
     T, Hq, _ = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -533,7 +542,7 @@ def flash_attn_varlen_bwd(do, q, k, v, out, lse, cu_seqlens, max_seqlen: int, so
     Deterministic: every gradient element is written by exactly one program (dK/dV partials: one program per split,
     added in head order). ``dkdv_splits`` overrides ``dkdv_plan``: 1 no partials, > 1 per-query-head partials
     (tests, compile tables)."""
-    do, q, k, v, out = (rows_contiguous(x) for x in (do, q, k, v, out))
+    do, q, k, v, out = (launch_layout(x) for x in (do, q, k, v, out))
     cu_seqlens = cu_seqlens.contiguous()
     T, Hq, D = q.shape
     Hkv = k.shape[1]

@@ -400,6 +400,43 @@ def test_gpu_64bit_offsets_attention():
     assert (out[s:].float() - ref).abs().max().item() < 2e-2
 
 
+def test_head_offsets_past_2_31_get_a_contiguous_layout():
+    """The attention kernels' head offsets (head * head stride) are 32-bit: a (T, H, D) view of an (H, T, D) tensor
+    (the model's hook for one packed row) with (H - 1) * T * D >= 2**31 is copied contiguous before the launch; below
+    that, and for the contiguous layout at any T, it is launched as it is (meta tensors: no memory)."""
+    from kalm_fast.kernels.attention import launch_layout
+
+    H, D = 16, 128
+    big = 2**31 // ((H - 1) * D) + 1
+    view = torch.empty(H, big, D, device="meta").transpose(0, 1)
+    assert not view.is_contiguous() and launch_layout(view).is_contiguous()
+    small = torch.empty(H, big - 2, D, device="meta").transpose(0, 1)
+    assert launch_layout(small) is small
+    flat = torch.empty(4 * big, H, D, device="meta")
+    assert launch_layout(flat) is flat
+
+
+@pytest.mark.gpu
+def test_gpu_head_offsets_past_2_31_attention():
+    """A (T, Hq, D) view of an (Hq, T, D) tensor whose last head starts past element 2**31: the last sequences are
+    compared with the reference."""
+    import kalm_fast
+    from kalm_fast import reference
+
+    Hq, Hkv, D, L = 16, 2, 128, 1024
+    B = 2**31 // ((Hq - 1) * D) // L + 2
+    T = B * L
+    q = torch.randn(Hq, T, D, device="cuda", dtype=torch.bfloat16).transpose(0, 1)
+    k, v = (torch.randn(T, Hkv, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    cu = torch.arange(0, T + 1, L, dtype=torch.int32, device="cuda")
+    out = kalm_fast.flash_attn_varlen_func(q, k, v, cu, L)
+    s = T - 2 * L
+    one = torch.tensor([0, L, 2 * L], dtype=torch.int32, device="cuda")
+    ref = reference.flash_attn_varlen_func(q[s:].float(), k[s:].float(), v[s:].float(), one, L)
+    ref = ref[0] if isinstance(ref, tuple) else ref
+    assert (out[s:].float() - ref).abs().max().item() < 2e-2
+
+
 @pytest.mark.gpu
 def test_gpu_64bit_offsets_pooling():
     import kalm_fast
