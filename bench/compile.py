@@ -115,7 +115,7 @@ def infonce_variants(dims=(64, 128, 256, 896, 1024), mixes=(0, 2), dtypes=("bf16
 def variant_name(v: dict) -> str:
     if v["op"] == "attention":
         return (f"D={v['D']} GROUP={v['GROUP']}" + (f" dkdv_splits={v['dkdv_splits']}" if "dkdv_splits" in v else "")
-                + (f" Hkv={v['Hkv']}" if "Hkv" in v else ""))
+                + (f" Hkv={v['Hkv']}" if "Hkv" in v else "") + (" dlse=0" if v.get("dlse") is False else ""))
     if v["op"] == "pooling":
         return f"H={v['H']} mask={int(v['mask'])} norm={v['norm'] or 'none'} splits={v['splits']}"
     return f"D={v['D']} num_mix={v['num_mix']} in_batch={int(v['in_batch'])}"
@@ -186,7 +186,8 @@ def capture(v: dict, arch: str, config: tuple | None):
             lse = torch.zeros(Hq, T)
             attention.flash_attn_varlen_fwd(q, k, vv, cu, max(lengths), D ** -0.5)
             attention.flash_attn_varlen_bwd(do, q, k, vv, out, lse, cu, max(lengths), D ** -0.5,
-                                            dlse=torch.zeros(Hq, T), dkdv_splits=v.get("dkdv_splits"))
+                                            dlse=None if v.get("dlse") is False else torch.zeros(Hq, T),
+                                            dkdv_splits=v.get("dkdv_splits"))
         elif v["op"] == "pooling":
             lengths, H = v.get("lengths", (60, 77)), v["H"]
             T, nb = sum(lengths), len(lengths)
@@ -854,8 +855,14 @@ def warm_variants():
                                    (256, 4, "bf16", 0), (256, 4, "bf16", 1), (128, 2, "bf16", 0),
                                    (128, 2, "bf16", 1), (128, 8, "bf16", 0), (128, 8, "bf16", 1)]]
     one_head = [dict(op="attention", D=64, GROUP=1, dtype="bf16", Hkv=1)]
+    # the backward without a gradient on lse (HAS_DLSE=False: the bench, most tests), and test_model's tiny Qwen2
+    # (D 64, GROUP 2; fp32 pooling at H 64)
+    no_dlse = [dict(op="attention", D=D, GROUP=g, dtype="bf16", dlse=False, **extra)
+               for D, g, extra in [(40, 4, {}), (96, 4, {}), (256, 4, {}), (128, 2, {}), (64, 1, {"Hkv": 1}),
+                                   (64, 2, {}), (64, 2, {"dkdv_splits": 2})]]
+    model_pool = [dict(op="pooling", H=64, mask=False, norm="rmsnorm", dtype="fp32", splits=1)]
     half = ("bf16", "fp16")
-    return (gqa + one_head + attention_variants(dtypes=half) + pooling_variants(dtypes=half)
+    return (gqa + one_head + no_dlse + model_pool + attention_variants(dtypes=half) + pooling_variants(dtypes=half)
             + infonce_variants(dtypes=half))
 
 
