@@ -15,13 +15,13 @@ import os
 import platform
 import re
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from bench import git_sha
 from kalm_fast.demo import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -61,20 +61,12 @@ def provenance(device: str) -> dict:
         triton_version = "absent"
     import kalm_fast
 
-    # KALM_FAST_GIT_SHA: given by the caller where the tree is a copy without .git (bench/gpu_session.sh)
-    sha = os.environ.get("KALM_FAST_GIT_SHA", "")
-    if not sha:
-        try:
-            sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
-                                 capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            sha = "unknown"
     return {
         "device_name": device_name(device),
         "torch": torch.__version__,
         "triton": triton_version,
         "kalm_fast": kalm_fast.__version__,
-        "git_sha": sha,
+        "git_sha": git_sha(),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
 

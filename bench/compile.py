@@ -43,6 +43,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import git_sha
+
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -345,15 +347,7 @@ def config_of(jit_kwargs: dict, kernel: str) -> str:
 def provenance() -> dict:
     import triton
 
-    # KALM_FAST_GIT_SHA: given by the caller where the tree is a copy without .git (bench/gpu_session.sh)
-    sha = os.environ.get("KALM_FAST_GIT_SHA", "")
-    if not sha:
-        try:
-            sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                 check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            sha = "unknown"
-    return dict(triton=triton.__version__, git_sha=sha, date=_dt.date.today().isoformat())
+    return dict(triton=triton.__version__, git_sha=git_sha(), date=_dt.date.today().isoformat())
 
 
 def jit_fingerprint(jit) -> str:
