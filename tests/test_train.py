@@ -23,7 +23,7 @@ from kalm_fast.distributed import average_gradients
 from kalm_fast.model import Embedder
 from kalm_fast.train import trainer as tr
 from kalm_fast.train.config import MineConfig, RecipeError, StageConfig, build, load_recipe
-from kalm_fast.train.mine import mine
+from kalm_fast.train.mine import mine, top_ranked
 
 WORDS = (  # noqa: SIM905
     "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau upsilon "
@@ -404,6 +404,30 @@ def test_mine_draws_from_the_rank_band_and_filters(tmp_path):
         band = {corpus[k] for k in order[3:10]}
         assert set(r["neg"]) <= band
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("max_scores", [1, 3 * 50, 2**26])  # one query per block, 3 per block, all at once
+def test_top_ranked_is_the_head_of_the_full_ranking(max_scores):
+    g = torch.Generator().manual_seed(0)
+    # small integers: every score is exact in fp32, and many are equal; the full ranking orders equal scores by
+    # document index (a stable sort), and so must the head
+    q = torch.randint(-2, 3, (37, 6), generator=g).float()
+    docs = torch.randint(-2, 3, (50, 6), generator=g).float()
+    docs[30:40] = docs[10:20]  # equal documents too
+    scores = q @ docs.T
+    full = scores.sort(dim=1, descending=True, stable=True).indices
+    for k in (1, 12, 50):
+        got = top_ranked(q, docs, k, device="cpu", max_scores=max_scores)
+        assert got.dtype == torch.int64 and got.device.type == "cpu"
+        # which of the documents tied at rank k is kept is topk's choice: compare the scores rank by rank, and the
+        # indices wherever the score at rank k is not shared with rank k + 1
+        assert torch.equal(scores.gather(1, got), scores.gather(1, full[:, :k]))
+        clear = torch.ones(q.shape[0], dtype=torch.bool) if k == 50 else (
+            scores.gather(1, full[:, k - 1:k]) != scores.gather(1, full[:, k:k + 1])).squeeze(1)
+        assert clear.sum() >= 5 and torch.equal(got[clear], full[clear, :k])
+    for k in (0, 51):
+        with pytest.raises(ValueError, match="k must be in"):
+            top_ranked(q, docs, k)
 
 
 # ----------------------------------------------------------------------------------------------------------------
