@@ -188,7 +188,9 @@ __device__ void cast_chunk(const float* acc, const float* comp, void* dst, int64
       load8_f32(acc + i, s);
       if constexpr (kCompensated) load8_f32(comp + i, c);
 #pragma unroll
-      for (int j = 0; j < kVec; ++j) s[j] = f32_div(kCompensated ? compensated_total(s[j], c[j]) : s[j], divisor);
+      for (int j = 0; j < kVec; ++j) {
+        s[j] = canonical_f32(f32_div(kCompensated ? compensated_total(s[j], c[j]) : s[j], divisor));
+      }
       store8<kDtype>(dst, i, s);
     }
   }

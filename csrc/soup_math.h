@@ -91,17 +91,25 @@ KF_HD float f16_to_f32(uint16_t h) {
 
 // ---- fp32 -> 16-bit, round to nearest even -------------------------------------------------------------------------
 
+// NaN leaves every output as the one positive quiet NaN of its dtype (fp32 0x7fc00000, bf16 0x7fc0, fp16 0x7e00),
+// whatever its sign and payload: the NaN an operation makes differs by machine (x86 keeps the first NaN operand's
+// payload, or makes the negative default NaN 0xffc00000 from Inf - Inf; CUDA always makes 0x7fffffff), and so do
+// torch's own casts, so only a canonical NaN keeps the CPU, CUDA and torch paths bit-identical.
+KF_HD bool is_nan(float f) { return (float_bits(f) & 0x7fffffffu) > 0x7f800000u; }
+
+KF_HD float canonical_f32(float f) { return is_nan(f) ? bits_float(0x7fc00000u) : f; }
+
 // Adding 0x7fff plus the lowest kept bit to the fp32 pattern carries into bit 16 exactly when the dropped half is
 // above the halfway point, or at it with an odd kept bit; the carry propagates into the exponent, so values rounding
-// past the largest finite bf16 become Inf. NaN keeps its sign and becomes quiet (the carry could turn it into Inf).
+// past the largest finite bf16 become Inf. NaN becomes the canonical 0x7fc0 (the carry could turn it into Inf).
 KF_HD uint16_t f32_to_bf16(float f) {
   const uint32_t u = float_bits(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x0040u);
+  if (is_nan(f)) return 0x7fc0u;
   return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
 // IEEE half, round to nearest even (the classic bit-level method):
-//  |f| >= 65536 (or Inf/NaN): Inf, or a quiet NaN;
+//  |f| >= 65536 (or Inf/NaN): Inf, or the canonical NaN 0x7e00 (no sign);
 //  |f| <  2^-14 (half subnormal range): adding 0.5f aligns the 10 kept mantissa bits at the bottom of the fp32
 //       mantissa, and that fp32 addition itself rounds to nearest even;
 //  otherwise: rebias the exponent by -112 and round the 13 dropped bits as for bf16; a carry out of the mantissa
@@ -111,8 +119,10 @@ KF_HD uint16_t f32_to_f16(float f) {
   const uint32_t sign = (u >> 16) & 0x8000u;
   u &= 0x7fffffffu;
   uint32_t h;
-  if (u >= (143u << 23)) {
-    h = u > 0x7f800000u ? 0x7e00u : 0x7c00u;
+  if (u > 0x7f800000u) {
+    return 0x7e00u;
+  } else if (u >= (143u << 23)) {
+    h = 0x7c00u;
   } else if (u < (113u << 23)) {
     h = float_bits(f32_add(bits_float(u), 0.5f)) - float_bits(0.5f);
   } else {
@@ -136,7 +146,7 @@ KF_HD float load_elem(const void* __restrict src, int64_t i) {
 template <int kDtype>
 KF_HD void store_elem(void* __restrict dst, int64_t i, float v) {
   if constexpr (kDtype == kF32) {
-    static_cast<float*>(dst)[i] = v;
+    static_cast<float*>(dst)[i] = canonical_f32(v);
   } else if constexpr (kDtype == kBF16) {
     static_cast<uint16_t*>(dst)[i] = f32_to_bf16(v);
   } else {

@@ -43,7 +43,8 @@ class _Kernels:
     accumulate(items, w, first): items (acc fp32, comp fp32 | None, x bf16/fp16/fp32); ``first`` overwrites acc
         (and comp) instead of adding. With comp: the compensated step of csrc/soup_math.h (exact products of bf16/fp16
         inputs through the weight split w = hi + lo, Kahan-Babuska-Neumaier sums).
-    cast(items, divisor): items (acc, comp | None, dst); dst = RNE((acc + comp) / divisor) in dst's dtype.
+    cast(items, divisor): items (acc, comp | None, dst); dst = RNE((acc + comp) / divisor) in dst's dtype, every NaN
+        as the dtype's one canonical quiet NaN (fp32 0x7fc00000, bf16 0x7fc0, fp16 0x7e00).
     The torch path performs the same IEEE fp32 operations in the same order as the extension (which builds without
     FMA contraction), so both give identical bits.
     """
@@ -96,7 +97,12 @@ class _Kernels:
             for acc, comp, dst in items:
                 total = acc if comp is None else torch.where(torch.isfinite(acc), acc + comp, acc)
                 # a 0-dim device tensor: torch divides by a CPU scalar as a multiplication by its reciprocal on CUDA
-                dst.copy_(total / div)
+                total = total / div
+                dst.copy_(total)
+                # NaN as the one canonical NaN of dst's dtype (csrc/soup_math.h): torch's casts keep or make other
+                # patterns, and differ by backend
+                ints, nan = _CANONICAL_NAN[dst.dtype]
+                dst.view(ints).masked_fill_(total.isnan(), nan)
         elif self.device.type == "cuda":
             with torch.cuda.device(self.device):
                 self.ext.cuda_cast(self._entries(items), divisor, torch.cuda.current_stream(self.device).cuda_stream)
@@ -104,11 +110,19 @@ class _Kernels:
             self.ext.cpu_cast(self._entries(items), divisor, torch.get_num_threads())
 
 
+# the NaN bit pattern of every soup output, as a signed integer of the dtype's width (csrc/soup_math.h)
+_CANONICAL_NAN = {torch.float32: (torch.int32, 0x7FC00000), torch.bfloat16: (torch.int16, 0x7FC0),
+                  torch.float16: (torch.int16, 0x7E00)}
+
+
 def _weight_split(w: float) -> tuple[float, float]:
-    """w = hi + lo exactly, hi = w's top 13 significant bits (csrc/soup_math.h weight_hi): hi * x and lo * x are exact
-    in fp32 for bf16/fp16 x, so the compensated sum sees exact products."""
-    hi = struct.unpack("<f", struct.pack("<I", struct.unpack("<I", struct.pack("<f", w))[0] & 0xFFFFF800))[0]
-    return hi, w - hi
+    """w32 = hi + lo exactly, w32 the fp32 the extension receives for the Python float ``w`` and hi its top 13
+    significant bits (csrc/soup_math.h weight_hi): hi * x and lo * x are exact in fp32 for bf16/fp16 x, so the
+    compensated sum sees exact products. (``w - hi`` in double would keep w's bits below fp32: lo would then differ
+    from the extension's for every weight that is not an fp32, e.g. 0.3.)"""
+    w32 = struct.unpack("<f", struct.pack("<f", w))[0]
+    hi = struct.unpack("<f", struct.pack("<I", struct.unpack("<I", struct.pack("<f", w32))[0] & 0xFFFFF800))[0]
+    return hi, w32 - hi
 
 
 def _torch_accumulate(acc, comp, x, weight: float, first: bool) -> None:
