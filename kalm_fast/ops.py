@@ -337,7 +337,7 @@ def focal_infonce(q, d, *, pos_idx=None, group_size=None, in_batch_negatives=Tru
         if pos_idx.shape[0] != B or pos_idx.device != q.device:
             raise ValueError(f"pos_idx must be ({B},) on {q.device}, got {tuple(pos_idx.shape)} on {pos_idx.device}")
         pos_idx = pos_idx.long()
-        lo, hi = int(pos_idx.min()), int(pos_idx.max())
+        lo, hi = torch.stack(torch.aminmax(pos_idx)).tolist()  # one device sync
         if lo < 0 or hi >= N:
             raise ValueError(f"pos_idx values must be in [0, N={N}), got range [{lo}, {hi}]")
         if group_size is None and not in_batch_negatives and N % B != 0:
