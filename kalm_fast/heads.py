@@ -107,7 +107,9 @@ def infonce_grad_coeffs(grad_loss, logp, lse, zh, lam, nrm, gamma, reduction):
 
 
 def infonce_stats(logp, gamma, hard_neg_logit, hard_neg_idx) -> dict:
-    """The ``return_stats`` dict (keys INFONCE_STATS), per query, detached."""
+    """The ``return_stats`` dict (keys INFONCE_STATS), per query, detached. A query without a hardest negative
+    (``hard_neg_idx`` -1: no negatives, or NaN scores) gets ``hard_neg_logit`` -inf on every backend."""
     logp = logp.detach()
+    hard_neg_logit = torch.where(hard_neg_idx >= 0, hard_neg_logit, float("-inf"))
     return {"p_pos": logp.exp(), "weight": (-torch.expm1(logp)).pow(gamma), "hard_neg_logit": hard_neg_logit,
             "hard_neg_idx": hard_neg_idx}

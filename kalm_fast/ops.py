@@ -300,7 +300,9 @@ def focal_infonce(q, d, *, pos_idx=None, group_size=None, in_batch_negatives=Tru
         mix_alpha: lambda ~ Beta(mix_alpha, mix_alpha); mix_lambda: (B, M) in [0, 1] instead of sampling;
             generator: torch.Generator for the sampling.
         reduction: "mean" | "sum" | "none" (per query, (B,)).
-        return_stats: also return a dict of (B,) tensors ``p_pos``, ``weight``, ``hard_neg_logit``, ``hard_neg_idx``.
+        return_stats: also return a dict of (B,) tensors ``p_pos``, ``weight``, ``hard_neg_logit``, ``hard_neg_idx``
+            (the hardest negative's logit and row of d; -inf and -1 for a query without negatives or with NaN
+            scores).
     Returns the loss [, stats].
     """
     _check_tensor("q", q, ndim=2, dtypes=_FLOAT_DTYPES)

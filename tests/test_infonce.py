@@ -586,6 +586,19 @@ def test_no_negative_stats(backend):
     assert torch.equal(loss, torch.zeros(6))  # log p = (z_pos - m) - log2(1) = 0 exactly on both paths
 
 
+def test_nan_query_stats(backend):
+    """A query with a NaN embedding has no hardest negative either: hard_neg_idx -1, hard_neg_logit -inf on both
+    paths (the torch path's running top value was NaN there); its loss is NaN, the other queries' are untouched."""
+    q, d = embeddings(4, 16, 16)
+    clean = ops.focal_infonce(q, d, reduction="none")
+    q = q.clone()
+    q[1, 3] = float("nan")
+    loss, stats = ops.focal_infonce(q, d, reduction="none", return_stats=True)
+    assert stats["hard_neg_idx"][1] == -1 and torch.isneginf(stats["hard_neg_logit"][1])
+    assert (stats["hard_neg_idx"][[0, 2, 3]] >= 0).all() and stats["hard_neg_logit"][[0, 2, 3]].isfinite().all()
+    assert loss[1].isnan() and torch.equal(loss[[0, 2, 3]], clean[[0, 2, 3]])
+
+
 
 def test_mixing_never_reads_before_d():
     """A query whose scores are NaN (a NaN embedding) never enters the running top list, so its top_i stays -1 as for
