@@ -74,9 +74,9 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-# How long the other ranks wait in ``barrier`` while rank 0 works alone (the MTEB check after a stage, mining, the
-# soup, checkpoint saves): hours of evaluation must not trip NCCL's watchdog, which aborts a collective after 10
-# minutes by default. A rank that dies ends the run sooner: torchrun stops the others.
+# How long the other ranks wait in ``barrier`` while rank 0 works alone (the MTEB check after a stage, the draw and
+# write of the mined file, the soup, checkpoint saves): hours of evaluation must not trip NCCL's watchdog, which
+# aborts a collective after 10 minutes by default. A rank that dies ends the run sooner: torchrun stops the others.
 WAIT_TIMEOUT = datetime.timedelta(hours=float(os.environ.get("KALM_FAST_WAIT_TIMEOUT_H", "12")))
 _WAIT_GROUP: dict = {}
 
@@ -95,6 +95,38 @@ def barrier() -> None:
     """Every rank waits here for the others when there is more than one rank, on ``_wait_group`` (long timeout)."""
     if world()[1] > 1:
         dist.barrier(group=_wait_group())
+
+
+def rank_share(n: int) -> range:
+    """This rank's contiguous share of ``n`` items (rank r of W: [n*r//W, n*(r+1)//W)); all of them when not
+    distributed. The shares in rank order are range(n)."""
+    rank, size = world()
+    return range(n * rank // size, n * (rank + 1) // size)
+
+
+def gather_rows(x: torch.Tensor, *, to_all: bool) -> torch.Tensor | None:
+    """Every rank's rows of a CPU tensor concatenated in rank order, over the gloo group of ``barrier`` (its long
+    timeout: ranks may reach it minutes apart); ranks may hold different numbers of rows (the same trailing shape
+    and dtype). On every rank when ``to_all``, else on rank 0 only (None elsewhere). Returns ``x`` itself when not
+    distributed."""
+    rank, size = world()
+    if size == 1:
+        return x
+    group = _wait_group()
+    x = x.contiguous()
+    counts = [torch.zeros(1, dtype=torch.int64) for _ in range(size)]
+    dist.all_gather(counts, torch.tensor([x.shape[0]]), group=group)
+    counts = [int(c) for c in counts]
+    padded = torch.zeros(max(counts), *x.shape[1:], dtype=x.dtype)
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(size)] if to_all or rank == 0 else None
+    if to_all:
+        dist.all_gather(parts, padded, group=group)
+    else:
+        dist.gather(padded, parts, dst=0, group=group)
+    if parts is None:
+        return None
+    return torch.cat([p[:c] for p, c in zip(parts, counts)])
 
 
 def average_gradients(params: list[torch.Tensor]) -> None:

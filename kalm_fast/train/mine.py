@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from kalm_fast.distributed import gather_rows, rank_share, world
 from kalm_fast.model import Embedder, query_prompt
 from kalm_fast.train.config import MineConfig, RecipeError
 from kalm_fast.train.data import load_rows
@@ -52,7 +53,10 @@ def top_ranked(q: torch.Tensor, docs: torch.Tensor, k: int, *, device=None, max_
 
 def mine(embedder: Embedder, input_path: str | Path, output_path: str | Path, cfg: MineConfig, *, seed: int = 0,
          max_length: int | None = None) -> dict:
-    """Mine ``cfg.num_negatives`` negatives per row of ``input_path`` into ``output_path``; returns counts."""
+    """Mine ``cfg.num_negatives`` negatives per row of ``input_path`` into ``output_path``; returns counts.
+
+    Distributed (torchrun), every rank must call it: each embeds and ranks its share, rank 0 writes the output and
+    returns the counts, the other ranks return {} (the caller waits for rank 0 before reading the output)."""
     input_path, output_path = Path(input_path), Path(output_path)
     if input_path.resolve() == output_path.resolve():
         raise RecipeError(f"mine: output {output_path} would overwrite the input")
@@ -65,19 +69,27 @@ def mine(embedder: Embedder, input_path: str | Path, output_path: str | Path, cf
         raise RecipeError(f"mine: the corpus of {input_path} has {len(corpus)} distinct documents, fewer than "
                           f"rank_start={cfg.rank_start}: lower rank_start/rank_end")
     doc_id = {t: i for i, t in enumerate(corpus)}
-    docs = embedder.encode(corpus, batch_size=cfg.batch_size, max_length=max_length, show_progress_bar=True)
+    rank = world()[0]
+    # under torchrun every rank embeds its share of the corpus and of the queries (rank_share: contiguous, in rank
+    # order) and ranks its queries against the whole corpus; rank 0 draws the negatives from the gathered rankings
+    # in row order, so the seeded draw is the one a single process makes
+    docs = gather_rows(embedder.encode([corpus[i] for i in rank_share(len(corpus))], batch_size=cfg.batch_size,
+                                       max_length=max_length, show_progress_bar=rank == 0), to_all=True)
+    mine_rows = rank_share(len(rows))
     # queries grouped by prompt (instructions may differ per row)
-    q = torch.empty(len(rows), docs.shape[1])
+    q = torch.empty(len(mine_rows), docs.shape[1])
     by_prompt: dict[str | None, list[int]] = {}
-    for i, r in enumerate(rows):
-        by_prompt.setdefault(query_prompt(r.get("instruction") or cfg.instruction), []).append(i)
+    for j, i in enumerate(mine_rows):
+        by_prompt.setdefault(query_prompt(rows[i].get("instruction") or cfg.instruction), []).append(j)
     for prompt, idx in by_prompt.items():
-        q[idx] = embedder.encode([rows[i]["query"] for i in idx], prompt=prompt, batch_size=cfg.batch_size,
+        q[idx] = embedder.encode([rows[mine_rows[j]]["query"] for j in idx], prompt=prompt, batch_size=cfg.batch_size,
                                  max_length=max_length)
 
     end = min(cfg.rank_end, len(corpus))
     k = min(len(corpus), max(end, cfg.consistency_top_k))
-    ranked = top_ranked(q, docs, k, device=embedder.device)
+    ranked = gather_rows(top_ranked(q, docs, k, device=embedder.device), to_all=False)
+    if rank != 0:
+        return {}
     out_rows, inconsistent, too_few = [], 0, 0
     for start in range(0, len(rows), 4096):  # Python lists of 4,096 rankings at a time
         for row, order in zip(rows[start:start + 4096], ranked[start:start + 4096].tolist()):

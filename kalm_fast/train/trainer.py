@@ -420,8 +420,9 @@ def run_recipe(recipe: Recipe, *, callback: Callable[[str, int], None] | None = 
             from kalm_fast.train.mine import mine
 
             target = recipe.resolve(cfg.output)
+            # every rank embeds and ranks its share; rank 0 writes the file
             stats = mine(embedder, recipe.resolve(cfg.input), target, cfg, seed=recipe.seed,
-                         max_length=recipe.model.max_length) if rank == 0 else {}
+                         max_length=recipe.model.max_length)
             barrier()
             if rank == 0:
                 _finish_stage(out, name, target, {}, time.perf_counter() - t0, **stats)
