@@ -519,6 +519,43 @@ def test_parquet_rows_load(tmp_path):
     assert [r["query"] for r in rows] == [r["query"] for r in _rows(5)] and all(len(r["neg"]) == 1 for r in rows)
 
 
+def test_batches_are_task_homogeneous_rows_of_the_file(tmp_path):
+    """BatchPlan over ExampleSource: batches hold row numbers of one dataset and read their texts from the file when
+    asked; what they read is what the file says (pos lists cut to their first entry, negatives cut to the stage's
+    count, a row's instruction before the source's), every row at most once per epoch, the order a function of
+    (seed, epoch) only."""
+    from kalm_fast.train.config import DataSource
+    from kalm_fast.train.data import BatchPlan, load_examples
+
+    rows = _rows(23, negs=2)
+    for i, r in enumerate(rows):
+        if i % 3 == 0:
+            r["pos"] = [r["pos"], "a second positive"]
+        r["instruction"] = "own" if i % 4 == 0 else None
+    path = _write_jsonl(tmp_path / "t.jsonl", rows)
+    src = DataSource(path=str(path), instruction="default", max_rows=21)
+    plan = BatchPlan([(src, load_examples(src, path, 1, "t"))], batch_size=4, seed=5)
+    assert plan.steps_per_epoch() == 11 // 4 + 10 // 4  # datasets a (rows 1, 3, ..) and b, remainders dropped
+    epoch = plan.epoch(0)
+    seen = []
+    for batch in epoch:
+        got = batch.examples
+        assert len(got) == 4 and {e.dataset for e in got} == {batch.dataset}
+        assert batch.take(1, 3) == got[1:3]
+        for i, e in zip(batch.rows, got):
+            r = rows[i]
+            assert i < 21 and e.dataset == r["dataset"] and e.query == r["query"] and e.negs == r["neg"][:1]
+            assert e.pos == (r["pos"][0] if isinstance(r["pos"], list) else r["pos"])
+            assert e.instruction == (r["instruction"] or "default")
+        seen += batch.rows
+    assert len(seen) == len(set(seen)) == 16
+    again = BatchPlan([(src, load_examples(src, path, 1, "t"))], batch_size=4, seed=5)
+    assert [b.rows for b in again.epoch(0)] == [b.rows for b in epoch]
+    assert [b.rows for b in plan.epoch(1)] != [b.rows for b in epoch]
+    named = DataSource(path=str(path), name="one")  # a source name puts every row in one dataset
+    assert [b.dataset for b in BatchPlan([(named, load_examples(named, path, 0, "t"))], 4, 5).epoch(0)] == ["one"] * 5
+
+
 def test_cli_reports_a_bad_recipe_without_traceback(tmp_path, tiny_model_dir, capsys):
     from kalm_fast.cli import main
 

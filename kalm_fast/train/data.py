@@ -9,6 +9,7 @@ sees the same batches from the saved position on.
 
 from __future__ import annotations
 
+import array
 import math
 import random
 from dataclasses import dataclass
@@ -26,17 +27,9 @@ class Example:
     dataset: str
 
 
-@dataclass
-class Batch:
-    dataset: str
-    examples: list[Example]
-    in_batch_negatives: bool
-
-
-def load_rows(path: str | Path, *, max_rows: int | None = None, num_negatives: int = 0,
-              where: str = "data") -> list[dict]:
-    """Rows of a jsonl/parquet file as dicts, checked: non-empty file, every row with a non-empty string ``query``
-    and ``pos``, and at least ``num_negatives`` string negatives in ``neg``. Errors name the file and row."""
+def _open(path: str | Path, where: str, max_rows: int | None):
+    """The rows of a jsonl/parquet file as a ``datasets.Dataset``: an Arrow table memory-mapped from the datasets
+    cache, so rows are read when used, not held as Python objects. Errors name the file."""
     import datasets
 
     path = Path(path)
@@ -54,73 +47,149 @@ def load_rows(path: str | Path, *, max_rows: int | None = None, num_negatives: i
         raise RecipeError(f"{where}: cannot read {path}: {e}") from None
     if max_rows is not None:
         ds = ds.select(range(min(max_rows, len(ds))))
-    rows = ds.to_list()
-    if not rows:
+    if len(ds) == 0:
         raise RecipeError(f"{where}: {path} has no rows")
+    return ds
+
+
+def _checked(row: dict, i: int, path, where: str, num_negatives: int) -> tuple[str, list[str]]:
+    """(pos, negatives) of row ``i``: a non-empty string ``query`` and ``pos`` (a string, or a non-empty list whose
+    first entry is used), at least ``num_negatives`` string negatives in ``neg``."""
+    pos = row.get("pos")
+    if isinstance(pos, list):
+        pos = pos[0] if pos else None
+    if not isinstance(row.get("query"), str) or not row["query"].strip():
+        raise RecipeError(f"{where}: {path} row {i} has no query (a non-empty string)")
+    if not isinstance(pos, str) or not pos.strip():
+        raise RecipeError(f"{where}: {path} row {i} has no positive 'pos' (a non-empty string or list)")
+    negs = row.get("neg") or []
+    if not isinstance(negs, list) or not all(isinstance(n, str) for n in negs):
+        raise RecipeError(f"{where}: {path} row {i}: 'neg' must be a list of strings")
+    if len(negs) < num_negatives:
+        raise RecipeError(f"{where}: {path} row {i} has {len(negs)} negatives, the stage needs "
+                          f"num_negatives={num_negatives} (mine them with kalm-fast mine)")
+    return pos, negs
+
+
+def _iter_rows(ds, columns: list[str] | None = None, batch_size: int = 4096):
+    """(row number, row dict) over ``ds`` read a batch of rows at a time (memory O(batch))."""
+    i = 0
+    for batch in (ds.select_columns(columns) if columns else ds).iter(batch_size=batch_size):
+        keys = list(batch)
+        for values in zip(*(batch[k] for k in keys)):
+            yield i, dict(zip(keys, values))
+            i += 1
+
+
+def load_rows(path: str | Path, *, max_rows: int | None = None, num_negatives: int = 0,
+              where: str = "data") -> list[dict]:
+    """Rows of a jsonl/parquet file as dicts (every field: ``kalm-fast mine`` writes them back), checked: non-empty
+    file, every row with a non-empty string ``query`` and ``pos``, and at least ``num_negatives`` string negatives in
+    ``neg``. Errors name the file and row. Training reads its files through :class:`ExampleSource` instead."""
+    rows = _open(path, where, max_rows).to_list()
     for i, row in enumerate(rows):
-        pos = row.get("pos")
-        if isinstance(pos, list):
-            pos = pos[0] if pos else None
-        if not isinstance(row.get("query"), str) or not row["query"].strip():
-            raise RecipeError(f"{where}: {path} row {i} has no query (a non-empty string)")
-        if not isinstance(pos, str) or not pos.strip():
-            raise RecipeError(f"{where}: {path} row {i} has no positive 'pos' (a non-empty string or list)")
-        row["pos"] = pos
-        negs = row.get("neg") or []
-        if not isinstance(negs, list) or not all(isinstance(n, str) for n in negs):
-            raise RecipeError(f"{where}: {path} row {i}: 'neg' must be a list of strings")
-        if len(negs) < num_negatives:
-            raise RecipeError(f"{where}: {path} row {i} has {len(negs)} negatives, the stage needs "
-                              f"num_negatives={num_negatives} (mine them with kalm-fast mine)")
-        row["neg"] = negs
+        row["pos"], row["neg"] = _checked(row, i, path, where, num_negatives)
     return rows
 
 
-def load_examples(src: DataSource, path: Path, num_negatives: int, where: str) -> list[Example]:
-    rows = load_rows(path, max_rows=src.max_rows, num_negatives=num_negatives, where=where)
-    default_name = src.name or path.stem
-    return [Example(query=r["query"], pos=r["pos"], negs=list(r["neg"][:num_negatives]),
-                    instruction=r.get("instruction") or src.instruction,
-                    dataset=src.name or r.get("dataset") or default_name) for r in rows]
+def check_rows(path: str | Path, *, max_rows: int | None = None, num_negatives: int = 0, where: str = "data") -> int:
+    """The checks of :func:`load_rows`, a batch of rows at a time, without keeping the rows; returns their count."""
+    ds = _open(path, where, max_rows)
+    columns = [c for c in ("query", "pos", "neg") if c in ds.column_names]
+    for i, row in _iter_rows(ds, columns):
+        _checked(row, i, path, where, num_negatives)
+    return len(ds)
+
+
+class ExampleSource:
+    """The rows of one data file of a stage as Examples, read from the memory-mapped Arrow table when a batch needs
+    them: a process holds the row numbers of each dataset (8 bytes a row), not the texts (10M fine-tuning rows with
+    7 negatives are tens of GB as Python strings, on every rank). Every row is checked when the source is made."""
+
+    def __init__(self, src: DataSource, path: Path, num_negatives: int, where: str):
+        self.num_negatives = num_negatives
+        self.instruction = src.instruction
+        self.ds = _open(path, where, src.max_rows)
+        default_name = src.name or path.stem
+        columns = [c for c in ("query", "pos", "neg", "dataset") if c in self.ds.column_names]
+        # row numbers per dataset name: names in order of first appearance, rows in file order
+        self.groups: dict[str, array.array] = {}
+        for i, row in _iter_rows(self.ds, columns):
+            _checked(row, i, path, where, num_negatives)
+            name = src.name or row.get("dataset") or default_name
+            if name not in self.groups:
+                self.groups[name] = array.array("q")
+            self.groups[name].append(i)
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def examples(self, rows: list[int], dataset: str) -> list[Example]:
+        """The Examples of these row numbers (rows of ``dataset``), in this order: one Arrow take."""
+        cols = self.ds[list(rows)]
+        empty = [None] * len(rows)
+        return [Example(query=query, pos=pos[0] if isinstance(pos, list) else pos,
+                        negs=list((negs or [])[:self.num_negatives]), instruction=instruction or self.instruction,
+                        dataset=dataset)
+                for query, pos, negs, instruction in zip(cols["query"], cols["pos"], cols.get("neg", empty),
+                                                         cols.get("instruction", empty))]
+
+
+def load_examples(src: DataSource, path: Path, num_negatives: int, where: str) -> ExampleSource:
+    return ExampleSource(src, path, num_negatives, where)
+
+
+@dataclass
+class Batch:
+    dataset: str
+    source: ExampleSource
+    rows: list[int]  # row numbers of ``source``
+    in_batch_negatives: bool
+
+    @property
+    def examples(self) -> list[Example]:
+        return self.take(0, len(self.rows))
+
+    def take(self, start: int, stop: int) -> list[Example]:
+        """Examples ``start:stop`` of the batch (a rank's share), read from the file's Arrow table."""
+        return self.source.examples(self.rows[start:stop], self.dataset)
 
 
 class BatchPlan:
     """The batches of every epoch: per dataset, rows shuffled and cut into full batches (the remainder is dropped so
     every step has the same contrastive difficulty and DDP ranks equal shares); ``weight`` scales how many of its
-    batches an epoch draws (repeating a reshuffle when > 1); then all batches are shuffled together."""
+    batches an epoch draws (repeating a reshuffle when > 1); then all batches are shuffled together. Batches hold
+    row numbers; their texts are read when a step asks for ``Batch.examples``."""
 
-    def __init__(self, sources: list[tuple[DataSource, list[Example]]], batch_size: int, seed: int):
+    def __init__(self, sources: list[tuple[DataSource, ExampleSource]], batch_size: int, seed: int):
         self.batch_size = batch_size
         self.seed = seed
-        self.groups: list[tuple[str, list[Example], float, bool]] = []
-        for src, examples in sources:
-            by_name: dict[str, list[Example]] = {}
-            for ex in examples:
-                by_name.setdefault(ex.dataset, []).append(ex)
-            for name, exs in by_name.items():
-                self.groups.append((name, exs, src.weight, src.in_batch_negatives))
+        self.groups: list[tuple[str, ExampleSource, array.array, float, bool]] = []
+        for src, source in sources:
+            for name, rows in source.groups.items():
+                self.groups.append((name, source, rows, src.weight, src.in_batch_negatives))
         if self.steps_per_epoch() == 0:
-            sizes = ", ".join(f"{name}: {len(exs)}" for name, exs, _, _ in self.groups)
+            sizes = ", ".join(f"{name}: {len(rows)}" for name, _, rows, _, _ in self.groups)
             raise RecipeError(f"batch_size={batch_size} is larger than every dataset ({sizes}): no full batch")
 
     def _count(self, n_rows: int, weight: float) -> int:
         return round(weight * (n_rows // self.batch_size))
 
     def steps_per_epoch(self) -> int:
-        return sum(self._count(len(exs), w) for _, exs, w, _ in self.groups)
+        return sum(self._count(len(rows), w) for _, _, rows, w, _ in self.groups)
 
     def epoch(self, epoch: int) -> list[Batch]:
         rng = random.Random(f"{self.seed}:{epoch}")  # str seeds hash deterministically (not with PYTHONHASHSEED)
         batches = []
-        for name, exs, weight, in_batch in self.groups:
-            want = self._count(len(exs), weight)
-            per_pass = len(exs) // self.batch_size
+        for name, source, rows, weight, in_batch in self.groups:
+            want = self._count(len(rows), weight)
+            per_pass = len(rows) // self.batch_size
             for p in range(math.ceil(want / per_pass) if per_pass else 0):
-                order = list(range(len(exs)))
+                order = list(range(len(rows)))
                 rng.shuffle(order)
                 for b in range(min(per_pass, want - p * per_pass)):
                     idx = order[b * self.batch_size:(b + 1) * self.batch_size]
-                    batches.append(Batch(name, [exs[i] for i in idx], in_batch))
+                    batches.append(Batch(name, source, [rows[i] for i in idx], in_batch))
         rng.shuffle(batches)
         return batches
 
@@ -136,7 +205,7 @@ def check_data(recipe: Recipe) -> None:
             p = recipe.resolve(src.path)
             if st.mine and p == recipe.resolve(st.mine.output) and not p.is_file():
                 continue
-            load_rows(p, max_rows=src.max_rows, num_negatives=stage.num_negatives,
-                      where=f"stages.{name}.data[{i}]")
+            check_rows(p, max_rows=src.max_rows, num_negatives=stage.num_negatives,
+                       where=f"stages.{name}.data[{i}]")
     if st.mine:
-        load_rows(recipe.resolve(st.mine.input), where="stages.mine.input")
+        check_rows(recipe.resolve(st.mine.input), where="stages.mine.input")

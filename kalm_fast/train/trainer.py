@@ -181,7 +181,7 @@ def train_stage(name: str, stage: StageConfig, recipe: Recipe, embedder: Embedde
                 batches = {epoch: plan.epoch(epoch)}
             batch = batches[epoch][index]
             # rows of one instruction together (one prompt per GradCache mini-batch); the loss ignores row order
-            examples = sorted(batch.examples[rank * per_rank:(rank + 1) * per_rank], key=lambda e: e.instruction or "")
+            examples = sorted(batch.take(rank * per_rank, (rank + 1) * per_rank), key=lambda e: e.instruction or "")
             docs = [t for ex in examples for t in [ex.pos, *ex.negs]]
             gen = _step_generator(recipe.seed, name, step, device) if stage.num_mix else None
 
