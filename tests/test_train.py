@@ -512,11 +512,16 @@ def test_recipes_in_the_repository_build():
 def test_parquet_rows_load(tmp_path):
     import datasets
 
-    from kalm_fast.train.data import load_rows
+    from kalm_fast.train.config import DataSource
+    from kalm_fast.train.data import check_rows, load_examples
 
-    datasets.Dataset.from_list(_rows(5, negs=1)).to_parquet(tmp_path / "rows.parquet")
-    rows = load_rows(tmp_path / "rows.parquet", num_negatives=1)
-    assert [r["query"] for r in rows] == [r["query"] for r in _rows(5)] and all(len(r["neg"]) == 1 for r in rows)
+    path = tmp_path / "rows.parquet"
+    datasets.Dataset.from_list(_rows(5, negs=1)).to_parquet(path)
+    assert check_rows(path, num_negatives=1) == 5
+    got = load_examples(DataSource(path=str(path)), path, 1, "t").examples(range(5), "x")
+    assert [e.query for e in got] == [r["query"] for r in _rows(5)] and all(len(e.negs) == 1 for e in got)
+    with pytest.raises(RecipeError, match="row 0 has 1 negatives, the stage needs num_negatives=2"):
+        check_rows(path, num_negatives=2)
 
 
 def test_batches_are_task_homogeneous_rows_of_the_file(tmp_path):

@@ -27,7 +27,7 @@ class Example:
     dataset: str
 
 
-def _open(path: str | Path, where: str, max_rows: int | None):
+def open_rows(path: str | Path, where: str, max_rows: int | None):
     """The rows of a jsonl/parquet file as a ``datasets.Dataset``: an Arrow table memory-mapped from the datasets
     cache, so rows are read when used, not held as Python objects. Errors name the file."""
     import datasets
@@ -52,7 +52,7 @@ def _open(path: str | Path, where: str, max_rows: int | None):
     return ds
 
 
-def _checked(row: dict, i: int, path, where: str, num_negatives: int) -> tuple[str, list[str]]:
+def checked_row(row: dict, i: int, path, where: str, num_negatives: int) -> tuple[str, list[str]]:
     """(pos, negatives) of row ``i``: a non-empty string ``query`` and ``pos`` (a string, or a non-empty list whose
     first entry is used), at least ``num_negatives`` string negatives in ``neg``."""
     pos = row.get("pos")
@@ -71,7 +71,7 @@ def _checked(row: dict, i: int, path, where: str, num_negatives: int) -> tuple[s
     return pos, negs
 
 
-def _iter_rows(ds, columns: list[str] | None = None, batch_size: int = 4096):
+def iter_rows(ds, columns: list[str] | None = None, batch_size: int = 4096):
     """(row number, row dict) over ``ds`` read a batch of rows at a time (memory O(batch))."""
     i = 0
     for batch in (ds.select_columns(columns) if columns else ds).iter(batch_size=batch_size):
@@ -81,23 +81,14 @@ def _iter_rows(ds, columns: list[str] | None = None, batch_size: int = 4096):
             i += 1
 
 
-def load_rows(path: str | Path, *, max_rows: int | None = None, num_negatives: int = 0,
-              where: str = "data") -> list[dict]:
-    """Rows of a jsonl/parquet file as dicts (every field: ``kalm-fast mine`` writes them back), checked: non-empty
-    file, every row with a non-empty string ``query`` and ``pos``, and at least ``num_negatives`` string negatives in
-    ``neg``. Errors name the file and row. Training reads its files through :class:`ExampleSource` instead."""
-    rows = _open(path, where, max_rows).to_list()
-    for i, row in enumerate(rows):
-        row["pos"], row["neg"] = _checked(row, i, path, where, num_negatives)
-    return rows
-
-
 def check_rows(path: str | Path, *, max_rows: int | None = None, num_negatives: int = 0, where: str = "data") -> int:
-    """The checks of :func:`load_rows`, a batch of rows at a time, without keeping the rows; returns their count."""
-    ds = _open(path, where, max_rows)
+    """Check every row of a jsonl/parquet file (non-empty file, every row with a non-empty string ``query`` and
+    ``pos``, at least ``num_negatives`` string negatives in ``neg``; errors name the file and row), a batch of rows at a
+    time, without keeping them; returns their count."""
+    ds = open_rows(path, where, max_rows)
     columns = [c for c in ("query", "pos", "neg") if c in ds.column_names]
-    for i, row in _iter_rows(ds, columns):
-        _checked(row, i, path, where, num_negatives)
+    for i, row in iter_rows(ds, columns):
+        checked_row(row, i, path, where, num_negatives)
     return len(ds)
 
 
@@ -109,13 +100,13 @@ class ExampleSource:
     def __init__(self, src: DataSource, path: Path, num_negatives: int, where: str):
         self.num_negatives = num_negatives
         self.instruction = src.instruction
-        self.ds = _open(path, where, src.max_rows)
+        self.ds = open_rows(path, where, src.max_rows)
         default_name = src.name or path.stem
         columns = [c for c in ("query", "pos", "neg", "dataset") if c in self.ds.column_names]
         # row numbers per dataset name: names in order of first appearance, rows in file order
         self.groups: dict[str, array.array] = {}
-        for i, row in _iter_rows(self.ds, columns):
-            _checked(row, i, path, where, num_negatives)
+        for i, row in iter_rows(self.ds, columns):
+            checked_row(row, i, path, where, num_negatives)
             name = src.name or row.get("dataset") or default_name
             if name not in self.groups:
                 self.groups[name] = array.array("q")

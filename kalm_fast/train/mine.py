@@ -21,7 +21,7 @@ import torch
 from kalm_fast.distributed import gather_rows, rank_share, world
 from kalm_fast.model import Embedder, query_prompt
 from kalm_fast.train.config import MineConfig, RecipeError
-from kalm_fast.train.data import load_rows
+from kalm_fast.train.data import checked_row, iter_rows, open_rows
 
 
 def top_ranked(q: torch.Tensor, docs: torch.Tensor, k: int, *, device=None, max_scores: int = 2**26) -> torch.Tensor:
@@ -60,60 +60,80 @@ def mine(embedder: Embedder, input_path: str | Path, output_path: str | Path, cf
     input_path, output_path = Path(input_path), Path(output_path)
     if input_path.resolve() == output_path.resolve():
         raise RecipeError(f"mine: output {output_path} would overwrite the input")
-    rows = load_rows(input_path, where="mine input")
+    # the rows are streamed from the file's Arrow table (data.open_rows): no rank holds them all as Python objects
+    ds = open_rows(input_path, "mine input", None)
     rng = random.Random(f"mine:{seed}")
-    if cfg.max_rows is not None and cfg.max_rows < len(rows):
-        rows = [rows[i] for i in sorted(rng.sample(range(len(rows)), cfg.max_rows))]
-    corpus = sorted({t for r in rows for t in [r["pos"], *r["neg"]]})
+    keep = range(len(ds))
+    if cfg.max_rows is not None and cfg.max_rows < len(ds):
+        keep = sorted(rng.sample(range(len(ds)), cfg.max_rows))
+    kept = bytearray(len(ds))
+    for i in keep:
+        kept[i] = 1
+    texts = set()
+    columns = [c for c in ("query", "pos", "neg") if c in ds.column_names]
+    for i, row in iter_rows(ds, columns):  # every row is checked, the kept rows' documents collected
+        pos, negs = checked_row(row, i, input_path, "mine input", 0)
+        if kept[i]:
+            texts.add(pos)
+            texts.update(negs)
+    corpus = sorted(texts)
+    del texts
     if len(corpus) <= cfg.rank_start:
         raise RecipeError(f"mine: the corpus of {input_path} has {len(corpus)} distinct documents, fewer than "
                           f"rank_start={cfg.rank_start}: lower rank_start/rank_end")
-    doc_id = {t: i for i, t in enumerate(corpus)}
     rank = world()[0]
     # under torchrun every rank embeds its share of the corpus and of the queries (rank_share: contiguous, in rank
     # order) and ranks its queries against the whole corpus; rank 0 draws the negatives from the gathered rankings
     # in row order, so the seeded draw is the one a single process makes
     docs = gather_rows(embedder.encode([corpus[i] for i in rank_share(len(corpus))], batch_size=cfg.batch_size,
                                        max_length=max_length, show_progress_bar=rank == 0), to_all=True)
-    mine_rows = rank_share(len(rows))
+    mine_rows = [keep[j] for j in rank_share(len(keep))]
+    share = ds.select(mine_rows).select_columns([c for c in ("query", "instruction") if c in ds.column_names])
     # queries grouped by prompt (instructions may differ per row)
     q = torch.empty(len(mine_rows), docs.shape[1])
     by_prompt: dict[str | None, list[int]] = {}
-    for j, i in enumerate(mine_rows):
-        by_prompt.setdefault(query_prompt(rows[i].get("instruction") or cfg.instruction), []).append(j)
+    queries = []
+    for j, row in iter_rows(share):
+        queries.append(row["query"])
+        by_prompt.setdefault(query_prompt(row.get("instruction") or cfg.instruction), []).append(j)
     for prompt, idx in by_prompt.items():
-        q[idx] = embedder.encode([rows[mine_rows[j]]["query"] for j in idx], prompt=prompt, batch_size=cfg.batch_size,
+        q[idx] = embedder.encode([queries[j] for j in idx], prompt=prompt, batch_size=cfg.batch_size,
                                  max_length=max_length)
+    del queries
 
     end = min(cfg.rank_end, len(corpus))
     k = min(len(corpus), max(end, cfg.consistency_top_k))
     ranked = gather_rows(top_ranked(q, docs, k, device=embedder.device), to_all=False)
     if rank != 0:
         return {}
-    out_rows, inconsistent, too_few = [], 0, 0
-    for start in range(0, len(rows), 4096):  # Python lists of 4,096 rankings at a time
-        for row, order in zip(rows[start:start + 4096], ranked[start:start + 4096].tolist()):
+    doc_id = {t: i for i, t in enumerate(corpus)}
+    kept_rows, inconsistent, too_few = 0, 0, 0
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output_path.with_name(f".{output_path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for j, row in iter_rows(ds.select(keep)):  # every field of the kept rows, in order
+            if j % 4096 == 0:  # Python lists of 4,096 rankings at a time
+                orders = ranked[j:j + 4096].tolist()
+            order = orders[j % 4096]
+            row["pos"], row["neg"] = checked_row(row, j, input_path, "mine input", 0)
             pos = doc_id[row["pos"]]
             if pos not in order[:cfg.consistency_top_k]:
                 inconsistent += 1
                 continue
-            band = [corpus[j] for j in order[cfg.rank_start:end] if j != pos]
+            band = [corpus[d] for d in order[cfg.rank_start:end] if d != pos]
             if len(band) < cfg.num_negatives:
                 too_few += 1
                 continue
-            out_rows.append({**row, "neg": rng.sample(band, cfg.num_negatives)})
-    if not out_rows:
+            f.write(json.dumps({**row, "neg": rng.sample(band, cfg.num_negatives)}, ensure_ascii=False) + "\n")
+            kept_rows += 1
+    if not kept_rows:
+        tmp.unlink()
         raise RecipeError(f"mine: no row of {input_path} passed the ranking-consistency filter (top "
                           f"{cfg.consistency_top_k}); raise consistency_top_k")
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output_path.with_name(f".{output_path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in out_rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
     os.replace(tmp, output_path)
-    stats = {"rows": len(rows), "kept": len(out_rows), "dropped_inconsistent": inconsistent,
+    stats = {"rows": len(keep), "kept": kept_rows, "dropped_inconsistent": inconsistent,
              "dropped_too_few": too_few, "corpus": len(corpus)}
-    print(f"[mine] {output_path}: kept {len(out_rows)}/{len(rows)} rows ({inconsistent} failed the top-"
+    print(f"[mine] {output_path}: kept {kept_rows}/{len(keep)} rows ({inconsistent} failed the top-"
           f"{cfg.consistency_top_k} consistency filter), {cfg.num_negatives} negatives each from ranks "
           f"{cfg.rank_start}-{end} of {len(corpus)} documents")
     return stats
