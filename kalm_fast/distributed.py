@@ -97,18 +97,42 @@ def barrier() -> None:
         dist.barrier(group=_wait_group())
 
 
-def rank_share(n: int) -> range:
-    """This rank's contiguous share of ``n`` items (rank r of W: [n*r//W, n*(r+1)//W)); all of them when not
-    distributed. The shares in rank order are range(n)."""
+def rank_share(n: int, rank: int | None = None) -> range:
+    """Rank ``rank``'s (default: this rank's) contiguous share of ``n`` items: rank r of W gets
+    [n*r//W, n*(r+1)//W), so the shares in rank order are range(n); all of them when not distributed."""
+    me, size = world()
+    r = me if rank is None else rank
+    return range(n * r // size, n * (r + 1) // size)
+
+
+# The mining collectives below run on the gloo group of ``barrier`` (CPU tensors, its long timeout: ranks may reach
+# them minutes apart); every rank must call each of them.
+
+def scatter_objects(objects: list | None):
+    """Rank 0's ``objects[r]`` on rank r (picklable; ``objects`` is only read on rank 0). ``objects[0]`` itself when
+    not distributed."""
     rank, size = world()
-    return range(n * rank // size, n * (rank + 1) // size)
+    if size == 1:
+        return objects[0]
+    out = [None]
+    dist.scatter_object_list(out, objects if rank == 0 else None, src=0, group=_wait_group())
+    return out[0]
 
 
-def gather_rows(x: torch.Tensor, *, to_all: bool) -> torch.Tensor | None:
-    """Every rank's rows of a CPU tensor concatenated in rank order, over the gloo group of ``barrier`` (its long
-    timeout: ranks may reach it minutes apart); ranks may hold different numbers of rows (the same trailing shape
-    and dtype). On every rank when ``to_all``, else on rank 0 only (None elsewhere). Returns ``x`` itself when not
-    distributed."""
+def broadcast_rows(x: torch.Tensor, *, src: int, rows: int) -> torch.Tensor:
+    """Rank ``src``'s (rows, ...) CPU tensor on every rank (``x`` gives the trailing shape and dtype on the others and
+    is returned on ``src``); ``rows`` must be the same on every rank. ``x`` when not distributed."""
+    rank, size = world()
+    if size == 1 or rows == 0:
+        return x if rank == src or size == 1 else x.new_empty(0, *x.shape[1:])
+    buf = x.contiguous() if rank == src else x.new_empty(rows, *x.shape[1:])
+    dist.broadcast(buf, src=src, group=_wait_group())
+    return buf
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor | None:
+    """Every rank's rows of a CPU tensor concatenated in rank order, on rank 0 (None on the others); ranks may hold
+    different numbers of rows (the same trailing shape and dtype). ``x`` itself when not distributed."""
     rank, size = world()
     if size == 1:
         return x
@@ -119,14 +143,9 @@ def gather_rows(x: torch.Tensor, *, to_all: bool) -> torch.Tensor | None:
     counts = [int(c) for c in counts]
     padded = torch.zeros(max(counts), *x.shape[1:], dtype=x.dtype)
     padded[: x.shape[0]] = x
-    parts = [torch.empty_like(padded) for _ in range(size)] if to_all or rank == 0 else None
-    if to_all:
-        dist.all_gather(parts, padded, group=group)
-    else:
-        dist.gather(padded, parts, dst=0, group=group)
-    if parts is None:
-        return None
-    return torch.cat([p[:c] for p, c in zip(parts, counts)])
+    parts = [torch.empty_like(padded) for _ in range(size)] if rank == 0 else None
+    dist.gather(padded, parts, dst=0, group=group)
+    return torch.cat([p[:c] for p, c in zip(parts, counts)]) if rank == 0 else None
 
 
 def average_gradients(params: list[torch.Tensor]) -> None:

@@ -452,6 +452,26 @@ def test_mining_under_two_ranks_writes_the_single_process_file(tmp_path):
     assert torch.load(tmp_path / "stats.1") == {}
 
 
+def _mine_error_worker(rank: int, init_file: str, src: str, result: str):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        mine(None, src, src + ".out", build(MineConfig, {"input": src}))  # fails before any embedding
+    except RecipeError as e:
+        Path(f"{result}.{rank}").write_text(str(e))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_bad_mining_input_fails_on_every_rank(tmp_path):
+    """Only rank 0 reads the corpus; its error reaches every rank (none waits for a share that never comes)."""
+    src = _write_jsonl(tmp_path / "in.jsonl", [*_mine_rows()[:3], {"query": "", "pos": "x"}])
+    mp.spawn(_mine_error_worker, args=(str(tmp_path / "rdv"), str(src), str(tmp_path / "err")), nprocs=WORLD,
+             join=True)
+    for rank in range(WORLD):
+        assert "row 3 has no query" in (tmp_path / f"err.{rank}").read_text()
+
+
 @pytest.mark.parametrize("max_scores", [1, 3 * 50, 2**26])  # one query per block, 3 per block, all at once
 def test_top_ranked_is_the_head_of_the_full_ranking(max_scores):
     g = torch.Generator().manual_seed(0)

@@ -7,10 +7,17 @@ whose own positive the model does not place in its top ``consistency_top_k``: su
 
 The corpus is every distinct positive (and existing negative) of the input file; a document equal to the row's
 positive is never its negative. Output rows keep every input field, with ``neg`` replaced; written atomically.
+
+Under torchrun every rank mines a share: rank 0 reads the corpus and hands each rank its contiguous share of the
+documents (and the positives of its share of the rows); each rank embeds its documents and queries, then the document
+shares are broadcast one at a time and every rank keeps a running top-k of its queries against them (no rank holds
+the whole corpus embedding); rank 0 gathers, per row, the consistency verdict and the rank band, and draws the
+negatives in row order with the seeded generator, as one process does.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import random
@@ -18,10 +25,31 @@ from pathlib import Path
 
 import torch
 
-from kalm_fast.distributed import gather_rows, rank_share, world
+from kalm_fast.distributed import broadcast_rows, gather_rows, rank_share, scatter_objects, world
 from kalm_fast.model import Embedder, query_prompt
 from kalm_fast.train.config import MineConfig, RecipeError
 from kalm_fast.train.data import checked_row, iter_rows, open_rows
+
+
+def _best_first(values: torch.Tensor, idx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``k`` columns of (values, idx) rows ordered best first, equal values by index (lower first): the
+    same order on every device and torch version."""
+    idx, order = idx.sort(dim=1)
+    values = values.gather(1, order)
+    order = values.sort(dim=1, descending=True, stable=True).indices[:, :k]
+    return values.gather(1, order), idx.gather(1, order)
+
+
+def _top_blocks(q: torch.Tensor, docs: torch.Tensor, k: int, device, max_scores: int, offset: int = 0):
+    """(values fp32, indices int64) (Q, k) on CPU of the top ``k`` documents per query, best first, indices + offset."""
+    Q, C = q.shape[0], docs.shape[0]
+    docs = docs.to(device)
+    rows = max(1, min(1024, max_scores // C))
+    values, out = torch.empty(Q, k), torch.empty(Q, k, dtype=torch.int64)
+    for start in range(0, Q, rows):
+        v, i = _best_first(*(q[start:start + rows].to(device) @ docs.T).topk(k, dim=1, sorted=False), k)
+        values[start:start + rows], out[start:start + rows] = v.cpu(), i.cpu() + offset
+    return values, out
 
 
 def top_ranked(q: torch.Tensor, docs: torch.Tensor, k: int, *, device=None, max_scores: int = 2**26) -> torch.Tensor:
@@ -33,22 +61,52 @@ def top_ranked(q: torch.Tensor, docs: torch.Tensor, k: int, *, device=None, max_
     the full (Q, C) ranking, and a top-k instead of a sort of every row (a 1M-document corpus is 4 MB of scores
     per query, not 12 MB of scores and sorted indices). Equal scores rank by document index (lower first); which of
     equal scores at rank ``k`` is kept is ``torch.topk``'s choice."""
-    Q, C = q.shape[0], docs.shape[0]
+    C = docs.shape[0]
     if not 1 <= k <= C:
         raise ValueError(f"k must be in [1, {C}] (the number of documents), got {k}")
     if max_scores < 1:
         raise ValueError(f"max_scores must be >= 1, got {max_scores}")
-    device = docs.device if device is None else torch.device(device)
-    docs = docs.to(device)
-    rows = max(1, min(1024, max_scores // C))
-    out = torch.empty(Q, k, dtype=torch.int64)
-    for start in range(0, Q, rows):
-        values, idx = (q[start:start + rows].to(device) @ docs.T).topk(k, dim=1, sorted=False)
-        # best first, equal scores by document index: the same order on every device and torch version
-        idx, order = idx.sort(dim=1)
-        values = values.gather(1, order)
-        out[start:start + rows] = idx.gather(1, values.sort(dim=1, descending=True, stable=True).indices).cpu()
-    return out
+    return _top_blocks(q, docs, k, docs.device if device is None else torch.device(device), max_scores)[1]
+
+
+def _top_ranked_sharded(q: torch.Tensor, docs: torch.Tensor, num_docs: int, k: int, device) -> torch.Tensor:
+    """``top_ranked`` of this rank's queries against every rank's document share (rank r holds the documents
+    ``rank_share(num_docs)`` gives it, here ``docs``): the shares are broadcast one at a time and merged into a
+    running top-k, so a rank holds one share, not the corpus."""
+    _, size = world()
+    if size == 1:
+        return top_ranked(q, docs, k, device=device)
+    values = torch.empty(q.shape[0], 0)
+    idx = torch.empty(q.shape[0], 0, dtype=torch.int64)
+    if not q.shape[0]:  # no rows here: take part in the broadcasts only
+        idx = torch.empty(0, k, dtype=torch.int64)
+    for r in range(size):
+        share = rank_share(num_docs, r)
+        block = broadcast_rows(docs, src=r, rows=len(share))
+        if not len(share) or not q.shape[0]:
+            continue
+        v, i = _top_blocks(q, block, min(k, len(share)), device, 2**26, offset=share.start)
+        values, idx = _best_first(torch.cat([values, v], 1), torch.cat([idx, i], 1), k)
+    return idx
+
+
+def _corpus(ds, keep, input_path) -> tuple[list[str], list[int]]:
+    """Check every row; the sorted distinct documents (positives and negatives) of the kept rows, and each kept row's
+    positive as an index into them."""
+    kept = bytearray(len(ds))
+    for i in keep:
+        kept[i] = 1
+    texts = set()
+    columns = [c for c in ("query", "pos", "neg") if c in ds.column_names]
+    pos_text = []
+    for i, row in iter_rows(ds, columns):
+        pos, negs = checked_row(row, i, input_path, "mine input", 0)
+        if kept[i]:
+            texts.add(pos)
+            texts.update(negs)
+            pos_text.append(pos)
+    corpus = sorted(texts)
+    return corpus, [bisect.bisect_left(corpus, t) for t in pos_text]
 
 
 def mine(embedder: Embedder, input_path: str | Path, output_path: str | Path, cfg: MineConfig, *, seed: int = 0,
@@ -60,40 +118,43 @@ def mine(embedder: Embedder, input_path: str | Path, output_path: str | Path, cf
     input_path, output_path = Path(input_path), Path(output_path)
     if input_path.resolve() == output_path.resolve():
         raise RecipeError(f"mine: output {output_path} would overwrite the input")
+    rank, size = world()
     # the rows are streamed from the file's Arrow table (data.open_rows): no rank holds them all as Python objects
     ds = open_rows(input_path, "mine input", None)
     rng = random.Random(f"mine:{seed}")
     keep = range(len(ds))
     if cfg.max_rows is not None and cfg.max_rows < len(ds):
         keep = sorted(rng.sample(range(len(ds)), cfg.max_rows))
-    kept = bytearray(len(ds))
-    for i in keep:
-        kept[i] = 1
-    texts = set()
-    columns = [c for c in ("query", "pos", "neg") if c in ds.column_names]
-    for i, row in iter_rows(ds, columns):  # every row is checked, the kept rows' documents collected
-        pos, negs = checked_row(row, i, input_path, "mine input", 0)
-        if kept[i]:
-            texts.add(pos)
-            texts.update(negs)
-    corpus = sorted(texts)
-    del texts
-    if len(corpus) <= cfg.rank_start:
-        raise RecipeError(f"mine: the corpus of {input_path} has {len(corpus)} distinct documents, fewer than "
-                          f"rank_start={cfg.rank_start}: lower rank_start/rank_end")
-    rank = world()[0]
-    # under torchrun every rank embeds its share of the corpus and of the queries (rank_share: contiguous, in rank
-    # order) and ranks its queries against the whole corpus; rank 0 draws the negatives from the gathered rankings
-    # in row order, so the seeded draw is the one a single process makes
-    docs = gather_rows(embedder.encode([corpus[i] for i in rank_share(len(corpus))], batch_size=cfg.batch_size,
-                                       max_length=max_length, show_progress_bar=rank == 0), to_all=True)
+
+    # rank 0 reads the corpus and sends each rank its documents and its rows' positives (or the error, so that no
+    # rank waits for a share that never comes)
+    shares = corpus = None
+    if rank == 0:
+        try:
+            corpus, pos_ids = _corpus(ds, keep, input_path)
+            if len(corpus) <= cfg.rank_start:
+                raise RecipeError(f"mine: the corpus of {input_path} has {len(corpus)} distinct documents, fewer "
+                                  f"than rank_start={cfg.rank_start}: lower rank_start/rank_end")
+            shares = [(len(corpus), [corpus[i] for i in rank_share(len(corpus), r)],
+                       [pos_ids[j] for j in rank_share(len(keep), r)]) for r in range(size)]
+        except Exception as e:  # noqa: BLE001 -- re-raised on every rank
+            if size == 1:
+                raise
+            shares = [e] * size
+    share = scatter_objects(shares)
+    if isinstance(share, Exception):
+        raise share
+    num_docs, doc_texts, pos_ids = share
+    docs = embedder.encode(doc_texts, batch_size=cfg.batch_size, max_length=max_length, show_progress_bar=rank == 0)
+    del doc_texts
+
+    # this rank's queries, grouped by prompt (instructions may differ per row)
     mine_rows = [keep[j] for j in rank_share(len(keep))]
-    share = ds.select(mine_rows).select_columns([c for c in ("query", "instruction") if c in ds.column_names])
-    # queries grouped by prompt (instructions may differ per row)
+    rows = ds.select(mine_rows).select_columns([c for c in ("query", "instruction") if c in ds.column_names])
     q = torch.empty(len(mine_rows), docs.shape[1])
     by_prompt: dict[str | None, list[int]] = {}
     queries = []
-    for j, row in iter_rows(share):
+    for j, row in iter_rows(rows):
         queries.append(row["query"])
         by_prompt.setdefault(query_prompt(row.get("instruction") or cfg.instruction), []).append(j)
     for prompt, idx in by_prompt.items():
@@ -101,29 +162,35 @@ def mine(embedder: Embedder, input_path: str | Path, output_path: str | Path, cf
                                  max_length=max_length)
     del queries
 
-    end = min(cfg.rank_end, len(corpus))
-    k = min(len(corpus), max(end, cfg.consistency_top_k))
-    ranked = gather_rows(top_ranked(q, docs, k, device=embedder.device), to_all=False)
+    # per row: whether the positive is in the top consistency_top_k, and the rank band without the positive (-1)
+    end = min(cfg.rank_end, num_docs)
+    k = min(num_docs, max(end, cfg.consistency_top_k))
+    ranked = _top_ranked_sharded(q, docs, num_docs, k, embedder.device)
+    pos = torch.tensor(pos_ids, dtype=torch.int64)[:, None]
+    band = ranked[:, cfg.rank_start:end]
+    verdicts = torch.cat([(ranked[:, :cfg.consistency_top_k] == pos).any(1, keepdim=True).to(torch.int32),
+                          torch.where(band == pos, -1, band).to(torch.int32)], 1)
+    del ranked
+    verdicts = gather_rows(verdicts)
     if rank != 0:
         return {}
-    doc_id = {t: i for i, t in enumerate(corpus)}
+
     kept_rows, inconsistent, too_few = 0, 0, 0
     output_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = output_path.with_name(f".{output_path.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         for j, row in iter_rows(ds.select(keep)):  # every field of the kept rows, in order
-            if j % 4096 == 0:  # Python lists of 4,096 rankings at a time
-                orders = ranked[j:j + 4096].tolist()
-            order = orders[j % 4096]
-            row["pos"], row["neg"] = checked_row(row, j, input_path, "mine input", 0)
-            pos = doc_id[row["pos"]]
-            if pos not in order[:cfg.consistency_top_k]:
+            if j % 4096 == 0:  # Python lists of 4,096 verdicts at a time
+                chunk = verdicts[j:j + 4096].tolist()
+            consistent, *band_ids = chunk[j % 4096]
+            if not consistent:
                 inconsistent += 1
                 continue
-            band = [corpus[d] for d in order[cfg.rank_start:end] if d != pos]
+            band = [corpus[d] for d in band_ids if d >= 0]
             if len(band) < cfg.num_negatives:
                 too_few += 1
                 continue
+            row["pos"], row["neg"] = checked_row(row, j, input_path, "mine input", 0)
             f.write(json.dumps({**row, "neg": rng.sample(band, cfg.num_negatives)}, ensure_ascii=False) + "\n")
             kept_rows += 1
     if not kept_rows:
