@@ -5,10 +5,13 @@ Below everything else in kalm_fast."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TextIO
 
 
 def fsync_dir(path: Path) -> None:
@@ -48,20 +51,28 @@ def publish(tmp: Path, output: Path, aside: Path) -> None:
     fsync_dir(output.absolute().parent)
 
 
-def write_text(path: Path, text: str) -> None:
-    """Readers (and a restart after a crash) see the old file or the new one, never half of one: a hidden sibling
-    written and fsynced, then renamed over ``path``."""
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[TextIO]:
+    """A text file written through the block's file object (a hidden sibling), fsynced and renamed over ``path`` when
+    the block ends: readers (and a restart after a crash) see the old file or the new one, never half of one. If the
+    block raises, the sibling is removed and ``path`` is left as it was."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         remove(tmp)
         raise
+
+
+def write_text(path: Path, text: str) -> None:
+    """``text`` into ``path`` atomically (``writing``)."""
+    with writing(path) as f:
+        f.write(text)
 
 
 def write_json(path: Path, obj, indent: int = 1) -> None:

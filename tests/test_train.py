@@ -420,7 +420,7 @@ def test_mine_draws_from_the_rank_band_and_filters(tmp_path):
         order = (embedder.encode([r["query"]]) @ docs.T)[0].argsort(descending=True).tolist()
         band = {corpus[k] for k in order[3:10]}
         assert set(r["neg"]) <= band
-    assert not list(tmp_path.glob(".*.tmp"))
+    assert not list(tmp_path.glob(".*.tmp*"))  # atomic.writing's sibling is gone
 
 
 def _mine_worker(rank: int, init_file: str, src: str, out: str, cfg: dict, result: str):

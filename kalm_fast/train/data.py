@@ -81,14 +81,21 @@ def iter_rows(ds, columns: list[str] | None = None, batch_size: int = 4096):
             i += 1
 
 
+def checked_rows(ds, path, where: str, num_negatives: int, extra: tuple[str, ...] = ()):
+    """(row number, row, pos, negatives) for every row of ``ds``, checked by ``checked_row``, a batch of rows at a
+    time; the row dicts hold ``query``, ``pos``, ``neg`` and the ``extra`` columns the file has."""
+    columns = [c for c in ("query", "pos", "neg", *extra) if c in ds.column_names]
+    for i, row in iter_rows(ds, columns):
+        yield i, row, *checked_row(row, i, path, where, num_negatives)
+
+
 def check_rows(path: str | Path, *, max_rows: int | None = None, num_negatives: int = 0, where: str = "data") -> int:
     """Check every row of a jsonl/parquet file (non-empty file, every row with a non-empty string ``query`` and
     ``pos``, at least ``num_negatives`` string negatives in ``neg``; errors name the file and row), a batch of rows at a
     time, without keeping them; returns their count."""
     ds = open_rows(path, where, max_rows)
-    columns = [c for c in ("query", "pos", "neg") if c in ds.column_names]
-    for i, row in iter_rows(ds, columns):
-        checked_row(row, i, path, where, num_negatives)
+    for _ in checked_rows(ds, path, where, num_negatives):
+        pass
     return len(ds)
 
 
@@ -102,18 +109,13 @@ class ExampleSource:
         self.instruction = src.instruction
         self.ds = open_rows(path, where, src.max_rows)
         default_name = src.name or path.stem
-        columns = [c for c in ("query", "pos", "neg", "dataset") if c in self.ds.column_names]
         # row numbers per dataset name: names in order of first appearance, rows in file order
         self.groups: dict[str, array.array] = {}
-        for i, row in iter_rows(self.ds, columns):
-            checked_row(row, i, path, where, num_negatives)
+        for i, row, _, _ in checked_rows(self.ds, path, where, num_negatives, extra=("dataset",)):
             name = src.name or row.get("dataset") or default_name
             if name not in self.groups:
                 self.groups[name] = array.array("q")
             self.groups[name].append(i)
-
-    def __len__(self) -> int:
-        return len(self.ds)
 
     def examples(self, rows: list[int], dataset: str) -> list[Example]:
         """The Examples of these row numbers (rows of ``dataset``), in this order: one Arrow take."""

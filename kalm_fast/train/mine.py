@@ -19,16 +19,16 @@ from __future__ import annotations
 
 import bisect
 import json
-import os
 import random
 from pathlib import Path
 
 import torch
 
+from kalm_fast.atomic import writing
 from kalm_fast.distributed import broadcast_rows, gather_rows, rank_share, scatter_objects, world
 from kalm_fast.model import Embedder, query_prompt
 from kalm_fast.train.config import MineConfig, RecipeError
-from kalm_fast.train.data import checked_row, iter_rows, open_rows
+from kalm_fast.train.data import checked_row, checked_rows, iter_rows, open_rows
 
 
 def _best_first(values: torch.Tensor, idx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,12 +78,10 @@ def _top_ranked_sharded(q: torch.Tensor, docs: torch.Tensor, num_docs: int, k: i
         return top_ranked(q, docs, k, device=device)
     values = torch.empty(q.shape[0], 0)
     idx = torch.empty(q.shape[0], 0, dtype=torch.int64)
-    if not q.shape[0]:  # no rows here: take part in the broadcasts only
-        idx = torch.empty(0, k, dtype=torch.int64)
     for r in range(size):
         share = rank_share(num_docs, r)
         block = broadcast_rows(docs, src=r, rows=len(share))
-        if not len(share) or not q.shape[0]:
+        if not len(share):
             continue
         v, i = _top_blocks(q, block, min(k, len(share)), device, 2**26, offset=share.start)
         values, idx = _best_first(torch.cat([values, v], 1), torch.cat([idx, i], 1), k)
@@ -97,10 +95,8 @@ def _corpus(ds, keep, input_path) -> tuple[list[str], list[int]]:
     for i in keep:
         kept[i] = 1
     texts = set()
-    columns = [c for c in ("query", "pos", "neg") if c in ds.column_names]
     pos_text = []
-    for i, row in iter_rows(ds, columns):
-        pos, negs = checked_row(row, i, input_path, "mine input", 0)
+    for i, _, pos, negs in checked_rows(ds, input_path, "mine input", 0):
         if kept[i]:
             texts.add(pos)
             texts.update(negs)
@@ -177,8 +173,7 @@ def mine(embedder: Embedder, input_path: str | Path, output_path: str | Path, cf
 
     kept_rows, inconsistent, too_few = 0, 0, 0
     output_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output_path.with_name(f".{output_path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with writing(output_path) as f:
         for j, row in iter_rows(ds.select(keep)):  # every field of the kept rows, in order
             if j % 4096 == 0:  # Python lists of 4,096 verdicts at a time
                 chunk = verdicts[j:j + 4096].tolist()
@@ -193,11 +188,9 @@ def mine(embedder: Embedder, input_path: str | Path, output_path: str | Path, cf
             row["pos"], row["neg"] = checked_row(row, j, input_path, "mine input", 0)
             f.write(json.dumps({**row, "neg": rng.sample(band, cfg.num_negatives)}, ensure_ascii=False) + "\n")
             kept_rows += 1
-    if not kept_rows:
-        tmp.unlink()
-        raise RecipeError(f"mine: no row of {input_path} passed the ranking-consistency filter (top "
-                          f"{cfg.consistency_top_k}); raise consistency_top_k")
-    os.replace(tmp, output_path)
+        if not kept_rows:  # inside the block: nothing is published
+            raise RecipeError(f"mine: no row of {input_path} passed the ranking-consistency filter (top "
+                              f"{cfg.consistency_top_k}); raise consistency_top_k")
     stats = {"rows": len(keep), "kept": kept_rows, "dropped_inconsistent": inconsistent,
              "dropped_too_few": too_few, "corpus": len(corpus)}
     print(f"[mine] {output_path}: kept {kept_rows}/{len(keep)} rows ({inconsistent} failed the top-"
