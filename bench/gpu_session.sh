@@ -28,7 +28,7 @@ START=$SECONDS
 # step name, cap in seconds (what is left of the budget when smaller)
 STEPS=("build kalm_fast._C for sm_90, in the background|240" "compile smoke (sm_90, pinned)|60"
        "warm the kernel cache, in the background|300"
-       "GPU tests of the Triton ops, pinned configs|150" "GPU tests of soup and model (after the build)|60"
+       "GPU tests of the Triton ops, pinned configs|150" "GPU tests of soup, model, torch.compile|60"
        "bench, every suite, pinned, --budget-s|150" "bench attention, KALM_FAST_AUTOTUNE=1|50")
 
 left() { local l=$((BUDGET - (SECONDS - START))); [ "$1" -lt "$l" ] && echo "$1" || echo "$((l > 5 ? l : 5))"; }
@@ -109,10 +109,11 @@ env -u KALM_FAST_AUTOTUNE timeout "$(left 150)" python3 -P -m pytest -m gpu -v -
     tests/test_attention.py tests/test_pooling.py tests/test_infonce.py tests/test_launch.py 2>&1 \
     | tee "$OUT/gpu_tests.log" | tail -25
 
-# 4. soup and model (the soup's CUDA path needs the build)
+# 4. soup and model (the soup's CUDA path needs the build), then torch.compile over the ops (inductor; last: a cut
+#    by the cap costs only it)
 wait_build
 env -u KALM_FAST_AUTOTUNE timeout "$(left 60)" python3 -P -m pytest -m gpu -v --durations=15 -p no:cacheprovider \
-    tests/test_soup.py tests/test_model.py 2>&1 | tee -a "$OUT/gpu_tests.log" | tail -25
+    tests/test_soup.py tests/test_model.py tests/test_torch_compile.py 2>&1 | tee -a "$OUT/gpu_tests.log" | tail -25
 
 # the warm-up stops before the bench: timings do not share the CPU with ten compile processes
 if kill -0 "$WARM" 2>/dev/null; then kill "$WARM"; wait "$WARM" 2>/dev/null; fi

@@ -59,7 +59,8 @@ step compile_smoke python3 -m bench.compile --smoke --arch sm_90 --jobs "$(nproc
 step warm env TRITON_CACHE_DIR="$WORK/triton_cache" python3 -m bench.compile --warm --arch sm_90 --op infonce \
     --jobs "$(nproc)"
 step op_tests env PYTHONPATH="$VENV/np23" python3 -P -m pytest -q -p no:cacheprovider tests/test_attention.py \
-    tests/test_pooling.py tests/test_infonce.py tests/test_launch.py tests/test_soup.py tests/test_model.py
+    tests/test_pooling.py tests/test_infonce.py tests/test_launch.py tests/test_soup.py tests/test_model.py \
+    tests/test_torch_compile.py
 step peer_wheels bash bench/peer_wheels.sh
 step peer_install python3 -m pip install --no-index --no-deps .whl/*.whl
 step peer_imports python3 -c "import inf_cl, mergekit.merge"

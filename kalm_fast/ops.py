@@ -16,7 +16,6 @@ each differentiable through its own torch.autograd.Function.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import math
 import os
@@ -44,9 +43,11 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@functools.cache
+_TRITON = importlib.util.find_spec("triton") is not None  # a constant, not a cached call: torch.compile traces it
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:
@@ -86,13 +87,22 @@ def _check_same_device(**tensors):
         raise ValueError(f"tensors must be on one device, got {', '.join(f'{n}: {d}' for n, d in devices.items())}")
 
 
+def _checking_values() -> bool:
+    """Whether checks that read tensor values (a host sync each) run: always in eager, never while torch.compile
+    traces (a sync would split the graph, and fullgraph=True would fail), like flash-attention's varlen API."""
+    return not torch.compiler.is_compiling()
+
+
 def _check_cu_seqlens(cu_seqlens, total: int, device, max_seqlen: int | None = None):
-    """cu_seqlens int32 (B+1,), starting at 0, non-decreasing, ending at ``total`` (one host sync)."""
+    """cu_seqlens int32 (B+1,), starting at 0, non-decreasing, ending at ``total`` (one host sync; values unchecked
+    under torch.compile)."""
     _check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,))
     if cu_seqlens.numel() < 1:
         raise ValueError("cu_seqlens must have B+1 >= 1 entries")
     if cu_seqlens.device != device:
         raise ValueError(f"cu_seqlens must be on {device}, got {cu_seqlens.device}")
+    if not _checking_values():
+        return
     cpu = cu_seqlens.cpu()
     if int(cpu[0]) != 0 or int(cpu[-1]) != total:
         raise ValueError(f"cu_seqlens must start at 0 and end at the number of tokens {total}, "
@@ -339,12 +349,12 @@ def focal_infonce(q, d, *, pos_idx=None, group_size=None, in_batch_negatives=Tru
         if pos_idx.shape[0] != B or pos_idx.device != q.device:
             raise ValueError(f"pos_idx must be ({B},) on {q.device}, got {tuple(pos_idx.shape)} on {pos_idx.device}")
         pos_idx = pos_idx.long()
-        lo, hi = torch.stack(torch.aminmax(pos_idx)).tolist()  # one device sync
-        if lo < 0 or hi >= N:
-            raise ValueError(f"pos_idx values must be in [0, N={N}), got range [{lo}, {hi}]")
         if group_size is None and not in_batch_negatives and N % B != 0:
             raise ValueError(f"in_batch_negatives=False needs group_size when N ({N}) is not a multiple of B ({B})")
         G = group_size if group_size is not None else N // B
+        lo, hi = torch.stack(torch.aminmax(pos_idx)).tolist() if _checking_values() else (0, 0)  # one device sync
+        if lo < 0 or hi >= N:
+            raise ValueError(f"pos_idx values must be in [0, N={N}), got range [{lo}, {hi}]")
         if not in_batch_negatives and hi + G > N:
             raise ValueError(f"the group of the query with pos_idx={hi} runs past N={N} (group_size={G})")
 
@@ -357,7 +367,7 @@ def focal_infonce(q, d, *, pos_idx=None, group_size=None, in_batch_negatives=Tru
         if tuple(mix_lambda.shape) != (B, num_mix):
             raise ValueError(f"mix_lambda must have shape (B, num_mix) = ({B}, {num_mix}), "
                              f"got {tuple(mix_lambda.shape)}")
-        if mix_lambda.numel() and not bool(((mix_lambda >= 0) & (mix_lambda <= 1)).all()):
+        if _checking_values() and mix_lambda.numel() and not bool(((mix_lambda >= 0) & (mix_lambda <= 1)).all()):
             raise ValueError("mix_lambda values must lie in [0, 1]")
         lam = mix_lambda.to(device=q.device, dtype=torch.float32)
     elif num_mix > 0:

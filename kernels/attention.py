@@ -604,11 +604,23 @@ def flash_attn_varlen_bwd(do, q, k, v, out, lse, cu_seqlens, max_seqlen: int, so
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _forward(q, k, v, cu_seqlens, max_seqlen: int, softmax_scale: float):
+    """out, lse and the sequence order the backward reuses (one body for eager autograd and the custom op)."""
+    order = longest_first(cu_seqlens)
+    out, lse = flash_attn_varlen_fwd(q, k, v, cu_seqlens, max_seqlen, softmax_scale, order=order)
+    return out, lse, order
+
+
+def _backward(dout, dlse, q, k, v, out, lse, cu_seqlens, order, max_seqlen: int, softmax_scale: float):
+    if dout is None:  # only lse was used downstream
+        dout = torch.zeros_like(out)
+    return flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, dlse, order=order)
+
+
 class _FlashAttnVarlenFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, max_seqlen, softmax_scale):
-        order = longest_first(cu_seqlens)
-        out, lse = flash_attn_varlen_fwd(q, k, v, cu_seqlens, max_seqlen, softmax_scale, order=order)
+        out, lse, order = _forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, order)
         ctx.max_seqlen = max_seqlen
         ctx.softmax_scale = softmax_scale
@@ -617,12 +629,58 @@ class _FlashAttnVarlenFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse, cu_seqlens, order = ctx.saved_tensors
-        if dout is None:  # only lse was used downstream
-            dout = torch.zeros_like(out)
-        dq, dk, dv = flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.softmax_scale, dlse,
-                              order=order)
+        dq, dk, dv = _backward(dout, dlse, *ctx.saved_tensors, ctx.max_seqlen, ctx.softmax_scale)
         return dq, dk, dv, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch.compile: the same two bodies as custom ops. Under torch.compile (``torch.compiler.is_compiling()``) the graph
+# calls them as opaque ops, their fake impls giving only shapes: Dynamo never traces the launchers (host-side tile
+# choice, device guard) and inductor never relaunches the kernels with tiles of its own, so compiled and eager runs
+# give the same bits. Eager keeps the autograd.Function: a custom op costs about 20 us more a call on the host.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("kalm_fast::flash_attn_varlen_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+            softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale)
+
+
+@_fwd_op.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, softmax_scale):
+    T, Hq, _ = q.shape
+    return (q.new_empty(q.shape), q.new_empty((Hq, T), dtype=torch.float32),
+            cu_seqlens.new_empty(cu_seqlens.shape[0] - 1))
+
+
+@torch.library.custom_op("kalm_fast::flash_attn_varlen_bwd", mutates_args=())
+def _bwd_op(dout: torch.Tensor | None, dlse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            out: torch.Tensor, lse: torch.Tensor, cu_seqlens: torch.Tensor, order: torch.Tensor, max_seqlen: int,
+            softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(dout, dlse, q, k, v, out, lse, cu_seqlens, order, max_seqlen, softmax_scale)
+
+
+@_bwd_op.register_fake
+def _(dout, dlse, q, k, v, out, lse, cu_seqlens, order, max_seqlen, softmax_scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _op_setup(ctx, inputs, output):
+    q, k, v, cu_seqlens, max_seqlen, softmax_scale = inputs
+    out, lse, order = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, order)
+    ctx.args = (max_seqlen, softmax_scale)
+    ctx.mark_non_differentiable(order)
+    ctx.set_materialize_grads(False)
+
+
+def _op_backward(ctx, dout, dlse, _dorder):
+    dq, dk, dv = _bwd_op(dout, dlse, *ctx.saved_tensors, *ctx.args)
+    return dq, dk, dv, None, None, None
+
+
+_fwd_op.register_autograd(_op_backward, setup_context=_op_setup)
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, softmax_scale=None, return_lse=False):
@@ -633,5 +691,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, softmax_scale=None, 
     reaching lse is folded into the backward's delta, step 5 above).
     """
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    out, lse = _FlashAttnVarlenFunction.apply(q, k, v, cu_seqlens, int(max_seqlen), scale)
+    if torch.compiler.is_compiling():
+        out, lse, _ = _fwd_op(q, k, v, cu_seqlens, max_seqlen, scale)
+    else:
+        out, lse = _FlashAttnVarlenFunction.apply(q, k, v, cu_seqlens, int(max_seqlen), scale)
     return (out, lse) if return_lse else out

@@ -660,38 +660,115 @@ def focal_infonce_bwd(q, d, pos_idx, group_size, in_batch_negatives, temperature
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _forward(q, d, pos_idx, group_size, in_batch_negatives, temperature, gamma, num_mix, mix_lambda, reduction):
+    """(loss, stats (INFONCE_STATS order), residuals for the backward) -- one body for eager autograd and the op."""
+    lam = mix_lambda if num_mix > 0 else None
+    lse2, logp2, top_v, top_i, zh, nrm = focal_infonce_fwd(q, d, pos_idx, group_size, in_batch_negatives,
+                                                     temperature, num_mix, lam)
+    shift, logp, loss = heads.infonce_head(lse2 * LN2, logp2 * LN2, zh, gamma)
+    lse2 = lse2 + shift * LOG2E  # the synthetic negatives' share, for P = exp2(s qk_scale - lse2) in the backward
+    stats = heads.infonce_stats(logp, gamma, top_v[:, 0] / temperature, top_i[:, 0].long())
+    return heads.reduce_loss(loss, reduction), tuple(stats.values()), (lse2, logp, top_i, nrm, zh)
+
+
+def _backward(grad_loss, q, d, pos_idx, lam, lse2, logp, top_i, nrm, zh, args, need):
+    group_size, in_batch_negatives, temperature, gamma, reduction = args
+    g, c_a, c_b = heads.infonce_grad_coeffs(grad_loss, logp, lse2 * LN2, zh, lam, nrm, gamma, reduction)
+    return focal_infonce_bwd(q, d, pos_idx, group_size, in_batch_negatives, temperature, lse2, g, top_i, c_a, c_b,
+                             need_dq=need[0], need_dd=need[1])
+
+
 class _FocalInfoNCEFunction(torch.autograd.Function):
     """(loss, p_pos, weight, hard_neg_logit, hard_neg_idx); only the loss is differentiable (w.r.t. q and d)."""
 
     @staticmethod
     def forward(ctx, q, d, pos_idx, group_size, in_batch_negatives, temperature, gamma, num_mix, mix_lambda,
                 reduction):
-        lam = mix_lambda if num_mix > 0 else None
-        lse2, logp2, top_v, top_i, zh, nrm = focal_infonce_fwd(q, d, pos_idx, group_size, in_batch_negatives,
-                                                         temperature, num_mix, lam)
-        shift, logp, loss = heads.infonce_head(lse2 * LN2, logp2 * LN2, zh, gamma)
-        lse2 = lse2 + shift * LOG2E  # the synthetic negatives' share, for P = exp2(s qk_scale - lse2) in the backward
-        ctx.save_for_backward(q, d, pos_idx, lse2, logp, top_i, lam, nrm, zh)
+        loss, stats, saved = _forward(q, d, pos_idx, group_size, in_batch_negatives, temperature, gamma, num_mix,
+                                      mix_lambda, reduction)
+        ctx.save_for_backward(q, d, pos_idx, mix_lambda if num_mix > 0 else None, *saved)
         ctx.args = (group_size, in_batch_negatives, temperature, gamma, reduction)
-        stats = heads.infonce_stats(logp, gamma, top_v[:, 0] / temperature, top_i[:, 0].long())
-        ctx.mark_non_differentiable(*stats.values())
-        return (heads.reduce_loss(loss, reduction), *stats.values())
+        ctx.mark_non_differentiable(*stats)
+        return (loss, *stats)
 
     @staticmethod
     def backward(ctx, grad_loss, *_stats_grads):
-        q, d, pos_idx, lse2, logp, top_i, lam, nrm, zh = ctx.saved_tensors
-        group_size, in_batch_negatives, temperature, gamma, reduction = ctx.args
-        g, c_a, c_b = heads.infonce_grad_coeffs(grad_loss, logp, lse2 * LN2, zh, lam, nrm, gamma, reduction)
-        dq, dd = focal_infonce_bwd(q, d, pos_idx, group_size, in_batch_negatives, temperature, lse2, g, top_i, c_a, c_b,
-                              need_dq=ctx.needs_input_grad[0], need_dd=ctx.needs_input_grad[1])
+        dq, dd = _backward(grad_loss, *ctx.saved_tensors, ctx.args, ctx.needs_input_grad[:2])
         return dq, dd, None, None, None, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch.compile: the same two bodies as custom ops (why: kalm_fast.kernels.attention, same section). An op returns
+# tensors only: the absent mixing residuals and gradients travel as (0,)-sized tensors.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("kalm_fast::focal_infonce_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, d: torch.Tensor, pos_idx: torch.Tensor, group_size: int, in_batch_negatives: bool,
+            temperature: float, gamma: float, num_mix: int, mix_lambda: torch.Tensor | None,
+            reduction: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    loss, stats, (lse2, logp, top_i, nrm, zh) = _forward(q, d, pos_idx, group_size, in_batch_negatives, temperature,
+                                                         gamma, num_mix, mix_lambda, reduction)
+    return (loss, *stats, lse2, logp, top_i, *(lse2.new_empty(0) if x is None else x for x in (nrm, zh)))
+
+
+@_fwd_op.register_fake
+def _(q, d, pos_idx, group_size, in_batch_negatives, temperature, gamma, num_mix, mix_lambda, reduction):
+    B = q.shape[0]
+    f32 = dict(dtype=torch.float32)
+    loss = q.new_empty((B,) if reduction == "none" else (), **f32)
+    stats = (q.new_empty(B, **f32), q.new_empty(B, **f32), q.new_empty(B, **f32), q.new_empty(B, dtype=torch.int64))
+    mix = (q.new_empty(B, num_mix, **f32), q.new_empty(B, num_mix, **f32)) if num_mix > 0 else (
+        q.new_empty(0, **f32), q.new_empty(0, **f32))
+    return (loss, *stats, q.new_empty(B, **f32), q.new_empty(B, **f32),
+            q.new_empty(B, num_mix + 1, dtype=torch.int32), *mix)
+
+
+@torch.library.custom_op("kalm_fast::focal_infonce_bwd", mutates_args=())
+def _bwd_op(grad_loss: torch.Tensor, q: torch.Tensor, d: torch.Tensor, pos_idx: torch.Tensor,
+            lam: torch.Tensor | None, lse2: torch.Tensor, logp: torch.Tensor, top_i: torch.Tensor,
+            nrm: torch.Tensor | None, zh: torch.Tensor | None, group_size: int, in_batch_negatives: bool,
+            temperature: float, gamma: float, reduction: str, need_dq: bool,
+            need_dd: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    dq, dd = _backward(grad_loss, q, d, pos_idx, lam, lse2, logp, top_i, nrm, zh,
+                       (group_size, in_batch_negatives, temperature, gamma, reduction), (need_dq, need_dd))
+    return (q.new_empty(0) if dq is None else dq), (d.new_empty(0) if dd is None else dd)
+
+
+@_bwd_op.register_fake
+def _(grad_loss, q, d, pos_idx, lam, lse2, logp, top_i, nrm, zh, group_size, in_batch_negatives, temperature, gamma,
+      reduction, need_dq, need_dd):
+    return q.new_empty(q.shape if need_dq else 0), d.new_empty(d.shape if need_dd else 0)
+
+
+def _op_setup(ctx, inputs, output):
+    q, d, pos_idx, group_size, in_batch_negatives, temperature, gamma, num_mix, mix_lambda, reduction = inputs
+    stats, (lse2, logp, top_i, nrm, zh) = output[1:5], output[5:]
+    mixing = num_mix > 0
+    ctx.save_for_backward(q, d, pos_idx, mix_lambda if mixing else None, lse2, logp, top_i, nrm if mixing else None,
+                          zh if mixing else None)
+    ctx.args = (group_size, in_batch_negatives, temperature, gamma, reduction)
+    ctx.mark_non_differentiable(*stats, lse2, logp, top_i, nrm, zh)
+
+
+def _op_backward(ctx, grad_loss, *_other_grads):
+    need = ctx.needs_input_grad[:2]
+    dq, dd = _bwd_op(grad_loss, *ctx.saved_tensors, *ctx.args, *need)
+    return (dq if need[0] else None), (dd if need[1] else None), None, None, None, None, None, None, None, None
+
+
+_fwd_op.register_autograd(_op_backward, setup_context=_op_setup)
 
 
 def focal_infonce(q, d, pos_idx, group_size, in_batch_negatives, temperature, gamma, num_mix, mix_lambda, reduction,
                   return_stats):
     """Launcher contract of ``kalm_fast.ops.focal_infonce`` (arguments already checked; mix_lambda (B, M) fp32)."""
-    loss, *stats = _FocalInfoNCEFunction.apply(q, d, pos_idx, group_size, in_batch_negatives, temperature, gamma,
-                                              num_mix, mix_lambda, reduction)
+    args = (q, d, pos_idx, group_size, in_batch_negatives, temperature, gamma, num_mix, mix_lambda, reduction)
+    if torch.compiler.is_compiling():
+        loss, *stats = _fwd_op(*args)[:5]
+    else:
+        loss, *stats = _FocalInfoNCEFunction.apply(*args)
     if not return_stats:
         return loss
     return loss, dict(zip(heads.INFONCE_STATS, stats))

@@ -384,6 +384,16 @@ def varlen_mean_pool_bwd(grad_out, hidden, cu_seqlens, mask, norm, weight, bias,
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _backward(grad_out, hidden, cu_seqlens, mask, weight, bias, p_hat, count, config, need):
+    """(dx, dw, db), None where not needed (one body for eager autograd and the custom op)."""
+    norm, eps, normalize, num_splits, block_t = config
+    if grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()
+    return varlen_mean_pool_bwd(grad_out, hidden, cu_seqlens, mask, norm, weight, bias, eps, normalize, p_hat, count,
+                                need_dx=need[0], need_dw=need[1], need_db=need[2], num_splits=num_splits,
+                                block_t=block_t)
+
+
 class _VarlenMeanPoolFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, cu_seqlens, mask, weight, bias, norm, eps, normalize, num_splits, block_t):
@@ -396,15 +406,67 @@ class _VarlenMeanPoolFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        hidden, cu_seqlens, mask, weight, bias, p_hat, count = ctx.saved_tensors
-        norm, eps, normalize, num_splits, block_t = ctx.config
         need = ctx.needs_input_grad
-        if grad_out.stride(-1) != 1:
-            grad_out = grad_out.contiguous()
-        dx, dw, db = varlen_mean_pool_bwd(grad_out, hidden, cu_seqlens, mask, norm, weight, bias, eps, normalize, p_hat, count,
-                               need_dx=need[0], need_dw=need[3], need_db=need[4], num_splits=num_splits,
-                               block_t=block_t)
+        dx, dw, db = _backward(grad_out, *ctx.saved_tensors, ctx.config, (need[0], need[3], need[4]))
         return dx, None, None, dw, db, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch.compile: the launchers as custom ops (why: kalm_fast.kernels.attention, same section)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("kalm_fast::varlen_mean_pool_fwd", mutates_args=())
+def _fwd_op(hidden: torch.Tensor, cu_seqlens: torch.Tensor, mask: torch.Tensor | None, weight: torch.Tensor | None,
+            bias: torch.Tensor | None, norm: str | None, eps: float, normalize: bool, num_splits: int | None,
+            block_t: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return varlen_mean_pool_fwd(hidden, cu_seqlens, mask, norm, weight, bias, eps, normalize, num_splits=num_splits,
+                                block_t=block_t)
+
+
+@_fwd_op.register_fake
+def _(hidden, cu_seqlens, mask, weight, bias, norm, eps, normalize, num_splits, block_t):
+    B, H = cu_seqlens.shape[0] - 1, hidden.shape[1]
+    return (hidden.new_empty(B, H), hidden.new_empty(B, H, dtype=torch.float32),
+            hidden.new_empty(B, dtype=torch.float32))
+
+
+@torch.library.custom_op("kalm_fast::varlen_mean_pool_bwd", mutates_args=())
+def _bwd_op(grad_out: torch.Tensor, hidden: torch.Tensor, cu_seqlens: torch.Tensor, mask: torch.Tensor | None,
+            weight: torch.Tensor | None, bias: torch.Tensor | None, p_hat: torch.Tensor, count: torch.Tensor,
+            norm: str | None, eps: float, normalize: bool, num_splits: int | None, block_t: int | None,
+            need_dx: bool, need_dw: bool, need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grads = _backward(grad_out, hidden, cu_seqlens, mask, weight, bias, p_hat, count,
+                      (norm, eps, normalize, num_splits, block_t), (need_dx, need_dw, need_db))
+    return tuple(hidden.new_empty(0) if g is None else g for g in grads)  # an op returns tensors: (0,) = none
+
+
+@_bwd_op.register_fake
+def _(grad_out, hidden, cu_seqlens, mask, weight, bias, p_hat, count, norm, eps, normalize, num_splits, block_t,
+      need_dx, need_dw, need_db):
+    need_dw, need_db = need_dw and weight is not None, need_db and bias is not None
+    return (hidden.new_empty(hidden.shape) if need_dx else hidden.new_empty(0),
+            weight.new_empty(weight.shape) if need_dw else hidden.new_empty(0),
+            bias.new_empty(bias.shape) if need_db else hidden.new_empty(0))
+
+
+def _op_setup(ctx, inputs, output):
+    hidden, cu_seqlens, mask, weight, bias, norm, eps, normalize, num_splits, block_t = inputs
+    _, p_hat, count = output
+    ctx.save_for_backward(hidden, cu_seqlens, mask, weight, bias, p_hat, count)
+    ctx.config = (norm, eps, normalize, num_splits, block_t)
+    ctx.mark_non_differentiable(p_hat, count)
+
+
+def _op_backward(ctx, grad_out, _dp_hat, _dcount):
+    need = ctx.needs_input_grad
+    need = (need[0], need[3] and ctx.saved_tensors[3] is not None, need[4] and ctx.saved_tensors[4] is not None)
+    grads = _bwd_op(grad_out, *ctx.saved_tensors, *ctx.config, *need)
+    dx, dw, db = (g if wanted else None for g, wanted in zip(grads, need))
+    return dx, None, None, dw, db, None, None, None, None, None
+
+
+_fwd_op.register_autograd(_op_backward, setup_context=_op_setup)
 
 
 def varlen_mean_pool(hidden, cu_seqlens, mask=None, norm=None, norm_weight=None, norm_bias=None, eps=1e-6,
@@ -420,5 +482,7 @@ def varlen_mean_pool(hidden, cu_seqlens, mask=None, norm=None, norm_weight=None,
         hidden = hidden.contiguous()
     if mask is not None:
         mask = (mask.view(torch.uint8) if mask.dtype == torch.bool else mask).contiguous()
-    return _VarlenMeanPoolFunction.apply(hidden, cu_seqlens, mask, norm_weight, norm_bias, norm, float(eps),
-                                     bool(normalize), num_splits, block_t)
+    args = (hidden, cu_seqlens, mask, norm_weight, norm_bias, norm, float(eps), bool(normalize), num_splits, block_t)
+    if torch.compiler.is_compiling():
+        return _fwd_op(*args)[0]
+    return _VarlenMeanPoolFunction.apply(*args)

@@ -36,6 +36,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture(scope="module")
+def byte_tokenizer():
+    """A real Qwen2Tokenizer with a byte-level vocabulary (one token per UTF-8 byte, 257 ids, no merges): it saves
+    and reloads as itself, which a foreign tokenizer next to a Qwen2 config does not in transformers 5."""
+    from tokenizers import pre_tokenizers
+    from transformers import Qwen2Tokenizer
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    return Qwen2Tokenizer(vocab={"<|endoftext|>": 0, **{c: i + 1 for i, c in enumerate(alphabet)}}, merges=[])
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -18,7 +18,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import HAS_CUDA, assert_close
-from tokenizers import pre_tokenizers
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -26,7 +25,6 @@ from transformers import (
     LlamaConfig,
     MistralConfig,
     Qwen2Config,
-    Qwen2Tokenizer,
     Qwen3Config,
 )
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
@@ -54,14 +52,6 @@ CONFIGS = {"qwen2": Qwen2Config, "qwen3": Qwen3Config, "llama": LlamaConfig, "mi
 # ----------------------------------------------------------------------------------------------------------------
 # fixtures and references
 # ----------------------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def byte_tokenizer():
-    """A real Qwen2Tokenizer with a byte-level vocabulary (one token per UTF-8 byte, 257 ids, no merges): it saves
-    and reloads as itself, which a foreign tokenizer next to a Qwen2 config does not in transformers 5."""
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    return Qwen2Tokenizer(vocab={"<|endoftext|>": 0, **{c: i + 1 for i, c in enumerate(alphabet)}}, merges=[])
 
 
 def tiny_decoder(model_type="qwen2", *, causal=False, seed=0, head_dim=16):

@@ -1,0 +1,203 @@
+"""torch.compile over the Triton path of every op (on CPU the Triton interpreter runs the kernels, on a GPU the
+compiled kernels).
+
+Under torch.compile the launchers run as the custom ops ``torch.ops.kalm_fast.<op>_fwd`` / ``<op>_bwd``: a graph
+holds them whole (``fullgraph=True`` compiles, no graph break), Dynamo never traces the launchers, inductor never
+relaunches the kernels with tiles of its own. So a compiled run computes exactly what eager computes: every check
+here is bit equality of outputs and gradients, with the surrounding graph kept free of arithmetic (outputs returned
+as they are, gradients through ``torch.autograd.grad`` with given upstream gradients), and each check also asserts
+that both custom ops are in the compiled graphs, so a test cannot pass by running eager code.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICE
+from functorch.compile import make_boxed_func
+from test_model import TEXTS, tiny_decoder
+from torch._dynamo.backends.common import aot_autograd
+
+import kalm_fast
+from kalm_fast.model import Embedder
+
+
+@pytest.fixture(autouse=True)
+def _triton_backend(monkeypatch):
+    monkeypatch.setenv("KALM_FAST_BACKEND", "triton")
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def recording_backend(seen: set):
+    """aot_eager that records the ops of the forward and backward graphs it is given."""
+    def compiler(gm, example_inputs):
+        seen.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return make_boxed_func(gm.forward)
+
+    return aot_autograd(fw_compiler=compiler, bw_compiler=compiler)
+
+
+def outputs_and_grads(fn, inputs, grads_out):
+    """fn(*inputs) -> tuple of outputs; the first len(grads_out) outputs are differentiated with those gradients."""
+    inputs = [x.detach().clone().requires_grad_(x.requires_grad) if isinstance(x, torch.Tensor) else x
+              for x in inputs]
+    outs = fn(*inputs)
+    wrt = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
+    grads = torch.autograd.grad(outs[:len(grads_out)], wrt, grads_out)
+    return [o.detach() for o in outs], list(grads)
+
+
+def assert_compiled_equals_eager(fn, inputs, grads_out, op: str, backend="record"):
+    eager = outputs_and_grads(fn, inputs, grads_out)
+    seen: set = set()
+    compiled_fn = torch.compile(fn, backend=recording_backend(seen) if backend == "record" else backend,
+                                fullgraph=True)
+    compiled = outputs_and_grads(compiled_fn, inputs, grads_out)
+    if backend == "record":
+        assert {f"kalm_fast.{op}_fwd.default", f"kalm_fast.{op}_bwd.default"} <= seen, sorted(seen)
+    for kind, got, expected in (("output", compiled[0], eager[0]), ("gradient", compiled[1], eager[1])):
+        assert len(got) == len(expected)
+        for i, (a, b) in enumerate(zip(got, expected)):
+            assert a.dtype == b.dtype and a.shape == b.shape, f"{kind} {i}: {a.dtype} {a.shape} vs {b.dtype} {b.shape}"
+            assert torch.equal(a, b), f"{kind} {i} differs: max abs {(a.float() - b.float()).abs().max().item():.3g}"
+    return compiled
+
+
+def _attention_inputs(lengths, Hq, Hkv, D, dtype):
+    T = sum(lengths)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(T, Hq, D, device=DEVICE, dtype=dtype, requires_grad=True)
+    k = torch.randn(T, Hkv, D, device=DEVICE, dtype=dtype, requires_grad=True)
+    v = torch.randn(T, Hkv, D, device=DEVICE, dtype=dtype, requires_grad=True)
+    grads = (torch.randn(T, Hq, D, device=DEVICE, dtype=dtype), torch.randn(Hq, T, device=DEVICE))
+    return (q, k, v), cu, max(lengths), grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_compiles_whole_and_equals_eager(dtype):
+    """Public API, GQA, lse returned and differentiated (a gradient reaching lse is folded into delta)."""
+    (q, k, v), cu, max_s, grads = _attention_inputs([7, 0, 19, 12], 4, 2, 32, dtype)
+
+    def fn(q, k, v):
+        return kalm_fast.flash_attn_varlen_func(q, k, v, cu, max_s, return_lse=True)
+
+    assert_compiled_equals_eager(fn, (q, k, v), grads, "flash_attn_varlen")
+
+
+def test_attention_new_lengths_reuse_the_graph():
+    """A second batch with other lengths (T, B and max_seqlen all change) runs through the compiled function (after
+    at most one recompilation, for dynamic shapes) and still equals eager."""
+    counter = torch._dynamo.testing.CompileCounterWithBackend(recording_backend(set()))
+
+    def fn(q, k, v, cu, max_s):
+        return (kalm_fast.flash_attn_varlen_func(q, k, v, cu, max_s),)
+
+    compiled = torch.compile(fn, backend=counter, fullgraph=True)
+    for lengths in ([5, 11], [9, 3, 17], [2, 30, 4, 6]):
+        (q, k, v), cu, max_s, (g, _) = _attention_inputs(lengths, 2, 2, 16, torch.float32)
+        eager = outputs_and_grads(fn, (q, k, v, cu, max_s), (g,))
+        got = outputs_and_grads(compiled, (q, k, v, cu, max_s), (g,))
+        assert all(torch.equal(a, b) for a, b in zip(got[0] + got[1], eager[0] + eager[1])), lengths
+    assert counter.frame_count <= 2, f"{counter.frame_count} compilations for 3 batches"
+
+
+def test_pooling_compiles_whole_and_equals_eager():
+    """Fused RMSNorm + masked mean + L2 normalize, gradients w.r.t. the hidden states and the norm weight."""
+    lengths = [6, 0, 13, 9]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    T, H = sum(lengths), 48
+    hidden = torch.randn(T, H, device=DEVICE, requires_grad=True)
+    weight = torch.rand(H, device=DEVICE).add_(0.5).requires_grad_()
+    mask = torch.rand(T, device=DEVICE) > 0.3
+
+    def fn(hidden, weight):
+        return (kalm_fast.varlen_mean_pool(hidden, cu, mask=mask, norm="rmsnorm", norm_weight=weight),)
+
+    assert_compiled_equals_eager(fn, (hidden, weight), (torch.randn(len(lengths), H, device=DEVICE),),
+                                 "varlen_mean_pool")
+
+
+def test_pooling_layernorm_frozen_weight_compiles():
+    """LayerNorm with bias; the weight needs no gradient (the backward op's need flags), padded API."""
+    hidden = torch.randn(3, 10, 40, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.rand(40, device=DEVICE, dtype=torch.bfloat16) + 0.5
+    bias = torch.randn(40, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    mask = torch.rand(3, 10, device=DEVICE) > 0.4
+
+    def fn(hidden, bias):
+        return (kalm_fast.masked_mean_pool(hidden, mask, norm="layernorm", norm_weight=weight, norm_bias=bias),)
+
+    assert_compiled_equals_eager(fn, (hidden, bias), (torch.randn(3, 40, device=DEVICE, dtype=torch.bfloat16),),
+                                 "varlen_mean_pool")
+
+
+@pytest.mark.parametrize("num_mix, reduction, d_grad", [(2, "mean", True), (0, "none", True), (1, "sum", False)])
+def test_infonce_compiles_whole_and_equals_eager(num_mix, reduction, d_grad):
+    """Focal InfoNCE with mixing (given lambdas) and the stats; without mixing; documents frozen (no dd)."""
+    B, G, D = 8, 4, 32
+    q = F.normalize(torch.randn(B, D, device=DEVICE), dim=-1).requires_grad_()
+    d = F.normalize(torch.randn(B * G, D, device=DEVICE), dim=-1).requires_grad_(d_grad)
+    lam = torch.rand(B, num_mix, device=DEVICE) if num_mix else None
+
+    def fn(q, d):
+        loss, stats = kalm_fast.focal_infonce(q, d, gamma=0.5, temperature=0.05, num_mix=num_mix, mix_lambda=lam,
+                                              reduction=reduction, return_stats=True)
+        return (loss, *stats.values())
+
+    grad = torch.rand(B, device=DEVICE) if reduction == "none" else torch.tensor(0.7, device=DEVICE)
+    assert_compiled_equals_eager(fn, (q, d), (grad,), "focal_infonce")
+
+
+def test_inductor_keeps_the_kernels_bits():
+    """The default backend (inductor, which generates code around the ops) still runs the kernels as they are."""
+    (q, k, v), cu, max_s, grads = _attention_inputs([9, 14], 2, 1, 16, torch.float32)
+
+    def fn(q, k, v):
+        return kalm_fast.flash_attn_varlen_func(q, k, v, cu, max_s, return_lse=True)
+
+    assert_compiled_equals_eager(fn, (q, k, v), grads, "flash_attn_varlen", backend="inductor")
+
+
+def test_embedder_backbone_compiles_whole(byte_tokenizer):
+    """``embedder.model.compile(fullgraph=True)``: the padding-free forward (packed attention in every layer, then
+    the fused pooling outside the backbone) and its backward equal eager bit for bit."""
+    embedder = Embedder(tiny_decoder().to(DEVICE), byte_tokenizer).train()
+    batch = {k: v.to(DEVICE) for k, v in embedder.tokenize(TEXTS[:5]).items()}
+
+    def run(e):
+        e.zero_grad()
+        out = e(batch["input_ids"], batch["attention_mask"])
+        out.backward(torch.ones_like(out))
+        return [out.detach()] + [p.grad.clone() for p in e.parameters()]
+
+    eager = run(embedder)
+    seen: set = set()
+    compiled = copy.deepcopy(embedder)
+    compiled.model.compile(backend=recording_backend(seen), fullgraph=True)
+    got = run(compiled)
+    assert {"kalm_fast.flash_attn_varlen_fwd.default", "kalm_fast.flash_attn_varlen_bwd.default"} <= seen
+    assert all(torch.equal(a, b) for a, b in zip(got, eager))
+
+
+@pytest.mark.gpu
+def test_gpu_inductor_keeps_every_kernels_bits():
+    """On a GPU, in bf16, at sizes that take the real launch plans (split dK/dV, token splits, several tiles): under
+    inductor, which also compiles the code around the ops to Triton, every op gives eager's bits."""
+    (q, k, v), cu, max_s, grads = _attention_inputs([300, 17, 1024, 0, 96], 8, 2, 128, torch.bfloat16)
+    assert_compiled_equals_eager(lambda q, k, v: kalm_fast.flash_attn_varlen_func(q, k, v, cu, max_s, return_lse=True),
+                                 (q, k, v), grads, "flash_attn_varlen", backend="inductor")
+    hidden = torch.randn(int(cu[-1]), 896, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.rand(896, device=DEVICE, dtype=torch.bfloat16).add_(0.5).requires_grad_()
+    assert_compiled_equals_eager(lambda h, w: (kalm_fast.varlen_mean_pool(h, cu, norm="rmsnorm", norm_weight=w),),
+                                 (hidden, weight), (torch.randn(5, 896, device=DEVICE, dtype=torch.bfloat16),),
+                                 "varlen_mean_pool", backend="inductor")
+    qe = F.normalize(torch.randn(512, 256, device=DEVICE), dim=-1).bfloat16().requires_grad_()
+    de = F.normalize(torch.randn(4096, 256, device=DEVICE), dim=-1).bfloat16().requires_grad_()
+    lam = torch.rand(512, 2, device=DEVICE)
+    assert_compiled_equals_eager(lambda q, d: (kalm_fast.focal_infonce(q, d, gamma=0.5, num_mix=2, mix_lambda=lam),),
+                                 (qe, de), (torch.tensor(1.0, device=DEVICE),), "focal_infonce", backend="inductor")
