@@ -356,10 +356,20 @@ class Embedder(torch.nn.Module):
 
     @contextlib.contextmanager
     def _final_norm_bypassed(self):
-        """Run the decoder without its final norm (the pooling applies it); the module is restored afterwards, so
-        ``self.model`` and its saved weights keep the norm."""
+        """Run the backbone without what the embedding does not take from it: a decoder's final norm (the pooling
+        applies it; yielded) and an encoder's pooler (the [CLS] projection, never used: under torch.compile its
+        parameters would get zero gradients instead of none, which AdamW's weight decay then moves). Both are
+        restored afterwards, so ``self.model`` and its saved weights keep them."""
         if not self.is_decoder:
-            yield None
+            pooler = getattr(self.model, "pooler", None)
+            if pooler is None:
+                yield None
+                return
+            self.model.pooler = None
+            try:
+                yield None
+            finally:
+                self.model.pooler = pooler
             return
         norm = self.model.norm
         self.model.norm = torch.nn.Identity()

@@ -429,6 +429,27 @@ def test_minilm_matches_sentence_transformers(minilm):
     assert_close(padded.last_hidden_state[real], stock.last_hidden_state[real], atol=ATOL, rtol=RTOL, name="padded")
 
 
+def test_encoder_pooler_is_skipped_and_kept(minilm):
+    """BERT's pooler (the [CLS] projection) is not part of the embedding: the forward runs without it (its weights
+    get no gradient, not even zeros, so weight decay leaves them alone in eager and compiled runs alike) and puts
+    the same module back (saved checkpoints keep it)."""
+    _, _, embedder = minilm
+    pooler = embedder.model.pooler
+    batch = embedder.tokenize(MINILM_TEXTS[:3])
+    embedder.zero_grad(set_to_none=True)
+    calls = []
+    hook = pooler.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        embedder(batch["input_ids"], batch["attention_mask"]).sum().backward()
+    finally:
+        hook.remove()
+    assert not calls, "the pooler ran"
+    assert embedder.model.pooler is pooler
+    assert all(p.grad is None for p in pooler.parameters())
+    assert embedder.model.embeddings.word_embeddings.weight.grad is not None
+    embedder.zero_grad(set_to_none=True)
+
+
 def test_include_prompt_false_matches_sentence_transformers(minilm, tmp_path):
     """include_prompt=False: the prompt is attended to but not pooled, exactly as a sentence-transformers folder whose
     Pooling has include_prompt false (its prompt length = [CLS] + prompt tokens); saved folders keep the setting."""

@@ -15,6 +15,7 @@ import copy
 
 import pytest
 import torch
+import torch._dynamo.testing
 import torch.nn.functional as F
 from conftest import DEVICE
 from functorch.compile import make_boxed_func
@@ -165,23 +166,29 @@ def test_inductor_keeps_the_kernels_bits():
 
 def test_embedder_backbone_compiles_whole(byte_tokenizer):
     """``embedder.model.compile(fullgraph=True)``: the padding-free forward (packed attention in every layer, then
-    the fused pooling outside the backbone) and its backward equal eager bit for bit."""
+    the fused pooling outside the backbone) and its backward equal eager bit for bit, batch after batch of other
+    sizes, with one recompilation in all (max_seqlen, an int, becomes symbolic like the tensor sizes: no graph per
+    length)."""
     embedder = Embedder(tiny_decoder().to(DEVICE), byte_tokenizer).train()
-    batch = {k: v.to(DEVICE) for k, v in embedder.tokenize(TEXTS[:5]).items()}
+    seen: set = set()
+    counter = torch._dynamo.testing.CompileCounterWithBackend(recording_backend(seen))
+    compiled = copy.deepcopy(embedder)
+    compiled.model.compile(backend=counter, fullgraph=True)
 
-    def run(e):
+    def run(e, batch):
         e.zero_grad()
         out = e(batch["input_ids"], batch["attention_mask"])
         out.backward(torch.ones_like(out))
         return [out.detach()] + [p.grad.clone() for p in e.parameters()]
 
-    eager = run(embedder)
-    seen: set = set()
-    compiled = copy.deepcopy(embedder)
-    compiled.model.compile(backend=recording_backend(seen), fullgraph=True)
-    got = run(compiled)
+    # the second batch changes every size (tokens, sequences, longest sequence): Dynamo's automatic dynamic shapes
+    # then recompile once with all three symbolic, and the third batch reuses that graph
+    for texts in (TEXTS[:5], TEXTS[3:6], [t[:9] for t in TEXTS[:4]]):
+        batch = {k: v.to(DEVICE) for k, v in embedder.tokenize(texts).items()}
+        eager, got = run(embedder, batch), run(compiled, batch)
+        assert all(torch.equal(a, b) for a, b in zip(got, eager)), texts
     assert {"kalm_fast.flash_attn_varlen_fwd.default", "kalm_fast.flash_attn_varlen_bwd.default"} <= seen
-    assert all(torch.equal(a, b) for a, b in zip(got, eager))
+    assert counter.frame_count <= 2, f"{counter.frame_count} compilations for 3 batches"
 
 
 @pytest.mark.gpu

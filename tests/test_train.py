@@ -101,6 +101,7 @@ def test_demo_recipe_loads_and_matches_the_demo_instructions():
     (lambda r: r["stages"]["pretrain"].update(mrl_dims=[16, 8], mrl_weights=[1.0]), "one weight per mrl dim"),
     (lambda r: r.update(stagez={}), "recipe: unknown key 'stagez'"),
     (lambda r: r["stages"].update(soup={"method": "greedy", "stages": ["pretrain"]}), "needs eval.validation"),
+    (lambda r: r.update(compile=True, compile_backend="inductr"), "compile_backend: 'inductr' is not a torch.compile"),
 ])
 def test_bad_recipes_are_named(tmp_path, tiny_model_dir, change, message):
     raw = _recipe(tmp_path, tiny_model_dir)
@@ -316,6 +317,22 @@ def _final_weights(run_dir: Path) -> dict:
 
     done = json.loads((run_dir / "pretrain" / "done.json").read_text())
     return load_file(Path(done["model"]) / "model.safetensors")
+
+
+def test_compiled_backbone_trains_as_eager(tmp_path, tiny_model_dir, monkeypatch):
+    """``compile: true``: the backbone compiled in place (aot_eager here: the graphs as torch.compile captures them,
+    the kernels as custom ops, without code generation) trains to the eager run's weights bit for bit -- GradCache's
+    graph-free pass and re-run, dropout replayed, checkpoints saved under the module's own parameter names."""
+    monkeypatch.setenv("KALM_FAST_BACKEND", "triton")
+    weights = {}
+    for compiled in (False, True):
+        raw = _recipe(tmp_path / str(compiled), tiny_model_dir, max_steps=2, save_every=0, num_mix=1, gamma=0.5)
+        raw.update(compile=compiled, compile_backend="aot_eager")
+        tr.run_recipe(load_recipe(raw=raw))
+        weights[compiled] = _final_weights(tmp_path / str(compiled) / "run")
+    assert weights[True].keys() == weights[False].keys()
+    for name, w in weights[False].items():
+        assert torch.equal(weights[True][name], w), name
 
 
 def test_resume_gives_the_uninterrupted_weights(tmp_path, tiny_model_dir):

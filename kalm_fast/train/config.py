@@ -136,6 +136,8 @@ class Recipe:
     seed: int = 0  # data order, dropout, mixing lambdas: a seeded run (and its resume) is reproducible on CPU
     device: str = "auto"  # auto = cuda when available (with torchrun: cuda:LOCAL_RANK), else cpu
     bf16: bool = True  # autocast to bf16 on CUDA (ignored on CPU)
+    compile: bool = False  # torch.compile the backbone in place (kalm_fast's ops stay whole in its graphs)
+    compile_backend: str = "inductor"  # the torch.compile backend ("aot_eager": graphs without code generation)
 
     def resolve(self, path: str) -> Path:
         """A data or task path: absolute as given, else under data_dir."""
@@ -328,6 +330,13 @@ def check_recipe(recipe: Recipe) -> None:
     """Everything that can be checked without reading the data rows."""
     if not recipe.model.path:
         raise RecipeError("model.path: missing (a Hugging Face model folder)")
+    if recipe.compile:
+        import torch._dynamo
+
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        if recipe.compile_backend not in backends:
+            raise RecipeError(f"compile_backend: {recipe.compile_backend!r} is not a torch.compile backend here "
+                              f"(one of {', '.join(backends)})")
     _positive("model.max_length", recipe.model.max_length)
     _positive("model.query_max_length", recipe.model.query_max_length)
     st = recipe.stages

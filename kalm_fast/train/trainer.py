@@ -380,6 +380,8 @@ def run_recipe(recipe: Recipe, *, callback: Callable[[str, int], None] | None = 
         (out / "recipe.yaml").write_text(dump_recipe(recipe))
     evaluator = Evaluator(recipe)
     embedder = load_embedder(recipe.model.path, recipe, device)
+    if recipe.compile:  # in place: parameter names, checkpoints and loaded weights stay those of the module
+        embedder.model.compile(backend=recipe.compile_backend)
     rows: dict[str, dict[str, float]] = {}
     stage_seconds: dict[str, float] = {}
 
