@@ -11,7 +11,8 @@ layer -- ``<op>_fwd`` / ``<op>_bwd`` launchers, ``_<Op>Function``, the entry, ``
                                    normalize) -> (B, H)
   kernels.infonce.focal_infonce(q, d, pos_idx, group_size, in_batch_negatives, temperature, gamma, num_mix,
                                 mix_lambda, reduction, return_stats)
-each differentiable through its own torch.autograd.Function.
+each differentiable through its own torch.autograd.Function (under torch.compile through the custom ops
+``torch.ops.kalm_fast.<op>_fwd`` / ``_bwd``, the same bodies: a graph holds them whole).
 """
 
 from __future__ import annotations

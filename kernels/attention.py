@@ -4,7 +4,8 @@ Layout (flash-attention's varlen contract): q (T, Hq, D), k/v (T, Hkv, D), cu_se
 kv head h // (Hq // Hkv) (GQA/MQA). Every token attends to every token of its own sequence.
 
 Layers (Liger style): Triton kernels -> launchers ``flash_attn_varlen_fwd`` / ``flash_attn_varlen_bwd`` (plain functions, reusable outside
-autograd) -> ``_FlashAttnVarlenFunction`` -> ``flash_attn_varlen_func`` (what ``kalm_fast.ops`` dispatches to).
+autograd) -> ``_FlashAttnVarlenFunction`` (eager) or the custom ops ``torch.ops.kalm_fast.flash_attn_varlen_fwd/_bwd``
+(under torch.compile) -> ``flash_attn_varlen_func`` (what ``kalm_fast.ops`` dispatches to).
 
 Kernels (notation of Triton tutorial 06: m_i running max, l_i running sum, acc unnormalized output, qk_scale =
 softmax_scale * log2(e) so that every exponential is an exp2):
