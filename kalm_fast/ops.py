@@ -95,8 +95,8 @@ def _checking_values() -> bool:
 
 
 def _check_cu_seqlens(cu_seqlens, total: int, device, max_seqlen: int | None = None):
-    """cu_seqlens int32 (B+1,), starting at 0, non-decreasing, ending at ``total`` (one host sync; values unchecked
-    under torch.compile)."""
+    """cu_seqlens int32 (B+1,), starting at 0, non-decreasing, ending at ``total``, max_seqlen >= its longest
+    sequence (one host sync; values unchecked under torch.compile)."""
     _check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,))
     if cu_seqlens.numel() < 1:
         raise ValueError("cu_seqlens must have B+1 >= 1 entries")
@@ -350,12 +350,12 @@ def focal_infonce(q, d, *, pos_idx=None, group_size=None, in_batch_negatives=Tru
         if pos_idx.shape[0] != B or pos_idx.device != q.device:
             raise ValueError(f"pos_idx must be ({B},) on {q.device}, got {tuple(pos_idx.shape)} on {pos_idx.device}")
         pos_idx = pos_idx.long()
-        if group_size is None and not in_batch_negatives and N % B != 0:
-            raise ValueError(f"in_batch_negatives=False needs group_size when N ({N}) is not a multiple of B ({B})")
-        G = group_size if group_size is not None else N // B
         lo, hi = torch.stack(torch.aminmax(pos_idx)).tolist() if _checking_values() else (0, 0)  # one device sync
         if lo < 0 or hi >= N:
             raise ValueError(f"pos_idx values must be in [0, N={N}), got range [{lo}, {hi}]")
+        if group_size is None and not in_batch_negatives and N % B != 0:
+            raise ValueError(f"in_batch_negatives=False needs group_size when N ({N}) is not a multiple of B ({B})")
+        G = group_size if group_size is not None else N // B
         if not in_batch_negatives and hi + G > N:
             raise ValueError(f"the group of the query with pos_idx={hi} runs past N={N} (group_size={G})")
 

@@ -652,7 +652,7 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch
 def _(q, k, v, cu_seqlens, max_seqlen, softmax_scale):
     T, Hq, _ = q.shape
     return (q.new_empty(q.shape), q.new_empty((Hq, T), dtype=torch.float32),
-            cu_seqlens.new_empty(cu_seqlens.shape[0] - 1))
+            cu_seqlens.new_empty(cu_seqlens.shape[0] - 1, dtype=torch.int32))
 
 
 @torch.library.custom_op("kalm_fast::flash_attn_varlen_bwd", mutates_args=())
