@@ -319,13 +319,14 @@ def _final_weights(run_dir: Path) -> dict:
     return load_file(Path(done["model"]) / "model.safetensors")
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_compiled_backbone_trains_as_eager(tmp_path, tiny_model_dir, monkeypatch, checkpointing):
+@pytest.mark.parametrize("backend, checkpointing", [("triton", False), ("triton", True), ("torch", False)])
+def test_compiled_backbone_trains_as_eager(tmp_path, tiny_model_dir, monkeypatch, capsys, backend, checkpointing):
     """``compile: true``: the backbone compiled in place (aot_eager here: the graphs as torch.compile captures them,
     the kernels as custom ops, without code generation) trains to the eager run's weights bit for bit -- GradCache's
     graph-free pass and re-run, dropout replayed, checkpoints saved under the module's own parameter names; with
-    gradient checkpointing too (the recomputed layers hold the custom ops)."""
-    monkeypatch.setenv("KALM_FAST_BACKEND", "triton")
+    gradient checkpointing too (the recomputed layers hold the custom ops). On the torch path (graph breaks, the
+    run says it will not be faster) the weights are the eager ones too."""
+    monkeypatch.setenv("KALM_FAST_BACKEND", backend)
     weights = {}
     for compiled in (False, True):
         raw = _recipe(tmp_path / str(compiled), tiny_model_dir, max_steps=2, save_every=0, num_mix=1, gamma=0.5,
@@ -333,6 +334,8 @@ def test_compiled_backbone_trains_as_eager(tmp_path, tiny_model_dir, monkeypatch
         raw.update(compile=compiled, compile_backend="aot_eager")
         tr.run_recipe(load_recipe(raw=raw))
         weights[compiled] = _final_weights(tmp_path / str(compiled) / "run")
+        warned = "the ops take the torch path here" in capsys.readouterr().out
+        assert warned == (compiled and backend == "torch")
     assert weights[True].keys() == weights[False].keys()
     for name, w in weights[False].items():
         assert torch.equal(weights[True][name], w), name

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from kalm_fast.atomic import publish, write_json, write_text
 from kalm_fast.distributed import average_gradients, barrier, world
 from kalm_fast.model import Embedder, query_prompt
+from kalm_fast.ops import use_triton
 from kalm_fast.train.checkpoint import Checkpoints, TrainingError, load_weights
 from kalm_fast.train.config import STAGE_ORDER, Recipe, RecipeError, StageConfig, TaskSpec, dump_recipe
 from kalm_fast.train.data import Batch, BatchPlan, check_data, load_examples
@@ -382,6 +383,10 @@ def run_recipe(recipe: Recipe, *, callback: Callable[[str, int], None] | None = 
     embedder = load_embedder(recipe.model.path, recipe, device)
     if recipe.compile:  # in place: parameter names, checkpoints and loaded weights stay those of the module
         embedder.model.compile(backend=recipe.compile_backend)
+        if rank == 0 and not use_triton(torch.empty(0, device=device)):
+            print("compile: true, but the ops take the torch path here (no CUDA): its attention splits the graph "
+                  "in every layer and recompiles for new lengths, so expect no speed-up (the Triton path compiles "
+                  "whole)")
     rows: dict[str, dict[str, float]] = {}
     stage_seconds: dict[str, float] = {}
 
