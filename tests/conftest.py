@@ -36,6 +36,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+def cu_seqlens_of(lengths, device=DEVICE) -> torch.Tensor:
+    """int32 (B+1,) boundaries of packed sequences of these lengths (B may be 0)."""
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
+    return cu.to(device)
+
+
 @pytest.fixture(scope="module")
 def byte_tokenizer():
     """A real Qwen2Tokenizer with a byte-level vocabulary (one token per UTF-8 byte, 257 ids, no merges): it saves

@@ -21,7 +21,7 @@ from __future__ import annotations
 import bounds
 import pytest
 import torch
-from conftest import DEVICE, assert_close
+from conftest import DEVICE, assert_close, cu_seqlens_of
 
 import kalm_fast
 from kalm_fast import reference
@@ -40,16 +40,10 @@ def _triton_backend(monkeypatch):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _cu_seqlens(lengths, device=DEVICE):
-    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-    cu[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
-    return cu.to(device)
-
-
 def _inputs(lengths, Hq, Hkv, D, dtype, device=DEVICE):
     T = sum(lengths)
     q, k, v = (torch.randn(T, h, D, device=device, dtype=dtype).requires_grad_() for h in (Hq, Hkv, Hkv))
-    return q, k, v, _cu_seqlens(lengths, device), max(lengths, default=0)
+    return q, k, v, cu_seqlens_of(lengths, device), max(lengths, default=0)
 
 
 def _grads(out, lse, dout, dlse, inputs):
@@ -175,7 +169,7 @@ def test_softmax_scale_and_strided_inputs():
     T = sum(lengths)
     qkv = torch.randn(T, Hq + 2 * Hkv, D, device=DEVICE, requires_grad=True)
     q, k, v = qkv.split([Hq, Hkv, Hkv], dim=1)
-    cu = _cu_seqlens(lengths)
+    cu = cu_seqlens_of(lengths)
     out, lse = kalm_fast.flash_attn_varlen_func(q, k, v, cu, max(lengths), softmax_scale=0.3, return_lse=True)
     dout = torch.randn_like(out)
     (g,) = torch.autograd.grad((out * dout).sum(), qkv)
@@ -194,7 +188,7 @@ def test_extreme_scores_stay_finite():
     q = (1.0 + 0.3 * torch.randn(T, H, D, device=DEVICE)).requires_grad_()
     k = (-1.0 + 0.3 * torch.randn(T, H, D, device=DEVICE)).requires_grad_()
     v = torch.randn(T, H, D, device=DEVICE, requires_grad=True)
-    cu, max_seqlen = _cu_seqlens(lengths), max(lengths)
+    cu, max_seqlen = cu_seqlens_of(lengths), max(lengths)
     dout = torch.randn(T, H, D, device=DEVICE)
     kalm = _kalm(q, k, v, cu, max_seqlen, dout, scale=4.0)
     assert kalm[1].max() < -88  # exp(-lse) overflows fp32
@@ -268,7 +262,7 @@ def test_padded_equals_varlen():
 
     lengths = mask.sum(1).tolist()
     packed = [x.detach()[mask].requires_grad_() for x in (q, k, v)]
-    out_u = kalm_fast.flash_attn_varlen_func(*packed, _cu_seqlens(lengths), max(lengths))
+    out_u = kalm_fast.flash_attn_varlen_func(*packed, cu_seqlens_of(lengths), max(lengths))
     grads_u = torch.autograd.grad((out_u * dout[mask]).sum(), packed)
 
     assert torch.equal(out[mask], out_u)
@@ -283,9 +277,9 @@ def test_padded_without_mask_equals_varlen():
     q, k, v = (torch.randn(B, S, H, D, device=DEVICE) for _ in range(3))
     out = kalm_fast.flash_attn_func(q, k, v)
     flat = [x.reshape(B * S, H, D) for x in (q, k, v)]
-    out_u = kalm_fast.flash_attn_varlen_func(*flat, _cu_seqlens([S] * B), S)
+    out_u = kalm_fast.flash_attn_varlen_func(*flat, cu_seqlens_of([S] * B), S)
     assert torch.equal(out.reshape(B * S, H, D), out_u)
-    truth, bound = bounds.attention(*flat, _cu_seqlens([S] * B), torch.zeros_like(flat[0]))
+    truth, bound = bounds.attention(*flat, cu_seqlens_of([S] * B), torch.zeros_like(flat[0]))
     bounds.assert_within("out", out_u, truth["out"], bound["out"])
 
 
@@ -382,10 +376,10 @@ def test_planned_splits_through_the_api(monkeypatch):
 def test_longest_first_order():
     from kalm_fast.kernels.attention import longest_first
 
-    cu = _cu_seqlens([3, 0, 40, 17, 40, 3])
+    cu = cu_seqlens_of([3, 0, 40, 17, 40, 3])
     assert longest_first(cu).tolist() == [2, 4, 3, 0, 5, 1]  # ties keep batch order
     assert longest_first(cu).dtype == torch.int32
-    assert longest_first(_cu_seqlens([])).numel() == 0
+    assert longest_first(cu_seqlens_of([])).numel() == 0
 
 
 def test_stride_units():
@@ -419,7 +413,7 @@ def _bad_inputs(case):
     elif case == "cu-dtype":
         cu = cu.long()
     elif case == "cu-total":
-        cu = _cu_seqlens([5, 6])
+        cu = cu_seqlens_of([5, 6])
     elif case == "cu-decreasing":
         cu = torch.tensor([0, 8, 5, 12], dtype=torch.int32, device=DEVICE)
     elif case == "max-seqlen":
@@ -494,7 +488,7 @@ def _oracle_per_sequence(q, k, v, cu, dout):
     outs, lses, grads = [], [], [[], [], []]
     bounds = cu.tolist()
     for s, e in zip(bounds[:-1], bounds[1:]):
-        one = _cu_seqlens([e - s])
+        one = cu_seqlens_of([e - s])
         out, lse, g = _oracle(q[s:e], k[s:e], v[s:e], one, e - s, dout[s:e])
         outs.append(out.detach())
         lses.append(lse.detach())

@@ -12,7 +12,7 @@ the low dtype (norm, masked mean, F.normalize, each rounding to that dtype).
 import bounds
 import pytest
 import torch
-from conftest import DEVICE
+from conftest import DEVICE, cu_seqlens_of
 
 from kalm_fast import ops
 from kalm_fast import reference as ref
@@ -49,10 +49,6 @@ def triton_calls(monkeypatch):
 
     monkeypatch.setattr(pooling, "varlen_mean_pool_fwd", spy)
     return calls
-
-
-def cu_seqlens_of(lengths):
-    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
 
 
 def varlen_batch(H, dtype=torch.float32, lengths=LENGTHS, prefix=PREFIX):

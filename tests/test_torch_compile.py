@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch._dynamo.testing
 import torch.nn.functional as F
-from conftest import DEVICE
+from conftest import DEVICE, cu_seqlens_of
 from functorch.compile import make_boxed_func
 from test_model import TEXTS, tiny_decoder
 from torch._dynamo.backends.common import aot_autograd
@@ -71,12 +71,12 @@ def assert_compiled_equals_eager(fn, inputs, grads_out, op: str, backend="record
 
 def _attention_inputs(lengths, Hq, Hkv, D, dtype):
     T = sum(lengths)
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    cu = cu_seqlens_of(lengths)
     q = torch.randn(T, Hq, D, device=DEVICE, dtype=dtype, requires_grad=True)
     k = torch.randn(T, Hkv, D, device=DEVICE, dtype=dtype, requires_grad=True)
     v = torch.randn(T, Hkv, D, device=DEVICE, dtype=dtype, requires_grad=True)
     grads = (torch.randn(T, Hq, D, device=DEVICE, dtype=dtype), torch.randn(Hq, T, device=DEVICE))
-    return (q, k, v), cu, max(lengths), grads
+    return (q, k, v), cu, max(lengths, default=0), grads
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -110,7 +110,7 @@ def test_attention_new_lengths_reuse_the_graph():
 def test_pooling_compiles_whole_and_equals_eager():
     """Fused RMSNorm + masked mean + L2 normalize, gradients w.r.t. the hidden states and the norm weight."""
     lengths = [6, 0, 13, 9]
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    cu = cu_seqlens_of(lengths)
     T, H = sum(lengths), 48
     hidden = torch.randn(T, H, device=DEVICE, requires_grad=True)
     weight = torch.rand(H, device=DEVICE).add_(0.5).requires_grad_()
@@ -220,10 +220,7 @@ def _opcheck_cases():
     ops = torch.ops.kalm_fast
     cases = []
     for lengths in ([5, 0, 7], [], [0, 0]):  # T == 0 too
-        (q, k, v), cu, _, _ = _attention_inputs(lengths or [0], 4, 2, 16, torch.float32)
-        if not lengths:
-            cu = cu[:1]
-        max_s = max(lengths, default=0)
+        (q, k, v), cu, max_s, _ = _attention_inputs(lengths, 4, 2, 16, torch.float32)
         cases.append(("attention fwd", ops.flash_attn_varlen_fwd.default, (q, k, v, cu, max_s, 0.25)))
         with torch.no_grad():
             out, lse, order = ops.flash_attn_varlen_fwd(q, k, v, cu, max_s, 0.25)
@@ -233,8 +230,7 @@ def _opcheck_cases():
             cases.append(("attention bwd", ops.flash_attn_varlen_bwd.default,
                           (dout, dlse, qd, kd, vd, out, lse, cu, order, max_s, 0.25)))
     for lengths, norm in (([4, 0, 9], "layernorm"), ([], "rmsnorm")):  # B == 0 too
-        cu = torch.tensor([0, *torch.tensor(lengths, dtype=torch.long).cumsum(0).tolist()], dtype=torch.int32,
-                          device=DEVICE)
+        cu = cu_seqlens_of(lengths)
         T = sum(lengths)
         hidden = torch.randn(T, 24, device=DEVICE, requires_grad=True)
         w = torch.rand(24, device=DEVICE, requires_grad=True)
