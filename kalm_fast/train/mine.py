@@ -28,7 +28,9 @@ from kalm_fast.atomic import writing
 from kalm_fast.distributed import broadcast_rows, gather_rows, rank_share, scatter_objects, world
 from kalm_fast.model import Embedder, query_prompt
 from kalm_fast.train.config import MineConfig, RecipeError
-from kalm_fast.train.data import checked_row, checked_rows, iter_rows, open_rows
+from kalm_fast.train.data import checked_rows, iter_rows, open_rows
+
+MAX_SCORES = 2**26  # scores a block of queries makes at once (256 MB fp32 on the embedder's device)
 
 
 def _best_first(values: torch.Tensor, idx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,7 +54,8 @@ def _top_blocks(q: torch.Tensor, docs: torch.Tensor, k: int, device, max_scores:
     return values, out
 
 
-def top_ranked(q: torch.Tensor, docs: torch.Tensor, k: int, *, device=None, max_scores: int = 2**26) -> torch.Tensor:
+def top_ranked(q: torch.Tensor, docs: torch.Tensor, k: int, *, device=None,
+               max_scores: int = MAX_SCORES) -> torch.Tensor:
     """(Q, k) int64 on CPU: row i holds the indices of the ``k`` documents scoring highest against query i (``q @
     docs.T``), best first.
 
@@ -83,7 +86,7 @@ def _top_ranked_sharded(q: torch.Tensor, docs: torch.Tensor, num_docs: int, k: i
         block = broadcast_rows(docs, src=r, rows=len(share))
         if not len(share):
             continue
-        v, i = _top_blocks(q, block, min(k, len(share)), device, 2**26, offset=share.start)
+        v, i = _top_blocks(q, block, min(k, len(share)), device, MAX_SCORES, offset=share.start)
         values, idx = _best_first(torch.cat([values, v], 1), torch.cat([idx, i], 1), k)
     return idx
 
@@ -124,15 +127,15 @@ def mine(embedder: Embedder, input_path: str | Path, output_path: str | Path, cf
 
     # rank 0 reads the corpus and sends each rank its documents and its rows' positives (or the error, so that no
     # rank waits for a share that never comes)
-    shares = corpus = None
+    shares = corpus = kept_pos = None
     if rank == 0:
         try:
-            corpus, pos_ids = _corpus(ds, keep, input_path)
+            corpus, kept_pos = _corpus(ds, keep, input_path)
             if len(corpus) <= cfg.rank_start:
                 raise RecipeError(f"mine: the corpus of {input_path} has {len(corpus)} distinct documents, fewer "
                                   f"than rank_start={cfg.rank_start}: lower rank_start/rank_end")
             shares = [(len(corpus), [corpus[i] for i in rank_share(len(corpus), r)],
-                       [pos_ids[j] for j in rank_share(len(keep), r)]) for r in range(size)]
+                       [kept_pos[j] for j in rank_share(len(keep), r)]) for r in range(size)]
         except Exception as e:  # noqa: BLE001 -- re-raised on every rank
             if size == 1:
                 raise
@@ -185,7 +188,7 @@ def mine(embedder: Embedder, input_path: str | Path, output_path: str | Path, cf
             if len(band) < cfg.num_negatives:
                 too_few += 1
                 continue
-            row["pos"], row["neg"] = checked_row(row, j, input_path, "mine input", 0)
+            row["pos"] = corpus[kept_pos[j]]  # the checked positive (the first one of a list)
             f.write(json.dumps({**row, "neg": rng.sample(band, cfg.num_negatives)}, ensure_ascii=False) + "\n")
             kept_rows += 1
         if not kept_rows:  # inside the block: nothing is published
