@@ -459,9 +459,9 @@ def _op_setup(ctx, inputs, output):
 
 
 def _op_backward(ctx, grad_out, _dp_hat, _dcount):
-    need = ctx.needs_input_grad
-    need = (need[0], need[3] and ctx.saved_tensors[3] is not None, need[4] and ctx.saved_tensors[4] is not None)
-    grads = _bwd_op(grad_out, *ctx.saved_tensors, *ctx.config, *need)
+    saved, need = ctx.saved_tensors, ctx.needs_input_grad  # saved: hidden, cu_seqlens, mask, weight, bias, ...
+    need = (need[0], need[3] and saved[3] is not None, need[4] and saved[4] is not None)
+    grads = _bwd_op(grad_out, *saved, *ctx.config, *need)
     dx, dw, db = (g if wanted else None for g, wanted in zip(grads, need))
     return dx, None, None, dw, db, None, None, None, None, None
 
