@@ -52,12 +52,17 @@ def open_rows(path: str | Path, where: str, max_rows: int | None):
     return ds
 
 
+def first_positive(pos):
+    """The positive a row's ``pos`` gives: the string, or a list's first entry (None for an empty list)."""
+    if isinstance(pos, list):
+        return pos[0] if pos else None
+    return pos
+
+
 def checked_row(row: dict, i: int, path, where: str, num_negatives: int) -> tuple[str, list[str]]:
     """(pos, negatives) of row ``i``: a non-empty string ``query`` and ``pos`` (a string, or a non-empty list whose
     first entry is used), at least ``num_negatives`` string negatives in ``neg``."""
-    pos = row.get("pos")
-    if isinstance(pos, list):
-        pos = pos[0] if pos else None
+    pos = first_positive(row.get("pos"))
     if not isinstance(row.get("query"), str) or not row["query"].strip():
         raise RecipeError(f"{where}: {path} row {i} has no query (a non-empty string)")
     if not isinstance(pos, str) or not pos.strip():
@@ -121,7 +126,7 @@ class ExampleSource:
         """The Examples of these row numbers (rows of ``dataset``), in this order: one Arrow take."""
         cols = self.ds[list(rows)]
         empty = [None] * len(rows)
-        return [Example(query=query, pos=pos[0] if isinstance(pos, list) else pos,
+        return [Example(query=query, pos=first_positive(pos),
                         negs=list((negs or [])[:self.num_negatives]), instruction=instruction or self.instruction,
                         dataset=dataset)
                 for query, pos, negs, instruction in zip(cols["query"], cols["pos"], cols.get("neg", empty),
