@@ -661,14 +661,15 @@ def focal_infonce_bwd(q, d, pos_idx, group_size, in_batch_negatives, temperature
 
 
 def _forward(q, d, pos_idx, group_size, in_batch_negatives, temperature, gamma, num_mix, mix_lambda, reduction):
-    """(loss, stats (INFONCE_STATS order), residuals for the backward) -- one body for eager autograd and the op."""
+    """(loss, stats (INFONCE_STATS order), residuals for the backward: lam (None without mixing), lse2, logp, top_i,
+    nrm, zh) -- one body for eager autograd and the op."""
     lam = mix_lambda if num_mix > 0 else None
     lse2, logp2, top_v, top_i, zh, nrm = focal_infonce_fwd(q, d, pos_idx, group_size, in_batch_negatives,
                                                      temperature, num_mix, lam)
     shift, logp, loss = heads.infonce_head(lse2 * LN2, logp2 * LN2, zh, gamma)
     lse2 = lse2 + shift * LOG2E  # the synthetic negatives' share, for P = exp2(s qk_scale - lse2) in the backward
     stats = heads.infonce_stats(logp, gamma, top_v[:, 0] / temperature, top_i[:, 0].long())
-    return heads.reduce_loss(loss, reduction), tuple(stats.values()), (lse2, logp, top_i, nrm, zh)
+    return heads.reduce_loss(loss, reduction), tuple(stats.values()), (lam, lse2, logp, top_i, nrm, zh)
 
 
 def _backward(grad_loss, q, d, pos_idx, lam, lse2, logp, top_i, nrm, zh, args, need):
@@ -686,7 +687,7 @@ class _FocalInfoNCEFunction(torch.autograd.Function):
                 reduction):
         loss, stats, saved = _forward(q, d, pos_idx, group_size, in_batch_negatives, temperature, gamma, num_mix,
                                       mix_lambda, reduction)
-        ctx.save_for_backward(q, d, pos_idx, mix_lambda if num_mix > 0 else None, *saved)
+        ctx.save_for_backward(q, d, pos_idx, *saved)
         ctx.args = (group_size, in_batch_negatives, temperature, gamma, reduction)
         ctx.mark_non_differentiable(*stats)
         return (loss, *stats)
@@ -708,8 +709,8 @@ def _fwd_op(q: torch.Tensor, d: torch.Tensor, pos_idx: torch.Tensor, group_size:
             temperature: float, gamma: float, num_mix: int, mix_lambda: torch.Tensor | None,
             reduction: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                      torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    loss, stats, (lse2, logp, top_i, nrm, zh) = _forward(q, d, pos_idx, group_size, in_batch_negatives, temperature,
-                                                         gamma, num_mix, mix_lambda, reduction)
+    loss, stats, (_, lse2, logp, top_i, nrm, zh) = _forward(q, d, pos_idx, group_size, in_batch_negatives,
+                                                            temperature, gamma, num_mix, mix_lambda, reduction)
     return (loss, *stats, lse2, logp, top_i, *(lse2.new_empty(0) if x is None else x for x in (nrm, zh)))
 
 
