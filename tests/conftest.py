@@ -1,6 +1,8 @@
 """Shared test set-up. Without CUDA the Triton kernels run in the interpreter: TRITON_INTERPRET must be set before
 any @triton.jit decorator runs, i.e. before kalm_fast.kernels is imported, hence here."""
 
+import contextlib
+import datetime
 import importlib
 import os
 import sys
@@ -8,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -41,6 +44,24 @@ def cu_seqlens_of(lengths, device=DEVICE) -> torch.Tensor:
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
     return cu.to(device)
+
+
+def packed_qkv(lengths, Hq, Hkv, D, dtype, device=DEVICE):
+    """Random packed (T, H, D) q, k, v leaves for sequences of these lengths, their cu_seqlens and max length."""
+    T = sum(lengths)
+    q, k, v = (torch.randn(T, h, D, device=device, dtype=dtype).requires_grad_() for h in (Hq, Hkv, Hkv))
+    return q, k, v, cu_seqlens_of(lengths, device), max(lengths, default=0)
+
+
+@contextlib.contextmanager
+def gloo_group(rank: int, init_file: str, world_size: int, timeout_s: float):
+    """A spawned worker's default gloo group, met through init_file; destroyed on the way out, error or not."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

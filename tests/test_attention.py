@@ -21,7 +21,7 @@ from __future__ import annotations
 import bounds
 import pytest
 import torch
-from conftest import DEVICE, assert_close, cu_seqlens_of
+from conftest import DEVICE, assert_close, cu_seqlens_of, packed_qkv
 
 import kalm_fast
 from kalm_fast import reference
@@ -38,12 +38,6 @@ def _triton_backend(monkeypatch):
 # ----------------------------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _inputs(lengths, Hq, Hkv, D, dtype, device=DEVICE):
-    T = sum(lengths)
-    q, k, v = (torch.randn(T, h, D, device=device, dtype=dtype).requires_grad_() for h in (Hq, Hkv, Hkv))
-    return q, k, v, cu_seqlens_of(lengths, device), max(lengths, default=0)
 
 
 def _grads(out, lse, dout, dlse, inputs):
@@ -124,7 +118,7 @@ CASES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("lengths,Hq,Hkv,D", CASES)
 def test_forward_backward_matches_reference(lengths, Hq, Hkv, D, dtype):
-    q, k, v, cu, max_seqlen = _inputs(lengths, Hq, Hkv, D, dtype)
+    q, k, v, cu, max_seqlen = packed_qkv(lengths, Hq, Hkv, D, dtype)
     dout = torch.randn(q.shape, device=DEVICE)
     kalm = _kalm(q, k, v, cu, max_seqlen, dout)
     if dtype == torch.float32:
@@ -136,7 +130,7 @@ def test_forward_backward_matches_reference(lengths, Hq, Hkv, D, dtype):
 def test_long_sequence():
     """1025 tokens = 8 full tiles + 1 row: the longest online softmax of the CPU tests (fp32 only, the interpreter's
     cost grows with tiles^2; fp16 rounding is covered by the cases above)."""
-    q, k, v, cu, max_seqlen = _inputs((1, 1025, 97), 1, 1, 32, torch.float32)
+    q, k, v, cu, max_seqlen = packed_qkv((1, 1025, 97), 1, 1, 32, torch.float32)
     dout = torch.randn(q.shape, device=DEVICE)
     _check_fp32(_kalm(q, k, v, cu, max_seqlen, dout), q, k, v, cu, dout)
 
@@ -144,7 +138,7 @@ def test_long_sequence():
 @pytest.mark.parametrize("use_out", [True, False], ids=["out-and-lse", "lse-only"])
 def test_lse_gradient(use_out):
     """A gradient reaching lse is supported (dS gets + P * dlse), also when out itself is unused."""
-    q, k, v, cu, max_seqlen = _inputs((0, 150, 41), 4, 2, 64, torch.float32)
+    q, k, v, cu, max_seqlen = packed_qkv((0, 150, 41), 4, 2, 64, torch.float32)
     dout = torch.randn(q.shape, device=DEVICE) if use_out else torch.zeros(q.shape, device=DEVICE)
     dlse = torch.randn(q.shape[1], q.shape[0], device=DEVICE)
     out, lse = kalm_fast.flash_attn_varlen_func(q, k, v, cu, max_seqlen, return_lse=True)
@@ -156,7 +150,7 @@ def test_lse_gradient(use_out):
 
 @pytest.mark.parametrize("lengths", [(0, 0), ()], ids=["all-empty", "no-sequence"])
 def test_empty_batch(lengths):
-    q, k, v, cu, _ = _inputs(lengths, 2, 1, 64, torch.float16)
+    q, k, v, cu, _ = packed_qkv(lengths, 2, 1, 64, torch.float16)
     out, lse = kalm_fast.flash_attn_varlen_func(q, k, v, cu, 0, return_lse=True)
     assert out.shape == (0, 2, 64) and out.dtype == torch.float16 and lse.shape == (2, 0)
     dq, dk, dv = torch.autograd.grad(out.float().sum(), (q, k, v))
@@ -201,7 +195,7 @@ def test_many_sequences_launch_in_chunks(monkeypatch):
     from kalm_fast.kernels import attention
 
     monkeypatch.setattr(attention, "_MAX_GRID_YZ", 2)
-    q, k, v, cu, max_seqlen = _inputs((3, 0, 40, 17, 5), 2, 1, 32, torch.float32)
+    q, k, v, cu, max_seqlen = packed_qkv((3, 0, 40, 17, 5), 2, 1, 32, torch.float32)
     dout = torch.randn(q.shape, device=DEVICE)
     _check_fp32(_kalm(q, k, v, cu, max_seqlen, dout), q, k, v, cu, dout)
 
@@ -212,7 +206,7 @@ def test_unequal_tiles(monkeypatch):
 
     tiles = {"fwd": (64, 32, 4, 1), "dkdv": (32, 64, 4, 1), "dq": (64, 32, 4, 1)}
     monkeypatch.setattr(attention.configs, "INTERPRETER_TILES", tiles)
-    q, k, v, cu, max_seqlen = _inputs((1, 97, 0, 64), 4, 2, 40, torch.float32)
+    q, k, v, cu, max_seqlen = packed_qkv((1, 97, 0, 64), 4, 2, 40, torch.float32)
     dout = torch.randn(q.shape, device=DEVICE)
     _check_fp32(_kalm(q, k, v, cu, max_seqlen, dout), q, k, v, cu, dout)
 
@@ -284,7 +278,7 @@ def test_padded_without_mask_equals_varlen():
 
 
 def test_backward_is_deterministic():
-    q, k, v, cu, max_seqlen = _inputs((300, 0, 129), 4, 2, 64, torch.float16)
+    q, k, v, cu, max_seqlen = packed_qkv((300, 0, 129), 4, 2, 64, torch.float16)
     dout = torch.randn(q.shape, device=DEVICE)
     first = _kalm(q, k, v, cu, max_seqlen, dout)
     second = _kalm(q, k, v, cu, max_seqlen, dout)
@@ -336,7 +330,7 @@ def test_dkdv_partials_match_reference_and_are_deterministic(Hq):
     unsplit pass, and two runs are bitwise equal; without GQA (group 1) there is nothing to split."""
     from kalm_fast.kernels import attention
 
-    q, k, v, cu, max_seqlen = _inputs((97, 0, 130), Hq, 2, 64, torch.float32)
+    q, k, v, cu, max_seqlen = packed_qkv((97, 0, 130), Hq, 2, 64, torch.float32)
     dout = torch.randn(q.shape, device=DEVICE)
     dlse = torch.randn(q.shape[1], q.shape[0], device=DEVICE)
     scale = q.shape[-1] ** -0.5
@@ -366,7 +360,7 @@ def test_planned_splits_through_the_api(monkeypatch):
             return reduce_kernel[grid]
 
     monkeypatch.setattr(attention, "_attn_bwd_dkdv_reduce_kernel", Spy())
-    q, k, v, cu, max_seqlen = _inputs((97, 128), 4, 2, 80, torch.float16)
+    q, k, v, cu, max_seqlen = packed_qkv((97, 128), 4, 2, 80, torch.float16)
     dout = torch.randn(q.shape, device=DEVICE)
     kalm = _kalm(q, k, v, cu, max_seqlen, dout)
     assert launches, "the dK/dV partials were not used"
@@ -403,7 +397,7 @@ def test_stride_units():
 
 
 def _bad_inputs(case):
-    q, k, v, cu, max_seqlen = _inputs((5, 7), 4, 2, 32, torch.float16)
+    q, k, v, cu, max_seqlen = packed_qkv((5, 7), 4, 2, 32, torch.float16)
     if case == "int-dtype":
         q = q.detach().to(torch.int32)
     elif case == "mixed-dtype":
@@ -465,7 +459,7 @@ GPU_LENGTHS = (2048, 1, 513, 1000, 77, 1999, 256, 1500)
 @pytest.mark.parametrize("Hq,Hkv,D", [(16, 16, 64), (16, 16, 128), (16, 4, 128)],
                          ids=["mha-d64", "mha-d128", "gqa-d128"])
 def test_gpu_large_shapes(Hq, Hkv, D, dtype):
-    q, k, v, cu, max_seqlen = _inputs(GPU_LENGTHS, Hq, Hkv, D, dtype)
+    q, k, v, cu, max_seqlen = packed_qkv(GPU_LENGTHS, Hq, Hkv, D, dtype)
     dout = torch.randn(q.shape, device=DEVICE)
     dlse = torch.randn(Hq, q.shape[0], device=DEVICE)
     kalm = _kalm(q, k, v, cu, max_seqlen, dout, dlse)
@@ -477,7 +471,7 @@ def test_gpu_large_shapes(Hq, Hkv, D, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("D", [40, 96, 256])
 def test_gpu_other_head_dims(D):
-    q, k, v, cu, max_seqlen = _inputs((700, 0, 129, 1), 8, 2, D, torch.bfloat16)
+    q, k, v, cu, max_seqlen = packed_qkv((700, 0, 129, 1), 8, 2, D, torch.bfloat16)
     dout = torch.randn(q.shape, device=DEVICE)
     _check(_kalm(q, k, v, cu, max_seqlen, dout), _oracle(q, k, v, cu, max_seqlen, dout),
            _oracle_in_dtype(q, k, v, cu, dout), torch.bfloat16)
@@ -500,7 +494,7 @@ def _oracle_per_sequence(q, k, v, cu, dout):
 @pytest.mark.gpu
 @pytest.mark.parametrize("lengths,Hq,Hkv,D", [((8192, 1000), 4, 2, 128), ((32768,), 1, 1, 64)], ids=["8k", "32k"])
 def test_gpu_long_sequences(lengths, Hq, Hkv, D):
-    q, k, v, cu, max_seqlen = _inputs(lengths, Hq, Hkv, D, torch.bfloat16)
+    q, k, v, cu, max_seqlen = packed_qkv(lengths, Hq, Hkv, D, torch.bfloat16)
     dout = torch.randn(q.shape, device=DEVICE)
     kalm = _kalm(q, k, v, cu, max_seqlen, dout)
     torch.cuda.empty_cache()
@@ -512,7 +506,7 @@ def test_gpu_long_sequences(lengths, Hq, Hkv, D):
 
 @pytest.mark.gpu
 def test_gpu_backward_is_deterministic():
-    q, k, v, cu, max_seqlen = _inputs(GPU_LENGTHS, 16, 4, 128, torch.bfloat16)
+    q, k, v, cu, max_seqlen = packed_qkv(GPU_LENGTHS, 16, 4, 128, torch.bfloat16)
     dout = torch.randn(q.shape, device=DEVICE)
     first = _kalm(q, k, v, cu, max_seqlen, dout)
     for _ in range(3):

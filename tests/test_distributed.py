@@ -1,12 +1,12 @@
 """Cross-device negatives (SPEC 4.3): local queries scored against ``gather_with_grad``-gathered documents on 2 gloo
 processes give the single-process loss and gradients on the concatenated batch, once DDP has averaged over ranks."""
 
-import datetime
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import gloo_group
 
 from kalm_fast import ops
 from kalm_fast.distributed import gather_with_grad, pos_idx_offset
@@ -24,9 +24,7 @@ def _global_batch():
 
 
 def _worker(rank: int, init_file: str):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
+    with gloo_group(rank, init_file, WORLD, 60):
         q, d, lam = _global_batch()
         rows = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
         docs = slice(rank * B_LOCAL * G, (rank + 1) * B_LOCAL * G)
@@ -52,8 +50,6 @@ def _worker(rank: int, init_file: str):
             torch.testing.assert_close(q_loc.grad / WORLD, q_all.grad[rows])
             torch.testing.assert_close(d_loc.grad / WORLD, d_all.grad[docs])
             assert d_loc.grad.abs().sum() > 0
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_processes_match_one(tmp_path):
@@ -73,16 +69,12 @@ def _slow_rank_zero_worker(rank: int, init_file: str):
 
     from kalm_fast import distributed
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=2))
-    try:
+    with gloo_group(rank, init_file, WORLD, 2):
         distributed.barrier()  # every rank makes the wait group here
         if rank == 0:
             time.sleep(5)
         distributed.barrier()
         assert distributed._wait_group() is not dist.group.WORLD
-    finally:
-        dist.destroy_process_group()
 
 
 def test_barrier_outlasts_the_default_group_timeout(tmp_path):

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch._dynamo.testing
 import torch.nn.functional as F
-from conftest import DEVICE, cu_seqlens_of
+from conftest import DEVICE, cu_seqlens_of, packed_qkv
 from functorch.compile import make_boxed_func
 from test_model import TEXTS, tiny_decoder
 from torch._dynamo.backends.common import aot_autograd
@@ -70,13 +70,9 @@ def assert_compiled_equals_eager(fn, inputs, grads_out, op: str, backend="record
 
 
 def _attention_inputs(lengths, Hq, Hkv, D, dtype):
-    T = sum(lengths)
-    cu = cu_seqlens_of(lengths)
-    q = torch.randn(T, Hq, D, device=DEVICE, dtype=dtype, requires_grad=True)
-    k = torch.randn(T, Hkv, D, device=DEVICE, dtype=dtype, requires_grad=True)
-    v = torch.randn(T, Hkv, D, device=DEVICE, dtype=dtype, requires_grad=True)
-    grads = (torch.randn(T, Hq, D, device=DEVICE, dtype=dtype), torch.randn(Hq, T, device=DEVICE))
-    return (q, k, v), cu, max(lengths, default=0), grads
+    q, k, v, cu, max_s = packed_qkv(lengths, Hq, Hkv, D, dtype)
+    grads = (torch.randn_like(q), torch.randn(Hq, q.shape[0], device=DEVICE))  # d out, d lse
+    return (q, k, v), cu, max_s, grads
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -6,7 +6,6 @@ a different summation order only (mini-batches vs one batch, packed lengths) -> 
 largest entry (measured <= 1e-6); resume and reruns are bit-identical (same ops, same order, same RNG).
 """
 
-import datetime
 import json
 import os
 from pathlib import Path
@@ -16,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
-from conftest import assert_close
+from conftest import assert_close, gloo_group
 from transformers import AutoTokenizer, BertConfig, BertModel
 
 from kalm_fast.distributed import average_gradients
@@ -209,9 +208,7 @@ WORLD = 2
 
 
 def _ddp_worker(rank: int, init_file: str, tokenizer_path: str, out_file: str):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=120))
-    try:
+    with gloo_group(rank, init_file, WORLD, 120):
         torch.set_num_threads(1)
         embedder = _tiny_bert(tokenizer_path, dropout=0.0).train()
         queries, docs = _texts(n_queries=8)
@@ -222,8 +219,6 @@ def _ddp_worker(rank: int, init_file: str, tokenizer_path: str, out_file: str):
         dist.all_reduce(loss)
         if rank == 0:
             torch.save({"loss": loss / WORLD, "grads": _grads(embedder)}, out_file)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_processes_equal_one(tmp_path, tokenizer_path):
@@ -447,14 +442,10 @@ def test_mine_draws_from_the_rank_band_and_filters(tmp_path):
 
 
 def _mine_worker(rank: int, init_file: str, src: str, out: str, cfg: dict, result: str):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=120))
-    try:
+    with gloo_group(rank, init_file, WORLD, 120):
         torch.set_num_threads(1)
         stats = mine(_minilm(), src, out, build(MineConfig, cfg), seed=3)
         torch.save(stats, f"{result}.{rank}")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_mining_under_two_ranks_writes_the_single_process_file(tmp_path):
@@ -476,14 +467,11 @@ def test_mining_under_two_ranks_writes_the_single_process_file(tmp_path):
 
 
 def _mine_error_worker(rank: int, init_file: str, src: str, result: str):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        mine(None, src, src + ".out", build(MineConfig, {"input": src}))  # fails before any embedding
-    except RecipeError as e:
-        Path(f"{result}.{rank}").write_text(str(e))
-    finally:
-        dist.destroy_process_group()
+    with gloo_group(rank, init_file, WORLD, 60):
+        try:
+            mine(None, src, src + ".out", build(MineConfig, {"input": src}))  # fails before any embedding
+        except RecipeError as e:
+            Path(f"{result}.{rank}").write_text(str(e))
 
 
 def test_a_bad_mining_input_fails_on_every_rank(tmp_path):
