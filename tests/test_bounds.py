@@ -5,6 +5,7 @@ perturbed gradient entry), so a green kernel test means something on every machi
 import bounds
 import pytest
 import torch
+from conftest import cu_seqlens_of, packed_qkv
 
 from kalm_fast import reference
 
@@ -12,10 +13,8 @@ LENGTHS = (1, 97, 0, 130)
 
 
 def _attention_case():
-    T, Hq, Hkv, D = sum(LENGTHS), 4, 2, 64
-    q, k, v = (torch.randn(T, h, D, requires_grad=True) for h in (Hq, Hkv, Hkv))
-    cu = torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0).tolist()], dtype=torch.int32)
-    return q, k, v, cu, torch.randn(T, Hq, D)
+    q, k, v, cu, _ = packed_qkv(LENGTHS, 4, 2, 64, torch.float32, device="cpu")
+    return q, k, v, cu, torch.randn(q.shape)
 
 
 def _torch_fp32(q, k, v, cu, dout, scale=None):
@@ -53,7 +52,7 @@ def test_attention_bound_rejects_bugs(bug):
 def test_pooling_bound_holds_and_rejects_a_dropped_token():
     H = 384
     x = torch.randn(sum(LENGTHS), H) * 1.5 + 0.3
-    cu = torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0).tolist()], dtype=torch.int32)
+    cu = cu_seqlens_of(LENGTHS, "cpu")
     w = 1.0 + 0.5 * torch.randn(H)
     g = torch.randn(len(LENGTHS), H)
     truth, bound = bounds.pooling(x, cu, None, "rmsnorm", w, None, 1e-6, True, g)

@@ -1,7 +1,6 @@
 """Cross-device negatives (SPEC 4.3): local queries scored against ``gather_with_grad``-gathered documents on 2 gloo
 processes give the single-process loss and gradients on the concatenated batch, once DDP has averaged over ranks."""
 
-
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
