@@ -28,8 +28,12 @@ def _env():
 def test_smoke_slice_compiles_pinned_configs_for_sm90(tmp_path):
     cmd = [sys.executable, "-m", "bench.compile", "--smoke", "--arch", "sm_90", "--kernel", "_attn_fwd_kernel",
            "--kernel", "_pool_fwd_kernel", "--out", str(tmp_path), "--jobs", "2"]
-    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, cwd=ROOT, timeout=600)
+    scratch = tmp_path / "tmp"  # the run's temporary kernel caches go here and must be gone when it ends
+    scratch.mkdir()
+    r = subprocess.run(cmd, env={**_env(), "TMPDIR": str(scratch)}, capture_output=True, text=True, cwd=ROOT,
+                       timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert not list(scratch.iterdir()), list(scratch.iterdir())
     rows = [json.loads(line) for line in (tmp_path / "compile.jsonl").read_text().splitlines()]
     assert {r["kernel"] for r in rows} == {"_attn_fwd_kernel", "_pool_fwd_kernel"}
     fields = {"kernel", "arch", "dtype", "variant", "config", "pinned", "ok", "error", "shared_bytes", "registers",
