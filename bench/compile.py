@@ -26,7 +26,6 @@ Rows go to bench/results/compile-triton<version>/compile.jsonl (replacing rows w
 from __future__ import annotations
 
 import argparse
-import atexit
 import datetime as _dt
 import functools
 import hashlib
@@ -939,10 +938,6 @@ def main(argv=None) -> int:
     if args.warm:  # into the cache the runtime reads (TRITON_CACHE_DIR, else Triton's default)
         return 1 if warm(args.arch or ["sm_90"], args.jobs, ops=args.op,
                          kernels=set(args.kernel) if args.kernel else None) else 0
-    # a fresh kernel cache, removed at exit: a cached kernel skips ptxas, whose log holds the registers and spills
-    if not os.environ.get("TRITON_CACHE_DIR"):
-        os.environ["TRITON_CACHE_DIR"] = cache = tempfile.mkdtemp(prefix="kalm_compile_cache_")
-        atexit.register(shutil.rmtree, cache, ignore_errors=True)
     if args.pin:
         tables = [load_rows(d / "compile.jsonl") for d in sorted(RESULTS.glob("compile-triton*"))]
         names = ", ".join(d.name for d in sorted(RESULTS.glob("compile-triton*")))
